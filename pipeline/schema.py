@@ -1,0 +1,103 @@
+"""Parquet schemas of stored results, declared once; readers and writers use these constants.
+
+``RUN_DIR/maps/part-NNNNN.parquet`` holds one row per manifest image (``MAPS_SCHEMA`` plus the
+run's group columns, inserted after ``image_id``); ``RUN_DIR/summary.parquet`` one row per group
+(``SUMMARY_SCHEMA`` plus the group columns first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+__all__ = [
+    "IMAGE_METRICS",
+    "MAPS_SCHEMA",
+    "STATUS_ERROR",
+    "STATUS_OK",
+    "SUMMARY_SCHEMA",
+    "maps_schema",
+    "summary_schema",
+]
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+#: Per-image metrics (DESIGN section 6). ``_pos`` variants use I+ = max(map, 0); the foreground
+#: area does not depend on the map, so it has no ``_pos`` twin.
+IMAGE_METRICS: tuple[str, ...] = (
+    "fg_share",
+    "fg_area",
+    "fg_bg_ratio",
+    "fg_share_pos",
+    "fg_bg_ratio_pos",
+)
+
+MAPS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("path", pa.string()),  # image path as given in the manifest
+        pa.field("mask", pa.string()),  # mask path, or "box:x0,y0,x1,y1", or null
+        pa.field("label", pa.string()),  # manifest label as text (class index, value or name)
+        pa.field("target", pa.int64()),  # output index explained by this map
+        pa.field("score", pa.float32()),  # unoccluded score of the target (logit/prob/value)
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        pa.field("error", pa.string()),  # what went wrong, naming the item; null when ok
+        pa.field("image_h", pa.int32()),  # pixels, after resize
+        pa.field("image_w", pa.int32()),
+        pa.field("image_c", pa.int32()),
+        pa.field("window", pa.list_(pa.int32())),  # [c, h, w]
+        pa.field("stride", pa.list_(pa.int32())),  # [c, h, w]
+        pa.field("grid_c", pa.int32()),  # window positions per axis
+        pa.field("grid_h", pa.int32()),
+        pa.field("grid_w", pa.int32()),
+        # score drop per window position, mean over the K baselines, row-major (c, h, w)
+        pa.field("delta", pa.list_(pa.float32())),
+        pa.field("delta_std", pa.list_(pa.float32())),  # population std over the K draws
+        *(pa.field(m, pa.float64()) for m in IMAGE_METRICS),
+        pa.field("metric_note", pa.string()),  # why a metric is NaN, else null
+        pa.field("shard", pa.int32(), nullable=False),
+    ]
+)
+
+_RATIO_STATS: tuple[tuple[str, pa.DataType], ...] = (
+    ("gmean_ratio", pa.float64()),  # geometric mean of fg_bg_ratio
+    ("ci_low", pa.float64()),  # bootstrap interval of the geometric mean
+    ("ci_high", pa.float64()),
+    ("median_ratio", pa.float64()),
+    ("share_below_1", pa.float64()),  # share of valid images with ratio < 1
+)
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("n", pa.int64(), nullable=False),  # rows in the group
+        pa.field("n_valid", pa.int64(), nullable=False),  # ok rows with a finite positive ratio
+        pa.field("n_error", pa.int64(), nullable=False),  # rows with status "error"
+        pa.field("n_nan", pa.int64(), nullable=False),  # ok rows whose ratio is NaN/inf/0
+        *(pa.field(name, t) for name, t in _RATIO_STATS),
+        pa.field("mean_fg_share", pa.float64()),
+        pa.field("mean_fg_area", pa.float64()),
+        *(pa.field(f"{name}_pos", t) for name, t in _RATIO_STATS),
+        pa.field("mean_fg_share_pos", pa.float64()),
+        pa.field("status", pa.string(), nullable=False),  # flagged|inconclusive|ok|too-few
+    ]
+)
+
+
+def _group_fields(group_by: Sequence[str]) -> list[pa.Field]:
+    return [pa.field(g, pa.string()) for g in group_by]
+
+
+def maps_schema(group_by: Sequence[str]) -> pa.Schema:
+    """``MAPS_SCHEMA`` with the group columns (as strings) inserted after ``image_id``."""
+    clash = set(group_by) & set(MAPS_SCHEMA.names)
+    if clash:
+        raise ValueError(f"group column(s) {sorted(clash)} clash with stored column names")
+    fields = list(MAPS_SCHEMA)
+    return pa.schema([fields[0], *_group_fields(group_by), *fields[1:]])
+
+
+def summary_schema(group_by: Sequence[str]) -> pa.Schema:
+    """``SUMMARY_SCHEMA`` with the group columns (as strings) first."""
+    return pa.schema([*_group_fields(group_by), *SUMMARY_SCHEMA])
