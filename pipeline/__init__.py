@@ -1,12 +1,49 @@
-"""occlusion-audit: dataset-scale occlusion-saliency audits of vision models."""
+"""occlusion-audit: dataset-scale occlusion-saliency audits of vision models.
+
+The pure-torch kernel (:func:`attribute`, :func:`expand_map`) is imported eagerly; the Ray,
+Parquet and report layers load on first use so that ``import pipeline`` stays light.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from pipeline.baselines import Baseline
+from pipeline.occlusion import OcclusionResult, attribute, expand_map
+from pipeline.targets import Score, Task
 
 try:
     __version__ = version("occlusion-audit")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+# public name -> module that defines it, imported on first access
+_LAZY = {
+    "load_config": "pipeline.config",
+    "AuditConfig": "pipeline.config",
+    "run_audit": "pipeline.runner",
+    "RunResult": "pipeline.runner",
+    "read_maps": "pipeline.store",
+    "aggregate": "pipeline.aggregate",
+    "write_report": "pipeline.report",
+    "load_model": "pipeline.models",
+}
+
+__all__ = [
+    "Baseline",
+    "OcclusionResult",
+    "Score",
+    "Task",
+    "__version__",
+    "attribute",
+    "expand_map",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

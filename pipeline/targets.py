@@ -1,0 +1,82 @@
+"""Which model output a map explains, and how it is scored."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+
+__all__ = ["Score", "TargetSpec", "Task", "output_scores", "resolve_targets"]
+
+
+class Task(str, Enum):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+
+
+class Score(str, Enum):
+    LOGIT = "logit"  # the raw output
+    PROBABILITY = "probability"  # softmax over classes (sigmoid for a single logit)
+
+
+#: ``"predicted"`` | a class/output index for all images | ``N`` indices | ``(N, T)`` indices.
+TargetSpec = str | int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None
+
+
+def output_scores(out: torch.Tensor, batch: int, task: Task, score: Score) -> torch.Tensor:
+    """Turn a model output into per-output scores.
+
+    Args:
+        out: model output, ``(B,)`` or ``(B, O)``.
+        batch: the input batch size ``B`` the output must follow.
+
+    Returns:
+        ``(B, O)`` float32 scores.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model returned {type(out).__name__}, expected a tensor")
+    if out.dim() == 0 or out.shape[0] != batch:
+        raise ValueError(
+            f"the model returned shape {tuple(out.shape)} for a batch of {batch} inputs: its "
+            "first dimension must follow the input batch"
+        )
+    out = out.reshape(batch, -1).float()  # (B, O)
+    if task is Task.CLASSIFICATION and score is Score.PROBABILITY:
+        return torch.sigmoid(out) if out.shape[1] == 1 else torch.softmax(out, dim=1)
+    return out
+
+
+def resolve_targets(target: TargetSpec, scores: torch.Tensor, task: Task) -> torch.Tensor:
+    """Output indices to explain, from the unoccluded scores.
+
+    Args:
+        target: ``"predicted"``/``None`` (argmax for classification; the only output for a
+            scalar regression), an int, ``N`` ints, or an ``(N, T)`` array for several maps.
+        scores: ``(N, O)`` unoccluded scores.
+
+    Returns:
+        ``(N, T)`` int64 indices in ``[0, O)``.
+    """
+    n, o = scores.shape
+    if target is None or (isinstance(target, str) and target == "predicted"):
+        if task is Task.REGRESSION and o != 1:
+            raise ValueError(
+                f"a regression model with {o} outputs needs an explicit target output index"
+            )
+        t = scores.argmax(dim=1, keepdim=True)  # (N, 1); 0 for a single output
+    elif isinstance(target, str):
+        raise ValueError(f"unknown target {target!r}: use 'predicted' or output indices")
+    else:
+        t = torch.as_tensor(target, dtype=torch.int64, device=scores.device)
+        if t.dim() == 0:
+            t = t.expand(n, 1)
+        elif t.dim() == 1:
+            if t.numel() != n:
+                raise ValueError(f"got {t.numel()} targets for {n} images")
+            t = t.view(n, 1)
+        elif t.dim() != 2 or t.shape[0] != n:
+            raise ValueError(f"targets of shape {tuple(t.shape)} do not fit {n} images")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= o):
+        raise ValueError(f"target index out of range [0, {o}): {t.flatten().tolist()[:8]}")
+    return t.contiguous()

@@ -1,0 +1,225 @@
+"""Invariants of the occlusion kernel: coverage, batching, order, expansion, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import attribute, expand_map
+from pipeline.geometry import WindowGrid
+from tests._models import tiny_convnet
+
+PROPS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def geometries(draw):
+    h = draw(st.integers(2, 20))
+    w = draw(st.integers(2, 20))
+    wh = draw(st.integers(1, h))
+    ww = draw(st.integers(1, w))
+    sh = draw(st.integers(1, wh))
+    sw = draw(st.integers(1, ww))
+    return (3, h, w), (wh, ww), (sh, sw)
+
+
+@PROPS
+@given(geometries())
+def test_every_pixel_is_covered_and_counts_follow_the_formula(geo):
+    image, window, stride = geo
+    grid = WindowGrid.create(image, window, stride)
+    masks = grid.masks()
+    assert masks.any(dim=0).all()
+    for axis in (1, 2):
+        d, wv, sv = image[axis], window[axis - 1], stride[axis - 1]
+        assert grid.counts[axis] == math.ceil((d - wv) / sv) + 1
+        assert grid.spans(axis)[-1][1] == d  # the last window reaches the edge (clipped)
+
+
+@PROPS
+@given(
+    geometries(), st.integers(1, 40), st.sampled_from(["random-pixel", "random-channel", "zero"])
+)
+def test_independent_of_max_batch(geo, max_batch, kind):
+    image, window, stride = geo
+    x = torch.rand(3, *image, generator=torch.Generator().manual_seed(0))
+    model = tiny_convnet()
+    k = 1 if kind == "zero" else 2
+    kw = dict(window=window, stride=stride, baseline=kind, n_baselines=k, image_ids=["a", "b", "c"])
+    small = attribute(model, x, max_batch=max_batch, **kw)
+    big = attribute(model, x, max_batch=10_000, **kw)
+    torch.testing.assert_close(small.delta, big.delta, atol=1e-5, rtol=0)
+    torch.testing.assert_close(small.delta_std, big.delta_std, atol=1e-5, rtol=0)
+
+
+@PROPS
+@given(geometries(), st.permutations(range(4)), st.integers(1, 4))
+def test_independent_of_batch_composition_and_order(geo, order, subset):
+    image, window, stride = geo
+    x = torch.rand(4, *image, generator=torch.Generator().manual_seed(1))
+    ids = ["img-0", "img-1", "img-2", "img-3"]
+    model = tiny_convnet()
+    kw = dict(window=window, stride=stride, baseline="random-pixel", n_baselines=3, seed=5)
+    ref = attribute(model, x, image_ids=ids, **kw)
+    perm = list(order)
+    shuffled = attribute(model, x[perm], image_ids=[ids[i] for i in perm], **kw)
+    torch.testing.assert_close(shuffled.delta, ref.delta[perm], atol=1e-5, rtol=0)
+    part = perm[:subset]
+    alone = attribute(model, x[part], image_ids=[ids[i] for i in part], **kw)
+    torch.testing.assert_close(alone.delta, ref.delta[part], atol=1e-5, rtol=0)
+
+
+@PROPS
+@given(geometries(), st.booleans())
+def test_expand_map_of_a_stored_row_equals_the_full_map(geo, per_channel):
+    image, window, stride = geo
+    win = (1, *window) if per_channel else window
+    strd = (1, *stride) if per_channel else stride
+    x = torch.rand(1, *image, generator=torch.Generator().manual_seed(2))
+    r = attribute(tiny_convnet(), x, window=win, stride=strd, baseline=0.5, return_full=True)
+    row = {
+        "delta": r.delta[0, 0].flatten().numpy().astype(np.float32).tolist(),
+        "image_c": image[0],
+        "image_h": image[1],
+        "image_w": image[2],
+        "window": list(r.grid.window),
+        "stride": list(r.grid.stride),
+    }
+    full = r.attributions[0, 0].numpy()
+    np.testing.assert_allclose(expand_map(row, channels=True), full, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(expand_map(row), full.mean(axis=0), atol=1e-6, rtol=0)
+
+
+@PROPS
+@given(geometries())
+def test_inputs_are_not_mutated(geo):
+    image, window, stride = geo
+    x = torch.rand(2, *image, generator=torch.Generator().manual_seed(3))
+    before = x.clone()
+    attribute(
+        tiny_convnet(),
+        x,
+        window=window,
+        stride=stride,
+        baseline="random-pixel",
+        image_ids=["p", "q"],
+    )
+    assert torch.equal(x, before)
+
+
+def test_hand_computed_linear_model():
+    # f(x) = sum(w * x) over a 1x4x4 image; zero baseline; 2x2 windows, stride 2: each pixel is in
+    # exactly one window, whose delta is the sum of w*x over that window.
+    w = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
+    x = torch.ones(1, 1, 4, 4)
+
+    def model(t):
+        return (t * w).flatten(1).sum(1, keepdim=True)
+
+    r = attribute(
+        model, x, window=[2, 2], stride=[2, 2], baseline="zero", task="regression", return_full=True
+    )
+    expected_grid = torch.tensor(
+        [[0 + 1 + 4 + 5, 2 + 3 + 6 + 7], [8 + 9 + 12 + 13, 10 + 11 + 14 + 15]]
+    )
+    assert r.delta[0, 0, 0].tolist() == expected_grid.float().tolist()
+    assert r.attributions[0, 0, 0, 0, 0].item() == 10.0
+    assert r.score.item() == float(w.sum())
+    # overlapping windows: pixel (0,0) is covered once, pixel (1,1) by four 2x2 windows at stride 1
+    r = attribute(
+        model, x, window=[2, 2], stride=[1, 1], baseline="zero", task="regression", return_full=True
+    )
+    full = r.attributions[0, 0, 0]
+    assert full[0, 0].item() == r.delta[0, 0, 0, 0, 0].item()
+    assert full[1, 1].item() == pytest.approx(r.delta[0, 0, 0, :2, :2].mean().item())
+
+
+def test_delta_std_is_zero_for_one_draw_and_positive_for_random_draws():
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(4))
+    one = attribute(
+        tiny_convnet(),
+        x,
+        window=[4, 4],
+        stride=[4, 4],
+        baseline="random-pixel",
+        n_baselines=1,
+        image_ids=["a", "b"],
+    )
+    assert torch.count_nonzero(one.delta_std) == 0
+    many = attribute(
+        tiny_convnet(),
+        x,
+        window=[4, 4],
+        stride=[4, 4],
+        baseline="random-pixel",
+        n_baselines=4,
+        image_ids=["a", "b"],
+    )
+    assert (many.delta_std > 0).any()
+
+
+@pytest.mark.parametrize(
+    "window,stride,match",
+    [
+        ([20, 4], [2, 2], "larger than the image"),
+        ([4, 4], [0, 2], "stride must be positive"),
+        ([4, 4], [-1, 2], "stride must be positive"),
+        ([4, 4], [5, 2], "larger than the window"),
+        ([4], [2], r"\[h, w\] or \[c, h, w\]"),
+    ],
+)
+def test_geometry_errors_are_clear(window, stride, match):
+    with pytest.raises(ValueError, match=match):
+        attribute(tiny_convnet(), torch.rand(1, 3, 16, 16), window=window, stride=stride)
+
+
+def test_model_output_with_wrong_batch_size_is_an_error():
+    def broken(t):
+        return t.flatten(1)[:1, :3]
+
+    with pytest.raises(ValueError, match="first dimension must follow the input batch"):
+        attribute(broken, torch.rand(2, 3, 8, 8), window=[4, 4], stride=[4, 4], baseline=0.0)
+
+
+def test_nonfinite_scores_raise_naming_the_image_or_give_nan_maps():
+    def model(t):
+        out = t.flatten(1).sum(1, keepdim=True)
+        # an image whose top-left pixel is exactly 0.25 breaks the model
+        return torch.where(t[:, :1, 0, 0] == 0.25, torch.full_like(out, float("nan")), out)
+
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    x[1, :, 0, 0] = 0.25
+    with pytest.raises(ValueError, match=r"NaN/Inf unoccluded scores for image\(s\) \['b'\]"):
+        attribute(
+            model,
+            x,
+            window=[4, 4],
+            stride=[4, 4],
+            baseline=0.0,
+            task="regression",
+            image_ids=["a", "b", "c"],
+        )
+    r = attribute(
+        model,
+        x,
+        window=[4, 4],
+        stride=[4, 4],
+        baseline=0.0,
+        task="regression",
+        image_ids=["a", "b", "c"],
+        on_nonfinite="nan",
+    )
+    assert r.finite.tolist() == [True, False, True]
+    assert torch.isnan(r.delta[1]).all() and torch.isfinite(r.delta[[0, 2]]).all()
+
+
+def test_deterministic_baselines_refuse_several_draws():
+    with pytest.raises(ValueError, match="n_baselines must be 1"):
+        attribute(
+            tiny_convnet(), torch.rand(1, 3, 8, 8), window=[4, 4], baseline="zero", n_baselines=3
+        )
