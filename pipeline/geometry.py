@@ -70,7 +70,7 @@ class WindowGrid:
             if len(tuple(stride)) == 2 and len(tuple(window)) == 3:
                 stride_t = (win[0], stride_t[1], stride_t[2])
         names = ("channel", "height", "width")
-        for axis, (dim, wv, sv) in enumerate(zip((c, h, w), win, stride_t)):
+        for axis, (dim, wv, sv) in enumerate(zip((c, h, w), win, stride_t, strict=True)):
             if wv < 1:
                 raise ValueError(f"window {names[axis]} must be >= 1, got {wv}")
             if wv > dim:
@@ -91,7 +91,8 @@ class WindowGrid:
     def counts(self) -> tuple[int, int, int]:
         """Window positions per axis ``(Gc, Gh, Gw)``."""
         return tuple(  # type: ignore[return-value]
-            math.ceil((d - wv) / sv) + 1 for d, wv, sv in zip(self.image, self.window, self.stride)
+            math.ceil((d - wv) / sv) + 1
+            for d, wv, sv in zip(self.image, self.window, self.stride, strict=True)
         )
 
     @property
