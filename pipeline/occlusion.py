@@ -67,15 +67,22 @@ class _Forward:
         task: Task,
         score: Score,
         channels_last: bool,
+        fixed_batch: int | None = None,
     ) -> None:
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
         self.model, self.device, self.task, self.score = model, device, task, score
         self.dtype = _PRECISIONS[precision]
         self.channels_last = channels_last
+        self.fixed_batch = fixed_batch
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, O)`` float32 scores."""
+        b = x.shape[0]
+        if self.fixed_batch is not None and b < self.fixed_batch:
+            # CPU kernels pick their blocking by batch size; one batch size for every pass makes
+            # each image's scores bitwise independent of what else is in its batch.
+            x = torch.cat([x, x.new_zeros((self.fixed_batch - b, *x.shape[1:]))])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx: Any = contextlib.nullcontext()
@@ -83,7 +90,7 @@ class _Forward:
             ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
         with ctx:
             out = self.model(x)
-        return output_scores(out, x.shape[0], self.task, self.score)
+        return output_scores(out, x.shape[0], self.task, self.score)[:b]
 
 
 def _model_device(model: Any, images: torch.Tensor) -> torch.device:
@@ -125,6 +132,7 @@ def attribute(
     channels_last: bool = False,
     return_full: bool = False,
     on_nonfinite: str = "raise",
+    fixed_batch: bool = False,
 ) -> OcclusionResult:
     """Occlusion saliency of ``images`` under ``model``, averaged over baseline draws.
 
@@ -156,6 +164,9 @@ def attribute(
         return_full: also return ``(N, T, C, H, W)`` full-resolution maps.
         on_nonfinite: ``"raise"`` on a NaN/Inf score, or ``"nan"`` to give that image NaN maps
             and ``finite=False``.
+        fixed_batch: pad every forward pass to exactly ``max_batch`` images, so that maps are
+            bitwise identical however images are grouped into calls (at the cost of padding the
+            last batch of each call). Without it they agree to float rounding (~1e-7).
 
     Returns:
         An :class:`OcclusionResult`.
@@ -178,7 +189,15 @@ def attribute(
     kind, value = _resolve_baseline(baseline, value)
     k = default_draws(kind) if n_baselines is None else int(n_baselines)
     device = _model_device(model, images)
-    fwd = _Forward(model, device, precision, Task(task), Score(score), channels_last)
+    fwd = _Forward(
+        model,
+        device,
+        precision,
+        Task(task),
+        Score(score),
+        channels_last,
+        max_batch if fixed_batch else None,
+    )
 
     x = images.to(device=device, dtype=torch.float32)  # a copy only when needed; never written
     base = make_baselines(

@@ -1,0 +1,358 @@
+"""Per-group summary of stored occlusion metrics (DESIGN section 6).
+
+Streams ``RUN_DIR/maps/part-*.parquet`` batch by batch, reading only the group columns, the status
+and the per-image metrics (never the ``delta`` grids), so a million-image run needs a few float
+arrays per group rather than its maps in memory. Writes ``RUN_DIR/summary.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from .schema import IMAGE_METRICS, STATUS_OK, summary_schema
+
+__all__ = [
+    "aggregate",
+    "audit_params",
+    "iter_batches",
+    "iter_groups",
+    "read_run_info",
+    "read_summary",
+]
+
+GroupKey = tuple[str | None, ...]
+
+#: Defaults when neither the caller nor run.json says otherwise.
+DEFAULTS: dict[str, Any] = dict(threshold=1.0, min_images=20, confidence=0.95, seed=0, n_boot=2000)
+_METRIC_COLUMNS = ("status", *IMAGE_METRICS)
+_META_KEY = b"occlusion_audit.audit"  # summary.parquet schema metadata: parameters used
+_BATCH_ROWS = 65_536
+_BOOT_CELLS = 4_000_000  # resample indices drawn at once; bounds bootstrap memory (~32 MB)
+STATUS_ORDER = {"flagged": 0, "inconclusive": 1, "ok": 2, "too-few": 2}
+
+
+def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``RUN_DIR/run.json`` as a dict, or ``{}`` when the run has none yet."""
+    path = Path(run_dir) / "run.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def audit_params(info: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Audit parameters: explicit overrides, else run.json's config, else ``DEFAULTS``.
+
+    Args:
+        info: the run.json dict (may be empty).
+        overrides: ``group_by``, ``threshold``, ``min_images``, ``confidence``, ``seed``,
+            ``n_boot``; ``None`` means "not given".
+
+    Returns:
+        A dict with all six keys; ``group_by`` is a tuple of column names.
+    """
+    config = info.get("config") or {}
+    audit = config.get("audit") or {}
+    dataset = config.get("dataset") or {}
+    boot = audit.get("bootstrap")
+    run_seed = audit.get("seed", (config.get("occlusion") or {}).get("seed"))
+    found = {
+        "group_by": dataset.get("group_by"),
+        "threshold": audit.get("threshold"),
+        "min_images": audit.get("min_images"),
+        "confidence": audit.get("confidence"),
+        "seed": run_seed,
+        # `bootstrap` is the number of resamples; a bare true/false keeps the default
+        "n_boot": None if isinstance(boot, bool) else boot,
+    }
+    params: dict[str, Any] = {
+        k: v if (v := overrides.get(k)) is not None else found.get(k) for k in found
+    }
+    for k, v in DEFAULTS.items():
+        params[k] = v if params[k] is None else params[k]
+    if params["group_by"] is None:
+        raise ValueError("no group columns: pass group_by=[...] or set dataset.group_by")
+    if isinstance(params["group_by"], str):
+        params["group_by"] = [params["group_by"]]
+    params["group_by"] = tuple(params["group_by"])
+    for name, kind in (("threshold", float), ("confidence", float), ("min_images", int)):
+        params[name] = kind(params[name])
+    params["seed"], params["n_boot"] = int(params["seed"]), max(1, int(params["n_boot"]))
+    if not 0 < params["confidence"] < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {params['confidence']!r}")
+    return params
+
+
+def iter_batches(
+    run_dir: str | os.PathLike[str],
+    columns: Sequence[str] | None,
+    filter: pc.Expression | None = None,
+    batch_size: int = _BATCH_ROWS,
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` (``None``: all) over ``RUN_DIR/maps/part-*.parquet``, in order.
+
+    Raises:
+        FileNotFoundError: the run has no part files.
+        ValueError: a requested column is not stored, naming it and the stored ones.
+    """
+    files = sorted(str(p) for p in (Path(run_dir) / "maps").glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"no maps/part-*.parquet under {run_dir}: run `occlusion-audit run` first"
+        )
+    dataset = ds.dataset(files, format="parquet")
+    columns = dataset.schema.names if columns is None else list(columns)
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"column(s) {missing} not in the stored maps; have {dataset.schema.names}")
+    # modest read-ahead: the default (16 batches, 4 files) buffers hundreds of MB of delta grids
+    yield from dataset.to_batches(
+        columns=columns,
+        filter=filter,
+        batch_size=batch_size,
+        batch_readahead=2,
+        fragment_readahead=1,
+    )
+
+
+def iter_groups(
+    batch: pa.RecordBatch, group_by: Sequence[str]
+) -> Iterator[tuple[GroupKey, np.ndarray]]:
+    """``(group key, row indices)`` for each group present in ``batch``; nulls key as ``None``."""
+    n = batch.num_rows
+    if n == 0:
+        return
+    code = np.zeros(n, dtype=np.int64)
+    decoders: list[list[str | None]] = []
+    for name in group_by:
+        encoded = pc.dictionary_encode(batch.column(name).cast(pa.string()))
+        values: list[str | None] = [None, *encoded.dictionary.to_pylist()]
+        # mixed-radix composite code: index 0 stands for null, so nulls form their own group
+        code = code * len(values) + (encoded.indices.fill_null(-1).to_numpy() + 1)
+        decoders.append(values)
+    uniques, inverse = np.unique(code, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(uniques)))[:-1]
+    for u, idx in zip(uniques.tolist(), np.split(order, bounds), strict=True):
+        key: list[str | None] = []
+        for values in reversed(decoders):
+            u, digit = divmod(u, len(values))
+            key.append(values[digit])
+        yield tuple(reversed(key)), idx
+
+
+def _floats(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    # nulls become NaN, so "not finite" covers both
+    return batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class _Acc:
+    """Running counts and valid-row values of one group (8 bytes per value)."""
+
+    n: int = 0
+    n_error: int = 0
+    n_nan: int = 0
+    chunks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        self.chunks.setdefault(name, []).append(values)
+
+    def values(self, name: str) -> np.ndarray:
+        # sorted, so every statistic is independent of row order, sharding and batching
+        parts = self.chunks.get(name, [])
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0)
+
+
+def _accumulate(run_dir: Path, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
+    accs: dict[GroupKey, _Acc] = {}
+    for batch in iter_batches(run_dir, [*group_by, *_METRIC_COLUMNS]):
+        ok = pc.equal(batch.column("status"), STATUS_OK).fill_null(False)
+        ok = ok.to_numpy(zero_copy_only=False)  # (rows,) bool
+        m = {name: _floats(batch, name) for name in IMAGE_METRICS}
+        with np.errstate(invalid="ignore"):
+            valid = ok & np.isfinite(m["fg_bg_ratio"]) & (m["fg_bg_ratio"] > 0)
+            valid_pos = ok & np.isfinite(m["fg_bg_ratio_pos"]) & (m["fg_bg_ratio_pos"] > 0)
+        for key, idx in iter_groups(batch, group_by):
+            acc = accs.setdefault(key, _Acc())
+            v, vp = idx[valid[idx]], idx[valid_pos[idx]]
+            acc.n += len(idx)
+            acc.n_error += int((~ok[idx]).sum())
+            acc.n_nan += int(ok[idx].sum()) - len(v)
+            # the means and the _pos statistics are over the rows valid for their own ratio
+            for name in ("fg_bg_ratio", "fg_share", "fg_area"):
+                acc.add(name, m[name][v])
+            for name in ("fg_bg_ratio_pos", "fg_share_pos"):
+                acc.add(name, m[name][vp])
+    return accs
+
+
+def _rng(seed: int, key: GroupKey, stream: str) -> np.random.Generator:
+    """A generator fixed by the run seed and the group key alone (not by group order)."""
+    digest = hashlib.sha256(json.dumps([list(key), stream]).encode()).digest()
+    words = np.frombuffer(digest[:16], dtype=np.uint32).tolist()
+    return np.random.default_rng(np.random.SeedSequence([int(seed) % 2**32, *words]))
+
+
+def _mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else math.nan
+
+
+def _ratio_stats(
+    ratios: np.ndarray, confidence: float, n_boot: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """Geometric mean of positive finite ``ratios`` with a percentile bootstrap interval.
+
+    Args:
+        ratios: (N,) fg/bg ratios, all finite and > 0, ideally sorted.
+        confidence: interval coverage in (0, 1), e.g. 0.95.
+        n_boot: bootstrap resamples of the log-ratios.
+        rng: source of the resample indices.
+
+    Returns:
+        ``gmean_ratio``, ``ci_low``, ``ci_high``, ``median_ratio``, ``share_below_1``; all NaN
+        when ``ratios`` is empty.
+    """
+    n = len(ratios)
+    if n == 0:
+        return dict.fromkeys(
+            ("gmean_ratio", "ci_low", "ci_high", "median_ratio", "share_below_1"), math.nan
+        )
+    logs = np.log(ratios)
+    means = np.empty(n_boot)
+    step = max(1, _BOOT_CELLS // n)
+    for start in range(0, n_boot, step):
+        stop = min(start + step, n_boot)
+        means[start:stop] = logs[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return {
+        "gmean_ratio": float(np.exp(logs.mean())),
+        "ci_low": float(np.exp(low)),
+        "ci_high": float(np.exp(high)),
+        "median_ratio": float(np.median(ratios)),
+        "share_below_1": float((ratios < 1.0).mean()),
+    }
+
+
+def _group_status(
+    n_valid: int, ci_low: float, ci_high: float, threshold: float, min_images: int
+) -> str:
+    """``too-few`` | ``flagged`` (interval below threshold) | ``inconclusive`` | ``ok``."""
+    if n_valid < max(1, min_images) or not (math.isfinite(ci_low) and math.isfinite(ci_high)):
+        return "too-few"
+    if ci_high < threshold:
+        return "flagged"
+    if ci_low <= threshold:
+        return "inconclusive"
+    return "ok"
+
+
+def _summary_row(key: GroupKey, acc: _Acc, group_by: Sequence[str], p: Mapping[str, Any]) -> dict:
+    ratios, ratios_pos = acc.values("fg_bg_ratio"), acc.values("fg_bg_ratio_pos")
+    main = _ratio_stats(ratios, p["confidence"], p["n_boot"], _rng(p["seed"], key, "ratio"))
+    pos = _ratio_stats(ratios_pos, p["confidence"], p["n_boot"], _rng(p["seed"], key, "pos"))
+    row: dict[str, Any] = dict(zip(group_by, key, strict=True))
+    row.update(n=acc.n, n_valid=len(ratios), n_error=acc.n_error, n_nan=acc.n_nan, **main)
+    row.update({f"mean_{k}": _mean(acc.values(k)) for k in ("fg_share", "fg_area")})
+    row.update({f"{k}_pos": v for k, v in pos.items()})
+    row["mean_fg_share_pos"] = _mean(acc.values("fg_share_pos"))
+    row["status"] = _group_status(
+        len(ratios), main["ci_low"], main["ci_high"], p["threshold"], p["min_images"]
+    )
+    return row
+
+
+def _sort_key(row: Mapping[str, Any], group_by: Sequence[str]) -> tuple:
+    g = row["gmean_ratio"]
+    names = tuple((row[c] is None, row[c] or "") for c in group_by)
+    return (STATUS_ORDER[row["status"]], math.isnan(g), 0.0 if math.isnan(g) else g, names)
+
+
+def aggregate(
+    run_dir: str | os.PathLike[str],
+    group_by: Sequence[str] | None = None,
+    threshold: float | None = None,
+    min_images: int | None = None,
+    confidence: float | None = None,
+    seed: int | None = None,
+    n_boot: int | None = None,
+    write: bool = True,
+) -> pd.DataFrame:
+    """Summarise the stored per-image metrics of a run per group (DESIGN section 6).
+
+    A row is valid when its status is ``ok`` and its ``fg_bg_ratio`` is finite and > 0. Per group:
+    counts (``n``, ``n_valid``, ``n_error``, ``n_nan``), the geometric mean of the valid ratios
+    with a percentile bootstrap interval (log-ratios resampled; the generator is seeded by the
+    run seed and the group key, so results do not depend on group order or sharding), median,
+    share below 1, mean ``fg_share``/``fg_area`` over valid rows, and the same for the ``_pos``
+    metrics. Status: ``too-few`` (n_valid < min_images), ``flagged`` (ci_high < threshold),
+    ``inconclusive`` (ci_low <= threshold <= ci_high), else ``ok``.
+
+    Args:
+        run_dir: run directory holding ``maps/part-*.parquet`` (and usually ``run.json``).
+        group_by: group columns; default ``config.dataset.group_by`` of run.json.
+        threshold: fg/bg ratio below which a group is flagged (unitless); default
+            ``config.audit.threshold``, else 1.0.
+        min_images: fewest valid images for a verdict; default audit config, else 20.
+        confidence: interval coverage in (0, 1); default audit config, else 0.95.
+        seed: bootstrap seed; default ``audit.seed``, else ``occlusion.seed``, else 0.
+        n_boot: bootstrap resamples; default ``audit.bootstrap``, else 2000.
+        write: also write ``RUN_DIR/summary.parquet`` (atomically).
+
+    Returns:
+        One row per group with columns ``summary_schema(group_by).names``: flagged groups first,
+        then inconclusive ones, then by geometric-mean ratio ascending. ``df.attrs["audit"]``
+        holds the parameters used.
+
+    Example:
+        >>> summary = aggregate("runs/val", group_by=["room"], threshold=0.8)  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    params = audit_params(
+        read_run_info(run_dir),
+        group_by=group_by,
+        threshold=threshold,
+        min_images=min_images,
+        confidence=confidence,
+        seed=seed,
+        n_boot=n_boot,
+    )
+    group_by = params["group_by"]
+    accs = _accumulate(run_dir, group_by)
+    rows = [_summary_row(key, acc, group_by, params) for key, acc in accs.items()]
+    rows.sort(key=lambda row: _sort_key(row, group_by))
+    meta = {_META_KEY: json.dumps({**params, "group_by": list(group_by)}).encode()}
+    table = pa.Table.from_pylist(rows, schema=summary_schema(group_by).with_metadata(meta))
+    if write:
+        tmp = run_dir / ".summary.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, run_dir / "summary.parquet")  # readers never see a half-written file
+    return _to_frame(table)
+
+
+def _to_frame(table: pa.Table) -> pd.DataFrame:
+    df = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is not None:
+        audit = json.loads(raw)
+        audit["group_by"] = tuple(audit["group_by"])
+        df.attrs["audit"] = audit
+    return df
+
+
+def read_summary(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """``RUN_DIR/summary.parquet`` as written by :func:`aggregate`, with ``attrs["audit"]``."""
+    return _to_frame(pq.read_table(Path(run_dir) / "summary.parquet"))

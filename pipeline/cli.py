@@ -1,0 +1,188 @@
+"""The ``occlusion-audit`` command line. Each subcommand imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.runner import run_audit
+
+    cfg = load_config(args.config, overrides=args.set)
+    result = run_audit(cfg, resume=args.resume, progress=not args.quiet)
+    print(
+        f"maps: {result.ok} ok, {result.errors} failed of {result.images} images "
+        f"in {result.seconds:.1f}s -> {result.run_dir}"
+    )
+    for f in result.failures[:10]:
+        print(f"  error {f['image_id']}: {f['error']}", file=sys.stderr)
+    if not args.no_report:
+        _aggregate_and_report(result.run_dir, None)
+    return result.exit_code
+
+
+def _aggregate_and_report(run_dir: object, out: str | None) -> None:
+    from pipeline.aggregate import aggregate
+    from pipeline.report import write_report
+
+    summary = aggregate(run_dir)
+    _print_summary(summary)
+    path = write_report(run_dir, out)
+    print(f"report: {path}")
+
+
+def _print_summary(summary: object) -> None:
+    import pandas as pd
+
+    assert isinstance(summary, pd.DataFrame)
+    cols = [c for c in summary.columns if c not in _HIDDEN_COLUMNS]
+    with pd.option_context("display.width", 120, "display.max_columns", 20):
+        print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+
+
+_HIDDEN_COLUMNS = {
+    "gmean_ratio_pos",
+    "ci_low_pos",
+    "ci_high_pos",
+    "median_ratio_pos",
+    "share_below_1_pos",
+    "mean_fg_share_pos",
+    "n_nan",
+}
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from pipeline.aggregate import aggregate
+
+    group_by = [g for g in args.group_by.split(",") if g] if args.group_by else None
+    summary = aggregate(
+        args.run_dir,
+        group_by=group_by,
+        threshold=args.threshold,
+        min_images=args.min_images,
+        confidence=args.confidence,
+    )
+    _print_summary(summary)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
+    return 0
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from pipeline.manifest import build_manifest
+
+    table = build_manifest(args.image_dir, args.out, masks_dir=args.masks, group_column=args.group)
+    print(f"manifest: {table.num_rows} images -> {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo.run import run_demo
+
+    return run_demo(args.out, quick=args.quick)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+
+    return run_bench(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="occlusion-audit",
+        description="Occlusion-saliency audits of vision models over whole datasets, on Ray.",
+    )
+    from pipeline import __version__
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="generate the demo data and model, audit it, write the report")
+    d.add_argument("--out", default="demo-data", help="folder for data, model and run")
+    d.add_argument("--quick", action="store_true", help="a smaller dataset (for smoke tests)")
+    d.set_defaults(func=_cmd_demo)
+
+    r = sub.add_parser("run", help="run the batch audit of a config")
+    r.add_argument("config", help="audit config (YAML)")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set occlusion.stride=[8,8]",
+    )
+    r.add_argument("--resume", action="store_true", help="skip shards already complete")
+    r.add_argument("--no-report", action="store_true", help="stop after the maps")
+    r.add_argument("--quiet", action="store_true", help="no progress line")
+    r.set_defaults(func=_cmd_run)
+
+    a = sub.add_parser("aggregate", help="recompute summary and flags from stored maps")
+    a.add_argument("run_dir")
+    a.add_argument("--group-by", help="comma-separated manifest columns (default: the run's)")
+    a.add_argument("--threshold", type=float)
+    a.add_argument("--min-images", type=int)
+    a.add_argument("--confidence", type=float)
+    a.set_defaults(func=_cmd_aggregate)
+
+    rep = sub.add_parser("report", help="rebuild the HTML/CSV report of a run")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", help="report folder (default reports/<run name>)")
+    rep.set_defaults(func=_cmd_report)
+
+    m = sub.add_parser("manifest", help="build a manifest from a <group>/<image> folder tree")
+    m.add_argument("image_dir")
+    m.add_argument("--out", required=True, help="manifest.parquet or manifest.csv")
+    m.add_argument("--masks", help="folder of masks with the same relative paths")
+    m.add_argument("--group", default="group", help="name of the group column")
+    m.set_defaults(func=_cmd_manifest)
+
+    try:
+        from pipeline.submit import add_submit_parser
+    except ImportError:
+        pass
+    else:
+        add_submit_parser(sub)
+
+    b = sub.add_parser("bench", help="time our kernel against Captum and the forward roofline")
+    b.add_argument("--model", default="seed-cnn", help="seed-cnn | seed-cnn-gap | resnet50")
+    b.add_argument("--image-size", type=int, default=224, help="square side, pixels")
+    b.add_argument("--window", type=int, default=32)
+    b.add_argument("--stride", type=int, default=16)
+    b.add_argument("--k", type=int, default=3, help="random baselines per image")
+    b.add_argument("--images", type=int, default=4, help="images per timed run")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median)")
+    b.add_argument("--device", default="cpu", help="cpu | cuda")
+    b.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16")
+    b.add_argument("--max-batch", type=int, default=128)
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``occlusion-audit`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        # Expected failures (bad config, missing files, a locked run) get one clear line.
+        print(f"occlusion-audit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

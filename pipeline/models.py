@@ -1,0 +1,401 @@
+"""Model loading: TorchScript, torch.export archives, or a factory plus a ``state_dict``.
+
+Files are local paths or Hugging Face Hub files (a :class:`HubFile` or an
+``hf://owner/name@<commit>/file`` address) fetched through the Hub cache by
+:func:`pipeline.uri.hf_local_path`. The loaded model is in eval mode on the requested device and,
+given a mean/std, wrapped in :class:`Normalized`: occlusion happens in ``[0, 1]`` pixel space and
+normalisation belongs to the model (DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+import types
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import torch
+from torch import nn
+
+from pipeline.nets import SeedCNN, SeedCNNWithGAP
+from pipeline.uri import hf_local_path, parse_hf
+
+__all__ = [
+    "HubFile",
+    "ModelLoadError",
+    "ModelSpec",
+    "Normalized",
+    "SeedCNN",
+    "SeedCNNWithGAP",
+    "UnpinnedRevisionWarning",
+    "load_model",
+    "model_hash",
+    "resolve_model_file",
+]
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+_REPO_TYPES = ("model", "dataset", "space")
+_HF = "hf://"
+_EXPORT_SUFFIX = ".pt2"
+
+
+class ModelLoadError(RuntimeError):
+    """A model file exists but cannot become the module it should be (format, keys, shapes)."""
+
+
+class UnpinnedRevisionWarning(UserWarning):
+    """A Hub file was asked for without a commit hash, so a later run may load other weights."""
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hugging Face Hub repository.
+
+    Example:
+        >>> HubFile.parse("hf://owner/name@" + "a" * 40 + "/models/x/model.pth").filename
+        'models/x/model.pth'
+    """
+
+    repo_id: str  # "owner/name"
+    filename: str  # path inside the repository, "/"-separated
+    revision: str | None = None  # a 40-hex commit pins the bytes; a branch or tag can move
+    repo_type: str = "model"  # model | dataset | space
+
+    def __post_init__(self) -> None:
+        if self.repo_id.count("/") != 1 or "" in self.repo_id.split("/"):
+            raise ValueError(f"hub.repo_id must look like 'owner/name', got {self.repo_id!r}")
+        if not self.filename or self.filename.startswith("/"):
+            raise ValueError(f"hub.filename must be a path inside the repo, got {self.filename!r}")
+        if self.revision == "":
+            raise ValueError("hub.revision is empty; give a commit hash or leave it out")
+        if self.repo_type not in _REPO_TYPES:
+            raise ValueError(f"hub.repo_type must be one of {_REPO_TYPES}, got {self.repo_type!r}")
+
+    @classmethod
+    def parse(cls, uri: str) -> HubFile:
+        """Parse ``hf://[datasets/|spaces/]owner/name[@revision]/path/in/repo``.
+
+        The address form of huggingface_hub's ``HfFileSystem``; a revision with ``/`` in it is
+        URL-encoded (``refs%2Fpr%2F1``).
+        """
+        p = parse_hf(uri)
+        return cls(p.repo_id, p.filename, p.revision, p.repo_type)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether ``revision`` is a full commit hash, the only immutable Hub reference."""
+        return self.revision is not None and _COMMIT.fullmatch(self.revision) is not None
+
+    def __str__(self) -> str:
+        kind = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+        at = f"@{quote(self.revision, safe='')}" if self.revision else ""
+        return f"{_HF}{kind}{self.repo_id}{at}/{self.filename}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from: exactly one of ``torchscript``, ``export``, ``factory``, or
+    ``hub`` alone. Path fields take a local path or an ``hf://`` address.
+
+    ``hub`` names a file: with ``factory`` it is the ``state_dict``; alone it is a torch.export
+    archive if it ends in ``.pt2``, else a TorchScript archive.
+
+    Example:
+        >>> ModelSpec(factory="pipeline.models:SeedCNN", kwargs={"input_dim": 64}).kwargs
+        {'input_dim': 64}
+    """
+
+    torchscript: str | None = None  # torch.jit.save archive
+    export: str | None = None  # torch.export.save archive (.pt2)
+    factory: str | None = None  # "module:callable" returning an nn.Module
+    kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)  # factory keyword args
+    weights: str | None = None  # state_dict for the factory, read with weights_only=True
+    hub: HubFile | None = None  # Hub file: the factory's weights, or the archive itself
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None  # (mean, std) per channel
+
+    def __post_init__(self) -> None:
+        for name in ("torchscript", "export", "weights"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"model.{name} must be a non-empty path, got {value!r}")
+        sources = [n for n in ("torchscript", "export", "factory") if getattr(self, n) is not None]
+        if len(sources) > 1:
+            raise ValueError(f"model sets {' and '.join(sources)}; set exactly one of them")
+        if not sources and self.hub is None:
+            raise ValueError("model needs one source: torchscript, export, factory or hub")
+        if self.hub is not None and sources and sources != ["factory"]:
+            raise ValueError(
+                f"model sets both hub and {sources[0]}: set hub alone for a Hub archive, "
+                f"or give {sources[0]} an hf://owner/name@<commit>/file address"
+            )
+        if self.factory is None and (self.weights is not None or self.kwargs):
+            raise ValueError("model.weights and model.kwargs need a model.factory to build")
+        if self.factory is not None and not _FACTORY.fullmatch(str(self.factory)):
+            raise ValueError(
+                "model.factory must have the form 'module:callable' "
+                f"(e.g. 'pipeline.models:SeedCNN'), got {self.factory!r}"
+            )
+        if self.weights is not None and self.hub is not None:
+            raise ValueError("model sets both weights and hub; give the state_dict once")
+        if self.factory and self.hub and self.hub.filename.endswith(_EXPORT_SUFFIX):
+            raise ValueError(
+                f"hub.filename {self.hub.filename!r} is a torch.export archive, not a "
+                "state_dict; drop model.factory to load it as an archive"
+            )
+        if not isinstance(self.kwargs, Mapping) or not all(isinstance(k, str) for k in self.kwargs):
+            raise ValueError(f"model.kwargs must map names to values, got {self.kwargs!r}")
+        object.__setattr__(self, "kwargs", dict(self.kwargs))  # a copy the caller cannot edit
+        if self.normalize is not None:
+            object.__setattr__(self, "normalize", _check_normalize(self.normalize))
+
+
+def _check_normalize(pair: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    try:
+        mean, std = (tuple(float(v) for v in seq) for seq in pair)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"normalize must be (mean, std), two lists of numbers: {err}") from err
+    if not mean or len(mean) != len(std):
+        raise ValueError(f"normalize mean {mean} and std {std} need one entry per channel")
+    if not all(s > 0 for s in std):
+        raise ValueError(f"normalize std must be positive, got {std}")
+    return mean, std
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)`` per channel, for ``x`` of shape ``(N, C, H, W)`` in ``[0, 1]``.
+
+    Only element-wise ops, so ``torch.fx`` and ``torch.export`` trace straight through it.
+
+    Args:
+        model: the network that expects normalised input.
+        mean: per-channel mean, ``C`` entries (or one for all channels).
+        std: per-channel standard deviation, as many entries as ``mean``.
+
+    Example:
+        >>> Normalized(nn.Identity(), [0.5], [0.5])(torch.ones(1, 1, 1, 2)).flatten().tolist()
+        [1.0, 1.0]
+    """
+
+    mean: torch.Tensor  # (1, C, 1, 1)
+    std: torch.Tensor  # (1, C, 1, 1)
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        mean, std = _check_normalize((mean, std))
+        self.model = model
+        # Non-persistent: the wrapper's state_dict stays the inner model's, under "model.".
+        self.register_buffer("mean", torch.tensor(mean).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)  # (N, C, H, W) -> model output
+
+
+def _source(spec: ModelSpec) -> tuple[str, str, str | HubFile | None]:
+    """(how to load, the field naming the file, the file reference or None)."""
+    if spec.factory is not None:
+        return ("factory", "hub", spec.hub) if spec.hub else ("factory", "weights", spec.weights)
+    if spec.hub is not None:
+        kind = "export" if spec.hub.filename.endswith(_EXPORT_SUFFIX) else "torchscript"
+        return kind, "hub", spec.hub
+    if spec.torchscript is not None:
+        return "torchscript", "torchscript", spec.torchscript
+    return "export", "export", spec.export
+
+
+def resolve_model_file(spec: ModelSpec) -> Path | None:
+    """Local path of the spec's archive or weights, fetching a Hub file into the cache if needed.
+
+    Hub files go to ``HF_HUB_CACHE`` (else ``HF_HOME/hub``), read at call time; with
+    ``HF_HUB_OFFLINE=1`` they come from that cache only.
+
+    Args:
+        spec: the model spec.
+
+    Returns:
+        The file to load and to hash with :func:`model_hash`; ``None`` for a bare factory.
+    """
+    _, field_name, ref = _source(spec)
+    if isinstance(ref, str) and ref.startswith(_HF):
+        ref = HubFile.parse(ref)
+    if ref is None:
+        return None
+    if isinstance(ref, HubFile):
+        return _download(ref)
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.{field_name} file not found: {path.absolute()}")
+    return path
+
+
+def _download(hub: HubFile) -> Path:
+    if not hub.pinned:
+        warnings.warn(
+            f"{hub} is not pinned (revision={hub.revision!r}), so its bytes may change between "
+            "runs; set the revision to a 40-hex commit hash for a reproducible audit",
+            UnpinnedRevisionWarning,
+            stacklevel=4,
+        )
+    try:
+        return Path(hf_local_path(str(hub)))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}. Check repo_id, filename and revision; with HF_HUB_OFFLINE set, fetch the file "
+            f"once where there is network (hf download {hub.repo_id} {hub.filename} --revision "
+            f"{hub.revision or 'main'}) or point HF_HUB_CACHE at a cache that holds it"
+        ) from err
+
+
+def model_hash(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes, streamed in 1 MiB chunks (symlinks followed).
+
+    Example:
+        >>> len(model_hash(__file__))
+        64
+    """
+    digest = hashlib.sha256()
+    with Path(path).resolve().open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> nn.Module:
+    """Load the model a spec describes, ready for inference on ``[0, 1]`` RGB input.
+
+    Args:
+        spec: where the model comes from and how to normalise its input.
+        device: where to put the model.
+
+    Returns:
+        A module in eval mode on ``device`` mapping ``(N, C, H, W)`` pixels in ``[0, 1]`` to the
+        model's output, wrapped in :class:`Normalized` when ``spec.normalize`` is set.
+
+    Example:
+        >>> m = load_model(ModelSpec(factory="pipeline.models:SeedCNN", kwargs={"input_dim": 64}))
+        >>> m(torch.rand(2, 3, 64, 64)).shape
+        torch.Size([2, 1])
+    """
+    device = torch.device(device)
+    kind = _source(spec)[0]
+    path = resolve_model_file(spec)
+    if kind == "factory":
+        model = _build(str(spec.factory), spec.kwargs)
+        if path is not None:
+            _load_state_dict(model, path, str(spec.factory))
+    else:
+        assert path is not None  # an archive source always names a file
+        model = _load_torchscript(path, device) if kind == "torchscript" else _load_export(path)
+    if spec.normalize is not None:
+        model = Normalized(model, *spec.normalize)
+    return model.to(device).eval()
+
+
+def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
+    with warnings.catch_warnings():
+        # torch.jit is deprecated upstream, yet TorchScript archives stay a supported input; the
+        # warning would repeat in every worker with nothing for the user to act on.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit", category=DeprecationWarning)
+        try:
+            return torch.jit.load(str(path), map_location=device)
+        except RuntimeError as err:
+            raise ModelLoadError(
+                f"{path} is not a TorchScript archive ({str(err).splitlines()[0]}); a state_dict "
+                "needs model.factory plus weights, a torch.export archive goes in model.export"
+            ) from err
+
+
+def _load_export(path: Path) -> nn.Module:
+    try:
+        module = torch.export.load(str(path)).module()
+    except RuntimeError as err:
+        raise ModelLoadError(
+            f"{path} is not a torch.export archive; a state_dict needs model.factory plus "
+            "weights, a TorchScript archive goes in model.torchscript"
+        ) from err
+    for gm in module.modules():
+        for node in gm.graph.nodes if isinstance(gm, torch.fx.GraphModule) else ():
+            if _in_training_mode(node):
+                raise ModelLoadError(
+                    f"{path} was exported in training mode ({node.target} at node {node.name}), "
+                    "so dropout/batch-norm would make maps random; call model.eval() before "
+                    "torch.export.export"
+                )
+    # An exported module raises on train()/eval(), and Normalized.eval() recurses into it. The
+    # graph fixed its mode at export time and was just checked to be an inference graph, so let
+    # eval() pass and keep train() refused.
+    for sub in module.modules():
+        sub.training = False
+    module.train = types.MethodType(_eval_only_train, module)  # type: ignore[method-assign]
+    module.eval = types.MethodType(nn.Module.eval, module)  # type: ignore[method-assign]
+    return module
+
+
+def _in_training_mode(node: torch.fx.Node) -> bool:
+    """Whether an aten call has a ``train``/``training`` argument set to True (dropout, BN)."""
+    schema = getattr(node.target, "_schema", None)
+    for i, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.name in ("train", "training"):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if value is True:
+                return True
+    return False
+
+
+def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    if mode:
+        raise NotImplementedError("a torch.export graph cannot be switched to training mode")
+    return self
+
+
+def _build(factory: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    module_name, _, attr = factory.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(
+            f"model.factory {factory!r}: cannot import module {module_name!r} ({err}); install "
+            "it on every worker or fix the 'module:callable' string"
+        ) from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ImportError(f"model.factory {factory!r}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    try:
+        model = obj(**kwargs)
+    except TypeError as err:
+        raise TypeError(f"model.factory {factory!r} with kwargs {dict(kwargs)}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model.factory {factory!r} returned {type(model).__name__}, not nn.Module")
+    return model
+
+
+def _load_state_dict(model: nn.Module, path: Path, factory: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # re-raised with the file and the fix; unpickling raises many types
+        raise ModelLoadError(
+            f"cannot read {path} with torch.load(weights_only=True) "
+            f"({str(err).splitlines()[0]}); save model.state_dict(), not the model object"
+        ) from err
+    flat = isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values())
+    if not flat:
+        top = list(state)[:5] if isinstance(state, Mapping) else type(state).__name__
+        raise ModelLoadError(
+            f"{path} is not a flat state_dict of tensors (top level: {top}); save "
+            "model.state_dict() itself, not a dict that wraps it"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # torch lists the missing/unexpected keys and shape mismatches
+        raise ModelLoadError(
+            f"{path} does not fit {factory}; check that model.factory and model.kwargs describe "
+            f"the architecture it was saved from. {err}"
+        ) from err

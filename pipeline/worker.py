@@ -1,0 +1,87 @@
+"""The Ray stage: a stateful worker that loads the model once and processes whole shards.
+
+This module does not import Ray; the runner wraps :class:`ShardWorker` with ``ray.remote`` and
+the resources of the cluster it finds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pipeline.models import ModelSpec, load_model
+from pipeline.shard import ShardSpec, process_shard
+from pipeline.store import write_shard
+
+__all__ = ["ShardWorker"]
+
+
+def _gpu_ids() -> list[str]:
+    try:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # outside a Ray worker there are no assigned GPUs
+        return []
+
+
+class ShardWorker:
+    """Loads the model once; computes and atomically writes one shard per call.
+
+    Args:
+        spec: per-run shard settings.
+        model: where the model comes from.
+        threads: torch intra-op threads (the CPUs Ray reserved for this worker).
+    """
+
+    def __init__(self, spec: ShardSpec, model: ModelSpec, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.gpu_ids = _gpu_ids()
+        # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so "cuda" is this worker's GPU.
+        use_cuda = torch.cuda.is_available() and bool(self.gpu_ids)
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.spec = spec
+        self.model = load_model(model, self.device)
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs: pid, host, assigned GPU ids and the torch device."""
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "gpu_ids": self.gpu_ids,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+        }
+
+    def process(self, shard: int, records: Sequence[Any], path: str) -> dict[str, Any]:
+        """Compute shard ``shard`` from its manifest ``records`` and write it to ``path``.
+
+        Returns:
+            counts and timing: ``{"shard", "images", "ok", "error", "failures", "seconds", "pid"}``.
+        """
+        t0 = time.perf_counter()
+        table = process_shard(self.model, records, self.spec, shard)
+        write_shard(table, path)
+        status = table.column("status").to_pylist()
+        errors = table.column("error").to_pylist()
+        ids = table.column("image_id").to_pylist()
+        failures = [
+            {"image_id": i, "error": e}
+            for i, s, e in zip(ids, status, errors, strict=True)
+            if s != "ok"
+        ]
+        return {
+            "shard": shard,
+            "images": len(ids),
+            "ok": len(ids) - len(failures),
+            "error": len(failures),
+            "failures": failures,
+            "seconds": time.perf_counter() - t0,
+            "pid": os.getpid(),
+        }

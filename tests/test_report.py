@@ -1,0 +1,332 @@
+"""The data-curation report: files, sentences, galleries, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.aggregate import aggregate, read_summary
+from pipeline.report import write_report
+from tests._runfixtures import make_row, standard_rows, write_images, write_run
+
+MISSING_IMAGE = "kitchen-002"  # among kitchen's lowest ratios, so it is in the gallery
+
+
+def _make_run(folder: Path) -> Path:
+    rows = standard_rows()
+    run_dir = write_run(folder / "run", rows, ["room"], parts=3)
+    write_images(run_dir / "data", [r["image_id"] for r in rows if r["image_id"] != MISSING_IMAGE])
+    return run_dir
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A fresh run each test may change."""
+    return _make_run(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run and its report for the tests that only read them (a report takes seconds)."""
+    return _make_run(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.fixture(scope="module")
+def report(shared_run: Path) -> Path:
+    return write_report(shared_run, shared_run.parent / "report")
+
+
+def _text(page: str) -> str:
+    """Visible text of an HTML page, tags dropped and entities decoded, whitespace collapsed."""
+    body = re.sub(r"<(style|script)\b.*?</\1>", " ", page, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_opens_with_what_was_flagged_and_why(report: Path) -> None:
+    assert report.name == "index.html"
+    assert {p.name for p in report.parent.iterdir()} == {
+        "index.html",
+        "summary.csv",
+        "flags.csv",
+        "curation.csv",
+    }
+    text = _text(report.read_text(encoding="utf-8"))
+    flagged = re.search(
+        r"Room kitchen: the model relies on background — geometric-mean fg/bg ratio 0\.50 "
+        r"\(95% CI (0\.\d\d)-(0\.\d\d)\) < threshold 1\.0 over 48 images",
+        text,
+    )
+    assert flagged, text[:800]
+    assert float(flagged.group(1)) < 0.5 < float(flagged.group(2)) < 1.0
+    assert "Room hall: inconclusive" in text
+    # the verdicts come first: before the group table, the charts and the run facts
+    findings_end = text.index("Groups")
+    assert text.index("Occlusion audit: test-run") < flagged.start() < findings_end
+    assert "Room garage (6)" in text[:findings_end]  # too few images for a verdict, said so
+    assert "Room bath:" not in text[:findings_end]
+
+
+def test_report_sections_and_run_facts(report: Path) -> None:
+    page = report.read_text(encoding="utf-8")
+    text = _text(page)
+    for heading in (
+        "Groups",
+        "Geometric-mean fg/bg ratio per group",
+        "Per-image fg/bg ratios per group",
+        "Most background-reliant images",
+        "Run",
+    ):
+        assert f"<h2>{heading}</h2>" in page
+    for fact in (
+        "torchscript: models/<tiny>.pt",
+        "sha256:0123abcd",
+        "images: 138",
+        "total_s: 12.5",
+    ):
+        assert fact in text
+    assert "Failures (2)" in text and "cannot decode image: EOF" in text
+    table = page[
+        page.index('<section id="groups">') : page.index("</section>", page.index("Groups"))
+    ]
+    assert table.count("<tr class=") == 4  # one row per room
+
+
+def test_report_is_self_contained(report: Path) -> None:
+    page = report.read_text(encoding="utf-8")
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(sources) >= 2 + 6  # two charts and at least one gallery
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    assert "<script" not in page and "<link" not in page
+
+
+def test_csv_files(report: Path, shared_run: Path) -> None:
+    out = report.parent
+    summary = pd.read_csv(out / "summary.csv")
+    stored = read_summary(shared_run)
+    assert list(summary.columns) == list(stored.columns)
+    np.testing.assert_array_equal(summary["gmean_ratio"], stored["gmean_ratio"])
+
+    flags = _read_csv(out / "flags.csv")
+    assert [(f["room"], f["status"]) for f in flags] == [
+        ("kitchen", "flagged"),
+        ("hall", "inconclusive"),
+    ]
+    assert flags[0]["reason"].startswith("Room kitchen: the model relies on background")
+    assert float(flags[0]["threshold"]) == 1.0
+
+
+def test_curation_lists_low_ratios_then_undefined_then_errors(report: Path) -> None:
+    rows = _read_csv(report.parent / "curation.csv")
+    assert list(rows[0]) == [
+        "image_id",
+        "path",
+        "room",
+        "fg_bg_ratio",
+        "fg_share",
+        "status",
+        "group_status",
+        "reason",
+    ]
+    low = [r for r in rows if r["reason"].startswith("background-reliant")]
+    ratios = [float(r["fg_bg_ratio"]) for r in low]
+    assert ratios == sorted(ratios) and max(ratios) < 1.0
+    assert rows[0]["image_id"] == "kitchen-000"  # the lowest ratio of all
+    expected = sum(r["status"] == "ok" and 0 < r["fg_bg_ratio"] < 1 for r in standard_rows())
+    assert len(low) == expected
+    tail = [(r["image_id"], r["reason"]) for r in rows[len(low) :]]
+    assert tail == [
+        ("kitchen-nan0", "undefined ratio: foreground mask is empty"),
+        ("kitchen-nan1", "undefined ratio: map is all zero"),
+        ("kitchen-err0", "error: cannot decode image: EOF"),
+        ("kitchen-err1", "error: mask missing: m.png"),
+    ]
+    assert {r["group_status"] for r in low if r["room"] == "kitchen"} == {"flagged"}
+
+
+def test_curation_limit_keeps_the_lowest_and_every_problem(
+    shared_run: Path, report: Path, tmp_path: Path
+) -> None:
+    page = write_report(shared_run, tmp_path / "out", curation_limit=5, gallery_size=0)
+    rows = _read_csv(tmp_path / "out" / "curation.csv")
+    full = _read_csv(report.parent / "curation.csv")  # no limit reached: 10,000 by default
+    assert [r["image_id"] for r in rows] == [r["image_id"] for r in full[:5]] + [
+        "kitchen-nan0",
+        "kitchen-nan1",
+        "kitchen-err0",
+        "kitchen-err1",
+    ]
+    n_low = len(full) - 4
+    assert f"lists the 5 most background-reliant of the {n_low} images" in _text(
+        page.read_text(encoding="utf-8")
+    )
+
+
+def test_galleries_show_the_most_background_reliant_images(report: Path) -> None:
+    page = report.read_text(encoding="utf-8")
+    galleries = page[page.index('<section id="galleries">') : page.index('<section id="run">')]
+    groups = re.findall(r'<div class="group" data-status="(\w+)">\s*<h3>([^<]*)', galleries)
+    assert [(s, label.strip()) for s, label in groups] == [
+        ("flagged", "Room kitchen"),
+        ("inconclusive", "Room hall"),
+    ]
+    kitchen = galleries[: galleries.index("Room hall")]
+    shown = re.findall(r"<figcaption>(kitchen-\d+): fg/bg ratio", kitchen)
+    assert shown == [f"kitchen-{i:03d}" for i in range(6)]  # lowest ratios first
+    # the missing file is a placeholder with the loader's message; the rest are drawn
+    placeholders = re.findall(r'<div class="ph">([^<]*)</div>', galleries)
+    assert len(placeholders) == 1
+    assert MISSING_IMAGE in placeholders[0] and "not found" in html.unescape(placeholders[0])
+    assert kitchen.count('<figure class="item"><img') == 5
+    assert "[mask:" not in galleries and "[map:" not in galleries  # masks and maps all drawn
+
+
+def test_default_folder_is_reports_run_name_under_cwd(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    assert write_report(run) == repo / "reports" / "test-run" / "index.html"
+
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["output"]["report_dir"] = str(tmp_path / "elsewhere")
+    (run / "run.json").write_text(json.dumps(info))
+    assert write_report(run) == tmp_path / "elsewhere" / "index.html"
+
+
+def test_summary_is_computed_when_missing_and_overrides_are_honoured(
+    run: Path, tmp_path: Path
+) -> None:
+    assert not (run / "summary.parquet").exists()
+    write_report(run, tmp_path / "a")
+    assert (run / "summary.parquet").exists()
+
+    lenient = aggregate(run, threshold=0.4, write=False)
+    page = write_report(run, tmp_path / "b", summary=lenient).read_text(encoding="utf-8")
+    text = _text(page)
+    assert "No group was flagged or inconclusive" in text
+    assert "threshold 0.4" in text
+    assert _read_csv(tmp_path / "b" / "flags.csv") == []
+    assert '<section id="galleries">' not in page
+
+
+def test_text_from_data_is_escaped(tmp_path: Path) -> None:
+    nasty = '<img src=x onerror="alert(1)">&co'
+    rows = [make_row(f"n{i}", {"room": nasty}, 0.3 + 0.01 * i) for i in range(25)]
+    rows.append(make_row("n-err", {"room": nasty}, math.nan, error="<b>broken</b>"))
+    run = write_run(tmp_path / "run", rows, ["room"], name="<run>")
+    page = write_report(run, tmp_path / "out").read_text(encoding="utf-8")
+    assert nasty not in page and "<b>broken</b>" not in page
+    assert html.escape(nasty) in page
+    assert "<title>Occlusion audit: &lt;run&gt;</title>" in page
+    # the missing images become placeholders; the page still renders every group
+    assert page.count('<div class="ph">') == 6
+
+
+def test_no_pyplot_global_state(shared_run: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys; from pipeline.report import write_report; "
+        f"write_report({str(shared_run)!r}, {str(tmp_path / 'out')!r}); "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# The probe is added to a copy of the page: it records load errors, blocked requests and
+# images that did not decode, then writes the results onto <body> for --dump-dom to show.
+_PROBE = """<script>
+window.__problems = [];
+window.addEventListener('error', (e) => {
+  const t = e.target;
+  window.__problems.push(t && t.tagName ? 'failed to load ' + t.tagName : 'error: ' + e.message);
+}, true);
+document.addEventListener('securitypolicyviolation', (e) => {
+  window.__problems.push('blocked request: ' + e.blockedURI);
+});
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  const broken = images.filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.alt);
+  document.body.setAttribute('data-images', String(images.length));
+  document.body.setAttribute('data-broken', JSON.stringify(broken));
+  document.body.setAttribute('data-problems', JSON.stringify(window.__problems));
+  document.body.setAttribute('data-probe', 'done');
+});
+</script>"""
+
+
+def _chromium() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    return found or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def _chromium_run(args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
+    base = [
+        _chromium() or "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+    ]
+    return subprocess.run(base + args, capture_output=True, text=True, timeout=180, check=False)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
+    page = report.read_text(encoding="utf-8")
+    probe = report.with_name("probe.html")
+    probe.write_text(page.replace("<head>", "<head>" + _PROBE, 1), encoding="utf-8")
+
+    dom = _chromium_run(
+        ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path / "profile-dom"
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", dom.stdout)
+    assert body, dom.stdout[:500]
+    attrs = {k: html.unescape(v) for k, v in re.findall(r'([\w-]+)="([^"]*)"', body.group(1))}
+    assert attrs.get("data-probe") == "done", attrs
+    assert json.loads(attrs["data-problems"]) == []
+    assert json.loads(attrs["data-broken"]) == []  # every <img> decoded (naturalWidth > 0)
+    assert int(attrs["data-images"]) == page.count("<img ")
+    assert int(attrs["data-images"]) >= 2 + 11  # charts + kitchen (5 + placeholder) + hall (6)
+    rendered = _text(dom.stdout)
+    assert "Room kitchen: the model relies on background" in rendered
+    assert re.search(r'<li class="flagged">', dom.stdout)
+
+    shot = tmp_path / "report.png"
+    taken = _chromium_run(
+        ["--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()],
+        tmp_path / "profile-shot",
+    )
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    assert shot.exists() and shot.stat().st_size > 10_000
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2400)
+        pixels = np.asarray(im.convert("L"))
+    assert pixels.std() > 5  # something was drawn, not a blank page

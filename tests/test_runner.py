@@ -1,0 +1,207 @@
+"""The batch audit on a real local Ray: exactly once, same answer as the kernel, faults, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+
+from pipeline import attribute, load_config, read_maps, run_audit
+from pipeline.images import load_image
+from pipeline.models import ModelSpec, load_model
+from pipeline.store import RunLock, RunLockedError
+from tests._dataset import audit_config, make_image_set, save_gap_model
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_image_set(root, n=20)
+    save_gap_model(root / "model.pt")
+    return root
+
+
+def _cfg(root: Path, out: Path, **sections):
+    return load_config(audit_config(root, out, **sections))
+
+
+def _by_id(run_dir: Path):
+    return read_maps(run_dir).set_index("image_id").sort_index()
+
+
+def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, tmp_path):
+    res = run_audit(_cfg(image_set, tmp_path / "run"), progress=False)
+    assert (res.images, res.ok, res.errors, res.exit_code) == (20, 20, 0, 0)
+    maps = read_maps(tmp_path / "run")
+    assert sorted(maps["image_id"]) == [f"img{i:03d}" for i in range(20)]
+    assert len(list((tmp_path / "run" / "maps").glob("part-*.parquet"))) == 3  # ceil(20 / 7)
+
+    # the same answer two ways: the kernel called directly on the same decoded images
+    ids = list(maps["image_id"])
+    images = torch.stack(
+        [load_image(f"images/{i}.png", str(image_set), (24, 24), image_id=i)[0] for i in ids]
+    )
+    model = load_model(
+        ModelSpec(
+            factory="pipeline.nets:SeedCNNWithGAP",
+            kwargs={"num_classes": 2},
+            weights=str(image_set / "model.pt"),
+        )
+    )
+    direct = attribute(model, images, window=[8, 8], stride=[4, 4], n_baselines=2, image_ids=ids)
+    stored = np.stack(maps["delta"].to_list())
+    np.testing.assert_allclose(stored, direct.delta[:, 0].flatten(1).numpy(), atol=1e-6, rtol=0)
+    assert maps["grid_h"].unique().tolist() == [5] and maps["status"].eq("ok").all()
+    assert np.isfinite(maps["fg_bg_ratio"]).all()
+
+    facts = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert facts["counts"] == {"images": 20, "ok": 20, "error": 0}
+    assert len(facts["model_hash"]) == 64 and facts["versions"]["torch"]
+    assert facts["config"]["occlusion"]["window"] == [8, 8]
+
+
+def test_maps_do_not_depend_on_actor_count_or_shard_size(local_ray, image_set, tmp_path):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    run_audit(_cfg(image_set, a, cluster={"actors": 1, "shard_size": 20}), progress=False)
+    run_audit(_cfg(image_set, b, cluster={"actors": 2, "shard_size": 3}), progress=False)
+    ma, mb = _by_id(a), _by_id(b)
+    assert len(list((b / "maps").glob("part-*"))) == 7
+    # bitwise: every forward pass has the same batch size, whatever the sharding
+    assert np.array_equal(np.stack(ma["delta"].to_list()), np.stack(mb["delta"].to_list()))
+    assert np.array_equal(ma["fg_bg_ratio"], mb["fg_bg_ratio"])
+
+
+def test_an_existing_run_needs_resume_and_a_locked_folder_is_refused(
+    local_ray, image_set, tmp_path
+):
+    cfg = _cfg(image_set, tmp_path / "run")
+    run_audit(cfg, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_audit(cfg, progress=False)
+    again = run_audit(cfg, resume=True, progress=False)
+    assert again.resumed_shards == 3 and again.ok == 20
+    with RunLock(tmp_path / "run"), pytest.raises(RunLockedError, match="locked by another run"):
+        run_audit(cfg, resume=True, progress=False)
+
+
+def test_an_actor_killed_mid_shard_is_replaced_and_every_image_lands_once(
+    local_ray, image_set, tmp_path
+):
+    # Slow shards (many windows, small batches) so that the kill lands inside one.
+    cfg = _cfg(
+        image_set,
+        tmp_path / "run",
+        occlusion={"window": [4, 4], "stride": [1, 1], "n_baselines": 3, "max_batch": 8},
+        cluster={"actors": 1, "shard_size": 5, "max_retries": 3},
+    )
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            pid = _busy_worker_pid()
+            if pid is not None:
+                time.sleep(0.3)  # let it get into the shard
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    res = run_audit(cfg, progress=False)
+    killer.join()
+    assert killed, "no worker process was found to kill"
+    assert (res.ok, res.errors) == (20, 0)
+    facts = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert sum(facts["retried_shards"].values()) >= 1
+    maps = read_maps(tmp_path / "run")
+    assert sorted(maps["image_id"]) == [f"img{i:03d}" for i in range(20)]
+
+
+def _busy_worker_pid() -> int | None:
+    """A process whose title says it is running ``ShardWorker.process`` (Ray sets titles)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"ShardWorker.process" in cmd:
+            return int(proc.name)
+    return None
+
+
+def _run_cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(cfg_path), "--no-report", "--quiet", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
+    slow = {"window": [4, 4], "stride": [1, 1], "n_baselines": 3, "max_batch": 16}
+    paths = {}
+    for name in ("ref", "killed"):
+        cfg = audit_config(image_set, tmp_path / name, occlusion=slow, cluster={"shard_size": 4})
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(cfg))
+    ref = _run_cli(paths["ref"])
+    assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
+
+    proc = _run_cli(paths["killed"])
+    maps = tmp_path / "killed" / "maps"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(maps.glob("part-*.parquet"))) < 2:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.wait()
+    partial = len(list(maps.glob("part-*.parquet")))
+    assert 2 <= partial < 5
+
+    resumed = _run_cli(paths["killed"], "--resume")
+    out = resumed.stdout.read().decode()
+    assert resumed.wait(timeout=300) == 0, out
+    facts = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert facts["resumed_shards"] >= 2
+    ref_files = sorted((tmp_path / "ref" / "maps").glob("part-*.parquet"))
+    got_files = sorted(maps.glob("part-*.parquet"))
+    assert [f.name for f in ref_files] == [f.name for f in got_files]
+    for a, b in zip(ref_files, got_files, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_an_unknown_config_key_fails_before_any_work(image_set, tmp_path):
+    cfg = audit_config(image_set, tmp_path / "run", occlusion={"windw": [8, 8]})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "occlusion.windw" in proc.stderr and "window" in proc.stderr
+    assert not (tmp_path / "run").exists()
