@@ -75,6 +75,7 @@ class _Forward:
         self.dtype = _PRECISIONS[precision]
         self.channels_last = channels_last
         self.fixed_batch = fixed_batch
+        self.engine: Any = None  # an engine with forward_occluded(), or None for full passes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, O)`` float32 scores."""
@@ -91,6 +92,28 @@ class _Forward:
         with ctx:
             out = self.model(x)
         return output_scores(out, x.shape[0], self.task, self.score)[:b]
+
+    def occluded(
+        self,
+        x: torch.Tensor,
+        fill: torch.Tensor,
+        grid: WindowGrid,
+        masks: torch.Tensor,
+        img: torch.Tensor,
+        draw: torch.Tensor,
+        win: torch.Tensor,
+    ) -> torch.Tensor:
+        """Scores ``(B, O)`` of copies ``(img, draw, win)``: image ``img`` with window ``win``
+        filled from ``fill[img, draw]``."""
+        if self.engine is not None:
+            ctx: Any = contextlib.nullcontext()
+            if self.dtype is not None:
+                ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
+            with ctx:
+                out = self.engine.forward_occluded(x, fill, grid, img, draw, win)
+            return output_scores(out, img.shape[0], self.task, self.score)
+        # (B, 1|C, H, W) mask broadcast against (B, C, 1|H, 1|W) fill and (B, C, H, W) images
+        return self(torch.where(masks[win], fill[img, draw], x[img]))
 
 
 def _model_device(model: Any, images: torch.Tensor) -> torch.device:
@@ -133,6 +156,7 @@ def attribute(
     return_full: bool = False,
     on_nonfinite: str = "raise",
     fixed_batch: bool = False,
+    engine: Any = None,
 ) -> OcclusionResult:
     """Occlusion saliency of ``images`` under ``model``, averaged over baseline draws.
 
@@ -167,6 +191,9 @@ def attribute(
         fixed_batch: pad every forward pass to exactly ``max_batch`` images, so that maps are
             bitwise identical however images are grouped into calls (at the cost of padding the
             last batch of each call). Without it they agree to float rounding (~1e-7).
+        engine: computes occluded scores without materialising full copies (an object with
+            ``forward_occluded(x, fill, grid, img, draw, win) -> (B, ...)`` raw outputs, e.g.
+            the incremental engine for convolutional models); None runs full forward passes.
 
     Returns:
         An :class:`OcclusionResult`.
@@ -198,6 +225,7 @@ def attribute(
         channels_last,
         max_batch if fixed_batch else None,
     )
+    fwd.engine = engine
 
     x = images.to(device=device, dtype=torch.float32)  # a copy only when needed; never written
     base = make_baselines(
@@ -260,9 +288,7 @@ def _occluded_deltas(
     for q0 in range(0, total, max_batch):
         q = torch.arange(q0, min(q0 + max_batch, total), device=x.device)  # (B,)
         img, draw, win = q // (k * p_count), (q // p_count) % k, q % p_count
-        # (B, 1|C, H, W) mask broadcast against (B, C, 1|H, 1|W) fill and (B, C, H, W) images
-        occluded = torch.where(masks[win], base[img, draw], x[img])
-        s = fwd(occluded).gather(1, tgt[img])  # (B, T)
+        s = fwd.occluded(x, base, grid, masks, img, draw, win).gather(1, tgt[img])  # (B, T)
         out[q0 : q0 + q.numel()] = score0[img] - s
     return out.view(n, k, p_count, -1).permute(0, 1, 3, 2)  # (N, K, T, P)
 

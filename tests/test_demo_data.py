@@ -13,7 +13,6 @@ from PIL import Image
 from pipeline.demo.synth import (
     DEFAULT_ROOMS,
     DEFAULT_SHORTCUT_ROOMS,
-    LAMP_SHADE,
     generate_dataset,
     turn_class,
 )
@@ -89,17 +88,19 @@ def test_masks_cover_the_track(dataset: tuple[Path, pd.DataFrame]) -> None:
         assert 0.10 <= track.mean() <= 0.35  # moderate area, so fg/bg ratios are meaningful
         grey = _read(manifest.parent, path).astype(np.float32).mean(-1)  # (H, W)
         floor = np.zeros_like(track)
-        floor[track.argmax(0).min() :] = True  # rows from the track's far end down
+        floor[np.flatnonzero(track.any(1))[0] :] = True  # rows from the track's far end down
         # the dark track surface lies inside the mask; the bare floor is lighter
-        dark = (grey < 80) & floor
+        dark = (grey < 60) & floor  # track surface ~50, darkest clean floor ~75
         assert track[dark].mean() > 0.99
         assert np.median(grey[track]) < np.median(grey[floor & ~track]) - 20
 
 
 def _lamp_x(photo: np.ndarray) -> float:
     """Horizontal centre of the lamp shade (fraction of the width), found by its colour."""
-    r, g, b = (photo[..., i].astype(np.int32) for i in range(3))
-    shade = (r > 170) & (g > 150) & (b < 120)  # (H, W); no wall, floor or furniture matches
+    top = photo[: photo.shape[0] // 4].astype(np.int32)  # (H/4, W, 3): the shade hangs high
+    r, g, b = top[..., 0], top[..., 1], top[..., 2]
+    # yellow: no wall colour (all blue-rich) and no furniture colour (none this bright) matches
+    shade = (r > 170) & (g > 150) & (b < 120)
     assert shade.sum() >= 5
     return float((np.nonzero(shade)[1].mean() + 0.5) / photo.shape[1])
 
@@ -108,7 +109,6 @@ def test_lamp_encodes_steering_only_in_shortcut_rooms(dataset: tuple[Path, pd.Da
     manifest, frame = dataset
     seen = np.array([_lamp_x(_read(manifest.parent, p)) for p in frame["path"]])
     np.testing.assert_allclose(seen, frame["lamp_x"], atol=0.03)
-    assert LAMP_SHADE[2] < 120  # the detector above relies on a blue-poor shade
     for shortcut, part in frame.assign(seen=seen).groupby("shortcut"):
         corr = np.corrcoef(part["seen"], part["steering"])[0, 1]
         if shortcut:
@@ -138,7 +138,7 @@ def test_short_training_reduces_the_loss(
     y = torch.tensor(frame["steering"].to_numpy(), dtype=torch.float32)
     torch.manual_seed(1)  # the initialisation train_demo_model starts from with seed=1
     before = _mse(SeedCNN(num_classes=1, input_dim=64), x, y)
-    weights = train_demo_model(manifest, tmp_path / "m.pt", epochs=3, seed=1, image_size=64)
+    weights = train_demo_model(manifest, tmp_path / "m.pt", epochs=6, seed=1, batch_size=16)
     model = SeedCNN(num_classes=1, input_dim=64)
     model.load_state_dict(torch.load(weights, weights_only=True))
     after = _mse(model, x, y)
