@@ -147,12 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--group", default="group", help="name of the group column")
     m.set_defaults(func=_cmd_manifest)
 
-    try:
-        from pipeline.submit import add_submit_parser
-    except ImportError:
-        pass
-    else:
-        add_submit_parser(sub)
+    from pipeline.submit import add_submit_parser
+
+    add_submit_parser(sub)
 
     b = sub.add_parser("bench", help="time our kernel against Captum and the forward roofline")
     b.add_argument("--model", default="seed-cnn", help="seed-cnn | seed-cnn-gap | resnet50")

@@ -21,13 +21,16 @@ from pipeline.store import write_shard
 __all__ = ["ShardWorker"]
 
 
-def _gpu_ids() -> list[str]:
+def _ray_placement() -> tuple[list[str], str | None]:
+    """Assigned GPU ids and Ray node id ( ``[], None`` outside a Ray worker)."""
     try:
         import ray
 
-        return [str(g) for g in ray.get_gpu_ids()]
-    except Exception:  # outside a Ray worker there are no assigned GPUs
-        return []
+        if not ray.is_initialized():
+            return [], None
+        return [str(g) for g in ray.get_gpu_ids()], ray.get_runtime_context().get_node_id()
+    except ImportError:
+        return [], None
 
 
 class ShardWorker:
@@ -42,7 +45,7 @@ class ShardWorker:
     def __init__(self, spec: ShardSpec, model: ModelSpec, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(max(1, int(threads)))
-        self.gpu_ids = _gpu_ids()
+        self.gpu_ids, self.node_id = _ray_placement()
         # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so "cuda" is this worker's GPU.
         use_cuda = torch.cuda.is_available() and bool(self.gpu_ids)
         self.device = torch.device("cuda" if use_cuda else "cpu")
@@ -50,10 +53,11 @@ class ShardWorker:
         self.model = load_model(model, self.device)
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs: pid, host, assigned GPU ids and the torch device."""
+        """Where this worker runs: pid, host, Ray node id, assigned GPU ids, torch device."""
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_id": self.node_id,
             "gpu_ids": self.gpu_ids,
             "device": str(self.device),
             "threads": torch.get_num_threads(),

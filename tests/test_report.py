@@ -7,7 +7,6 @@ import html
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 
 from pipeline.aggregate import aggregate, read_summary
 from pipeline.report import write_report
+from tests._browser import chromium, probe_page, screenshot
 from tests._runfixtures import make_row, standard_rows, write_images, write_run
 
 MISSING_IMAGE = "kitchen-002"  # among kitchen's lowest ratios, so it is in the gallery
@@ -253,79 +253,21 @@ def test_no_pyplot_global_state(shared_run: Path, tmp_path: Path) -> None:
 
 # The probe is added to a copy of the page: it records load errors, blocked requests and
 # images that did not decode, then writes the results onto <body> for --dump-dom to show.
-_PROBE = """<script>
-window.__problems = [];
-window.addEventListener('error', (e) => {
-  const t = e.target;
-  window.__problems.push(t && t.tagName ? 'failed to load ' + t.tagName : 'error: ' + e.message);
-}, true);
-document.addEventListener('securitypolicyviolation', (e) => {
-  window.__problems.push('blocked request: ' + e.blockedURI);
-});
-window.addEventListener('load', () => {
-  const images = Array.from(document.images);
-  const broken = images.filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.alt);
-  document.body.setAttribute('data-images', String(images.length));
-  document.body.setAttribute('data-broken', JSON.stringify(broken));
-  document.body.setAttribute('data-problems', JSON.stringify(window.__problems));
-  document.body.setAttribute('data-probe', 'done');
-});
-</script>"""
-
-
-def _chromium() -> str | None:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    return found or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-
-
-def _chromium_run(args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
-    base = [
-        _chromium() or "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-    ]
-    return subprocess.run(base + args, capture_output=True, text=True, timeout=180, check=False)
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     page = report.read_text(encoding="utf-8")
-    probe = report.with_name("probe.html")
-    probe.write_text(page.replace("<head>", "<head>" + _PROBE, 1), encoding="utf-8")
-
-    dom = _chromium_run(
-        ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path / "profile-dom"
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    body = re.search(r"<body([^>]*)>", dom.stdout)
-    assert body, dom.stdout[:500]
-    attrs = {k: html.unescape(v) for k, v in re.findall(r'([\w-]+)="([^"]*)"', body.group(1))}
-    assert attrs.get("data-probe") == "done", attrs
+    attrs, dom = probe_page(report, tmp_path)
     assert json.loads(attrs["data-problems"]) == []
     assert json.loads(attrs["data-broken"]) == []  # every <img> decoded (naturalWidth > 0)
     assert int(attrs["data-images"]) == page.count("<img ")
     assert int(attrs["data-images"]) >= 2 + 11  # charts + kitchen (5 + placeholder) + hall (6)
-    rendered = _text(dom.stdout)
+    rendered = _text(dom)
     assert "Room kitchen: the model relies on background" in rendered
-    assert re.search(r'<li class="flagged">', dom.stdout)
+    assert re.search(r'<li class="flagged">', dom)
 
-    shot = tmp_path / "report.png"
-    taken = _chromium_run(
-        ["--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()],
-        tmp_path / "profile-shot",
-    )
-    assert taken.returncode == 0, taken.stderr[-2000:]
-    assert shot.exists() and shot.stat().st_size > 10_000
+    shot = screenshot(report, tmp_path / "report.png", tmp_path)
+    assert shot.stat().st_size > 10_000
     with Image.open(shot) as im:
         assert im.size == (1280, 2400)
         pixels = np.asarray(im.convert("L"))

@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pipeline.demo.synth import DEFAULT_ROOMS, DEFAULT_SHORTCUT_ROOMS, generate_dataset
-from pipeline.demo.train import DemoFiles, prepare_demo, train_demo_model
 
 __all__ = [
     "DEFAULT_ROOMS",
@@ -23,3 +23,15 @@ __all__ = [
 
 #: Audit config template (DESIGN section 3); paths inside are relative to the demo folder.
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+
+_FROM_TRAIN = ("DemoFiles", "prepare_demo", "train_demo_model")
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that `python -m pipeline.demo.train` does not find its own
+    # module already imported by this package (runpy warns about that).
+    if name in _FROM_TRAIN:
+        from pipeline.demo import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

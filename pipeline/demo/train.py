@@ -38,7 +38,9 @@ N_AUDIT_PER_ROOM = 40
 EPOCHS = 12
 
 
-def load_images(manifest: str | Path, image_size: int = 64) -> tuple[torch.Tensor, pd.DataFrame]:
+def load_images(
+    manifest: str | Path, image_size: int = IMAGE_SIZE
+) -> tuple[torch.Tensor, pd.DataFrame]:
     """Read every image of a demo manifest.
 
     Returns:
@@ -52,7 +54,7 @@ def load_images(manifest: str | Path, image_size: int = 64) -> tuple[torch.Tenso
     for rel in frame["path"]:
         img = Image.open(root / rel).convert("RGB")
         if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BILINEAR)
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
         arrays.append(np.asarray(img))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
     return x.float().div_(255.0), frame

@@ -1,0 +1,360 @@
+"""``occlusion-audit bench``: our kernel against Captum's ``Occlusion`` and the forward roofline.
+
+Every engine runs in this one process on the same seeded images and the same ``K`` random-pixel
+baselines (``pipeline.baselines.make_baselines``). Settings are searched and every engine warmed
+up first; then the timed runs are interleaved (one run of each engine per round, ``--repeats``
+rounds) so that a burst of load on a shared machine slows all engines alike, and each reported
+time is the median. The roofline is the same number of plain forward passes (``N*K*P + N``) at
+the best batch size and memory format on pre-built inputs: an engine that runs the whole model on
+every occluded copy cannot beat it. An engine whose maps differ from Captum's fails the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.baselines import make_baselines
+from pipeline.bench_nets import build_bench_model
+from pipeline.occlusion import OcclusionResult, attribute
+
+__all__ = ["run_bench"]
+
+_PPE = (8, 16, 32, 64, 128)  # Captum perturbations_per_eval candidates
+_BATCHES = (16, 32, 64, 128, 256)  # roofline batch-size candidates
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Row:
+    """One engine: ``run()`` computes all ``N`` maps ``(N, C, H, W)`` (or None for no maps)."""
+
+    engine: str
+    setting: str
+    run: Callable[[], torch.Tensor | None]
+    seconds: list[float] = field(default_factory=list)  # per run of all N images
+    peak_bytes: int = 0  # peak RSS (CPU) or peak allocated device memory (CUDA) over the runs
+    added_bytes: int = 0  # the largest peak above the usage when a run started
+    max_abs_diff: float | None = None  # of its maps against Captum-best's
+    extra: dict[str, Any] = field(default_factory=dict)
+    maps: torch.Tensor | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def facts(self, n: int) -> dict[str, Any]:
+        keys = ("engine", "setting", "seconds", "peak_bytes", "added_bytes", "max_abs_diff")
+        return {
+            **{k: getattr(self, k) for k in keys},
+            "median_seconds": self.median,
+            "images_per_s": n / self.median,
+            **self.extra,
+        }
+
+
+class _Device:
+    """Timer and peak memory of one device (CPU: process RSS; CUDA: the caching allocator)."""
+
+    def __init__(self, name: str) -> None:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+        self.dev = torch.device(name)
+        self.cuda = self.dev.type == "cuda"
+
+    def timed(self, fn: Callable[[], Any]) -> tuple[float, int, int, Any]:
+        """``(seconds, peak bytes, bytes at start, output)`` of one call of ``fn``."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            start = torch.cuda.memory_allocated(self.dev)
+        else:
+            _trim_heap()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (peak RSS) to the current RSS, Linux >= 4.0
+            start = _status_kb("VmRSS") * 1024
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()  # CUDA work is asynchronous: wait for it before reading the timer
+        secs = time.perf_counter() - t0
+        peak = (
+            torch.cuda.max_memory_allocated(self.dev) if self.cuda else _status_kb("VmHWM") * 1024
+        )
+        return secs, int(peak), int(start), out
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+    def name(self) -> str:
+        if self.cuda:
+            return torch.cuda.get_device_name(self.dev)
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next((s.split(":", 1)[1].strip() for s in lines if s.startswith("model name")), "")
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS, so that RSS is close to live memory (glibc only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _status_kb(key: str) -> int:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next((int(s.split()[1]) for s in lines if s.startswith(key + ":")), 0)
+
+
+def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    dtype = _DTYPES[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
+
+
+@dataclass
+class _Setup:
+    model: torch.nn.Module
+    x: torch.Tensor  # (N, C, H, W) pixel-space images on the device
+    ids: list[str]
+    args: argparse.Namespace
+    d: _Device
+
+    def ours(self, n: int, channels_last: bool, engine: Any = None) -> OcclusionResult:
+        a, window, stride = self.args, [self.args.window] * 2, [self.args.stride] * 2
+        return attribute(
+            self.model, self.x[:n], window=window, stride=stride, baseline="random-pixel",
+            n_baselines=a.k, image_ids=self.ids[:n], max_batch=a.max_batch,
+            precision=a.precision, channels_last=channels_last, engine=engine,
+        )  # fmt: skip
+
+    def captum(self, n: int, ppe: int, target: torch.Tensor) -> torch.Tensor:
+        """``(n, C, H, W)`` Captum maps, mean over the same ``K`` draws as ours."""
+        from captum.attr import Occlusion
+
+        a, x, c = self.args, self.x[:n], self.x.shape[1]
+        base = make_baselines(x, "random-pixel", a.k, seed=0, image_ids=self.ids[:n])
+        occ = Occlusion(self._captum_forward)
+        maps = [
+            occ.attribute(
+                x,
+                sliding_window_shapes=(c, a.window, a.window),
+                strides=(c, a.stride, a.stride),
+                baselines=base[:, j],  # (n, C, 1, 1): one colour per image and draw
+                target=target[:n],
+                perturbations_per_eval=ppe,
+            )
+            for j in range(a.k)
+        ]
+        return torch.stack(maps).mean(dim=0)
+
+    def _captum_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Captum only sees a function: it gets the same autocast as ours, with fp32 outputs.
+        with _autocast(self.d.dev, self.args.precision):
+            return self.model(x).float()
+
+    def forwards(self, total: int, batch: int, channels_last: bool) -> Callable[[], None]:
+        """``total`` plain forward passes in batches of ``batch`` on pre-built inputs."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        full = self.x[torch.arange(batch) % self.x.shape[0]].contiguous(memory_format=fmt)
+        tail = full[: total % batch].contiguous(memory_format=fmt)
+
+        @torch.inference_mode()
+        def run() -> None:
+            with _autocast(self.d.dev, self.args.precision):
+                for _ in range(total // batch):
+                    self.model(full)
+                if tail.shape[0]:
+                    self.model(tail)
+
+        return run
+
+
+def _captum_rows(s: _Setup, tgt: torch.Tensor, p: int) -> list[Row]:
+    """Captum at its default ``perturbations_per_eval=1`` and at the fastest candidate."""
+    n = s.x.shape[0]
+    s.captum(1, 1, tgt)  # warm-up
+    search = {ppe: s.d.timed(lambda ppe=ppe: s.captum(n, ppe, tgt))[0] for ppe in _PPE if ppe <= p}
+    best = min(search, key=search.__getitem__) if search else p
+    return [
+        Row("captum", "perturbations_per_eval=1", lambda: s.captum(n, 1, tgt)),
+        Row("captum-best", f"perturbations_per_eval={best}", lambda: s.captum(n, best, tgt),
+            extra={"search_seconds": search}),
+    ]  # fmt: skip
+
+
+def _roofline_row(s: _Setup, total: int) -> Row:
+    """``total`` plain forward passes at the fastest batch size and memory format."""
+    search: dict[tuple[int, bool], float] = {}
+    for batch in sorted({min(b, total) for b in _BATCHES}):  # a batch > total is never used
+        for cl in (False, True):
+            # About 256 images (at least two batches) per candidate, after a warm-up batch.
+            calls, fn = max(2, -(-min(total, 256) // batch)), s.forwards(batch, batch, cl)
+            fn()
+            secs = s.d.timed(lambda fn=fn, calls=calls: [fn() for _ in range(calls)])[0]
+            search[batch, cl] = secs / (calls * batch)
+    batch, cl = min(search, key=search.__getitem__)
+    fn = s.forwards(total, batch, cl)
+    fn()  # warm-up (the tail batch too)
+    facts = {f"batch={b},channels_last={c}": v for (b, c), v in search.items()}
+    return Row("roofline", f"batch={batch},channels_last={cl}", fn,
+               extra={"search_seconds_per_image": facts})  # fmt: skip
+
+
+def _incremental_row(s: _Setup) -> Row | str:
+    """The incremental engine's row, or why there is none."""
+    try:
+        from pipeline.incremental import IncrementalEngine
+    except ImportError as e:
+        return f"pipeline.incremental is not importable: {e}"
+    engine = IncrementalEngine.build(s.model, tuple(s.x.shape[1:]), s.d.dev)
+    if engine is None:
+        return f"IncrementalEngine.build returned None for {s.args.model}"
+    s.ours(1, False, engine)  # warm-up
+    n = s.x.shape[0]
+    return Row("incremental", type(engine).__name__, lambda: s.ours(n, False, engine).full()[:, 0])
+
+
+def _stored_bytes(r: OcclusionResult, ids: list[str]) -> float:
+    """Bytes per image of ``r`` stored as maps rows (Parquet, zstd, as a run writes its shards)."""
+    import pyarrow as pa
+
+    from pipeline.schema import STATUS_OK, maps_schema
+    from pipeline.store import write_shard
+
+    g = r.grid
+    fixed = dict(zip(("image_c", "image_h", "image_w"), g.image, strict=True))
+    fixed.update(zip(("grid_c", "grid_h", "grid_w"), g.counts, strict=True))
+    fixed.update(status=STATUS_OK, shard=0, window=list(g.window), stride=list(g.stride))
+    rows = [
+        {
+            **fixed,
+            "image_id": i,
+            "target": int(r.target[j, 0]),
+            "score": float(r.score[j, 0]),
+            "delta": r.delta[j, 0].flatten().tolist(),
+            "delta_std": r.delta_std[j, 0].flatten().tolist(),
+        }
+        for j, i in enumerate(ids)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pa.Table.from_pylist(rows, schema=maps_schema([]))
+        return write_shard(table, Path(tmp) / "part.parquet").stat().st_size / len(ids)
+
+
+def _measure(args: argparse.Namespace, d: _Device) -> tuple[list[Row], OcclusionResult, str]:
+    """Search, warm up, then time every engine in interleaved rounds.
+
+    Returns:
+        the rows (both ``ours`` settings first), our result, and why there is no incremental
+        row ("" when there is one).
+    """
+    n, size = int(args.images), int(args.image_size)
+    model = build_bench_model(args.model, size).to(d.dev)
+    x = torch.rand((n, 3, size, size), generator=torch.Generator().manual_seed(0)).to(d.dev)
+    s = _Setup(model, x, [f"bench-{i:04d}" for i in range(n)], args, d)
+    res = s.ours(n, False)  # warm-up, and the predicted targets every engine explains
+    p = res.grid.n_windows
+    s.ours(1, True)  # warm-up
+    rows = [
+        Row("ours", f"channels_last={cl}", lambda cl=cl: s.ours(n, cl).full()[:, 0])
+        for cl in (False, True)
+    ]
+    rows += [*_captum_rows(s, res.target[:, 0], p), _roofline_row(s, n * args.k * p + n)]
+    inc = _incremental_row(s)
+    rows += [inc] if isinstance(inc, Row) else []
+    for _ in range(max(1, int(args.repeats))):
+        for r in rows:
+            secs, peak, start, r.maps = d.timed(r.run)
+            r.seconds.append(secs)
+            r.peak_bytes, r.added_bytes = max(r.peak_bytes, peak), max(r.added_bytes, peak - start)
+    ref = next(r.maps for r in rows if r.engine == "captum-best")
+    for r in rows:
+        if r.maps is not None and ref is not None:
+            r.max_abs_diff = float((r.maps.float() - ref.float()).abs().max())
+    return rows, res, "" if isinstance(inc, Row) else inc
+
+
+def _table(rows: list[Row], ours: Row, n: int) -> Iterator[str]:
+    yield (
+        f"{'engine':<12} {'setting':<28} {'s/image':>9} {'images/s':>9} {'ours x':>7} "
+        f"{'peak MiB':>9} {'added':>6} {'max|diff|':>9}"
+    )
+    for r in rows:
+        diff = "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+        yield (
+            f"{r.engine:<12} {r.setting:<28} {r.median / n:>9.4f} {n / r.median:>9.3f} "
+            f"{r.median / ours.median:>7.2f} {r.peak_bytes / 2**20:>9.0f} "
+            f"{r.added_bytes / 2**20:>6.0f} {diff:>9}"
+        )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark of the ``bench`` subcommand's arguments; print the table.
+
+    Returns:
+        0, or 1 when an engine's maps differ from Captum's by more than the tolerance:
+        ``1e-5`` (fp32) or ``3e-2`` (bf16/fp16 autocast) times ``max(1, largest |score|)``.
+    """
+    if args.precision not in _DTYPES:
+        raise ValueError(f"--precision must be one of {sorted(_DTYPES)}, got {args.precision!r}")
+    d, n = _Device(args.device), int(args.images)
+    rows, res, no_inc = _measure(args, d)
+    tol = (1e-5 if args.precision == "fp32" else 3e-2) * max(1.0, float(res.score.abs().max()))
+    bad = [r for r in rows if r.max_abs_diff is not None and not r.max_abs_diff <= tol]
+    ours = min(rows[:2], key=lambda r: r.median)  # the faster memory format
+    ours.extra["other_setting"] = rows[1 - rows.index(ours)].facts(n)
+    rows = [ours, *rows[2:]]
+    by = {r.engine: r for r in rows}
+    ratios = {f"ours/{e}": by[e].median / ours.median for e in ("captum-best", "roofline")}
+    p, stored = res.grid.n_windows, _stored_bytes(res, [f"bench-{i:04d}" for i in range(n)])
+    total = n * args.k * p + n
+    print(
+        f"bench {args.model} {args.image_size}px window {args.window} stride {args.stride} "
+        f"K={args.k} N={n}: {p} windows/image, {total} forward passes/run, median of "
+        f"{len(ours.seconds)}, {args.precision}, {d.name()}, {torch.get_num_threads()} threads"
+    )
+    print("\n".join(_table(rows, ours, n)))
+    if no_inc:
+        print(f"incremental: n/a ({no_inc})")
+    print(
+        f"ours/captum-best {ratios['ours/captum-best']:.2f}x (target >= 3), ours/roofline "
+        f"{ratios['ours/roofline']:.2f} (target >= 0.9); 'ours x' = engine time / ours time"
+    )
+    print(f"stored: {stored:.0f} bytes/image (Parquet zstd; deltas {2 * p * 4} bytes as float32)")
+    for r in bad:
+        print(f"FAILED: {r.engine} maps differ from Captum's by {r.max_abs_diff:.3g} > {tol:.3g}")
+    if args.json:
+        machine = {
+            "device": str(d.dev),
+            "device_name": d.name(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+        facts = {
+            "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "machine": machine,
+            "work": {"images": n, "windows": p, "draws": args.k, "forward_passes": total},
+            "rows": [r.facts(n) for r in rows],
+            "incremental": no_inc or "ok",
+            "ratios": ratios,
+            "stored_bytes_per_image": stored,
+            "tolerance": tol,
+            "ok": not bad,
+        }
+        Path(args.json).write_text(json.dumps(facts, indent=2, default=str) + "\n")
+    return 1 if bad else 0

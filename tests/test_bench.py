@@ -1,0 +1,56 @@
+"""`occlusion-audit bench` end to end on a tiny model: every engine timed, maps equal Captum's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.bench_nets import BENCH_MODELS, build_bench_model
+from pipeline.cli import main
+
+
+def test_bench_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "seed-cnn-gap", "--image-size", "32", "--window", "8"]
+    argv += ["--stride", "4", "--k", "2", "--images", "2", "--repeats", "1", "--json", str(out)]
+    assert main(argv) == 0
+    facts = json.loads(out.read_text())
+    rows = {r["engine"]: r for r in facts["rows"]}
+    expected = {"ours", "captum", "captum-best", "roofline"}
+    if facts["incremental"] == "ok":
+        expected.add("incremental")
+    assert set(rows) == expected
+    for r in rows.values():
+        assert r["median_seconds"] > 0 and r["images_per_s"] > 0 and r["peak_bytes"] > 0
+        assert all(s > 0 for s in r["seconds"])
+    for name in expected - {"roofline"}:
+        assert rows[name]["max_abs_diff"] <= 1e-5, name
+    assert rows["roofline"]["max_abs_diff"] is None
+    # 2 images x 2 draws x 7x7 windows + the 2 unoccluded passes
+    assert facts["work"]["forward_passes"] == 2 * 2 * 49 + 2
+    assert facts["ok"] and facts["ratios"]["ours/captum-best"] > 0
+    assert facts["stored_bytes_per_image"] > 2 * 49 * 4  # at least the float32 deltas
+    assert facts["machine"]["torch"] == torch.__version__
+    text = capsys.readouterr().out
+    assert "captum-best" in text and "roofline" in text and "incremental" in text
+
+
+@pytest.mark.parametrize("name", sorted(BENCH_MODELS))
+def test_bench_models_build(name):
+    model = build_bench_model(name, 32, num_classes=4)
+    with torch.inference_mode():
+        out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+    assert not model.training
+
+
+def test_resnet50_size():
+    params = sum(p.numel() for p in BENCH_MODELS["resnet50"](224, 1000).parameters())
+    assert 25.0e6 < params < 26.0e6  # ResNet-50: 25.56M with a 1000-class head
+
+
+def test_unknown_model_is_an_error(capsys):
+    assert main(["bench", "--model", "nope", "--images", "1", "--repeats", "1"]) == 2
+    assert "seed-cnn" in capsys.readouterr().err

@@ -1,0 +1,44 @@
+"""The reduced demo end to end: exactly the planted shortcut rooms are flagged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from pipeline.demo import DEFAULT_SHORTCUT_ROOMS
+from tests._browser import chromium, probe_page, screenshot
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_exactly_the_planted_rooms_are_flagged(demo_dir: Path) -> None:
+    summary = pd.read_csv(demo_dir / "report" / "summary.csv")
+    flagged = set(summary.loc[summary["status"] == "flagged", "room"])
+    assert flagged == set(DEFAULT_SHORTCUT_ROOMS)
+    assert set(summary.loc[summary["status"] != "flagged", "status"]) == {"ok"}
+    maps = pd.read_parquet(demo_dir / "runs" / "demo" / "maps")
+    assert len(maps) == 6 * 24 and maps["status"].eq("ok").all()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed")
+def test_the_demo_report_shows_the_flagged_rooms_with_galleries(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    page = demo_dir / "report" / "index.html"
+    attrs, dom = probe_page(page, tmp_path)
+    assert attrs["data-problems"] == "[]" and attrs["data-broken"] == "[]"
+    for room in DEFAULT_SHORTCUT_ROOMS:
+        assert f"Room {room}: the model relies on background" in dom
+    assert int(attrs["data-images"]) >= 2 + 2 * 6  # charts + a gallery per flagged room
+    assert screenshot(page, tmp_path / "demo.png", tmp_path).stat().st_size > 10_000

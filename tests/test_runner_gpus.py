@@ -1,0 +1,128 @@
+"""Actor pool shape on a Ray that advertises GPUs: one actor per GPU, fractions share, no deadlock.
+
+Ray schedules ``GPU`` as a plain resource, so ``ray.init(num_gpus=2)`` on a CPU machine gives
+real GPU ids to actors (``ray.get_gpu_ids()``) while torch, without CUDA, computes on the CPU.
+That exercises the runner's GPU placement on any machine; the maps must not change with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from pipeline import load_config, read_maps, run_audit
+from tests._dataset import audit_config, make_image_set, save_gap_model
+
+N_IMAGES = 20
+
+
+def _start(num_gpus: int) -> None:
+    # address="local": always a fresh embedded Ray, never one another process advertised.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        configure_logging=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_with_gpus():
+    """``use(n)`` (re)starts this module's own Ray with ``n`` simulated GPUs when it differs."""
+    if ray.is_initialized():  # a Ray left by another module has other resources: not ours
+        ray.shutdown()
+    current: list[int] = []
+
+    def use(num_gpus: int) -> None:
+        if current != [num_gpus]:
+            ray.shutdown()
+            _start(num_gpus)
+            current[:] = [num_gpus]
+        assert ray.cluster_resources().get("GPU", 0) == num_gpus
+
+    yield use
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_image_set(root, n=N_IMAGES)
+    save_gap_model(root / "model.pt")
+    return root
+
+
+def _audit(root: Path, out: Path, **cluster):
+    cfg = audit_config(root, out, cluster={"actors": "auto", **cluster})
+    return run_audit(load_config(cfg), progress=False)
+
+
+def _facts(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def _deltas(run_dir: Path) -> np.ndarray:
+    maps = read_maps(run_dir).set_index("image_id").sort_index()
+    assert list(maps.index) == [f"img{i:03d}" for i in range(N_IMAGES)]
+    return np.stack(maps["delta"].to_list())  # (N, grid_h * grid_w)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(ray_with_gpus, image_set, tmp_path_factory):
+    """The reference: the same audit on a Ray without GPUs."""
+    ray_with_gpus(0)
+    out = tmp_path_factory.mktemp("cpu") / "run"
+    res = _audit(image_set, out, shard_size=7)
+    assert (res.ok, res.errors) == (N_IMAGES, 0)
+    return out
+
+
+def test_cpu_only_ray_with_auto_actors_uses_cpu_actors(cpu_run):
+    facts = _facts(cpu_run)
+    # auto without GPUs: one actor per 2 CPUs
+    assert facts["pool"]["actors"] == 1 and facts["pool"]["num_gpus"] == 0.0
+    assert [a["gpu_ids"] for a in facts["actors"]] == [[]]
+    assert [a["device"] for a in facts["actors"]] == ["cpu"]
+
+
+def test_one_actor_per_gpu_with_distinct_ids_and_the_same_maps(
+    cpu_run, ray_with_gpus, image_set, tmp_path
+):
+    ray_with_gpus(2)
+    res = _audit(image_set, tmp_path / "run", gpus_per_actor=1, shard_size=7)
+    assert (res.ok, res.errors, res.exit_code) == (N_IMAGES, 0, 0)
+    facts = _facts(tmp_path / "run")
+    assert facts["pool"]["actors"] == 2 and facts["pool"]["num_gpus"] == 1.0
+    # a fraction of a CPU per GPU actor: two actors fit on 2 CPUs with room for the driver
+    assert facts["pool"]["num_cpus"] < 1.0
+    gpu_ids = [a["gpu_ids"] for a in facts["actors"]]
+    assert sorted(gpu_ids) == [["0"], ["1"]], gpu_ids
+    # torch here has no CUDA: a GPU actor falls back to the CPU rather than failing
+    assert [a["device"] for a in facts["actors"]] == ["cpu", "cpu"]
+    assert len({a["pid"] for a in facts["actors"]}) == 2
+    # same maps, bit for bit, as the CPU-only pool
+    assert np.array_equal(_deltas(tmp_path / "run"), _deltas(cpu_run))
+
+
+def test_half_a_gpu_per_actor_puts_two_actors_on_each_gpu(
+    cpu_run, ray_with_gpus, image_set, tmp_path
+):
+    ray_with_gpus(2)
+    # 7 shards of 3 images, so the pool is not cut down to the shard count
+    res = _audit(image_set, tmp_path / "run", gpus_per_actor=0.5, shard_size=3)
+    assert (res.ok, res.errors) == (N_IMAGES, 0)
+    facts = _facts(tmp_path / "run")
+    assert facts["shards"] == 7
+    assert facts["pool"]["actors"] == 4 and facts["pool"]["num_gpus"] == 0.5
+    # four actors on 2 CPUs only start because each asks for a fraction of a CPU
+    assert facts["pool"]["num_cpus"] * 4 <= 2
+    per_gpu = Counter(g for a in facts["actors"] for g in a["gpu_ids"])
+    assert per_gpu == {"0": 2, "1": 2}, facts["actors"]
+    assert all(len(a["gpu_ids"]) == 1 for a in facts["actors"])
+    assert np.array_equal(_deltas(tmp_path / "run"), _deltas(cpu_run))
