@@ -35,6 +35,8 @@ from pipeline.store import (
 
 __all__ = ["RunResult", "run_audit"]
 
+_PER_ACTOR = 2  # shards in flight per actor: one computing while the next one decodes
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -187,7 +189,11 @@ def _dispatch(
     n_actors, gpus, cpus, threads = _pool_shape(cfg, max(1, len(todo)))
     retries = int(cfg.cluster.max_retries)
     remote = ray.remote(ShardWorker).options(
-        num_gpus=gpus, num_cpus=cpus, max_restarts=-1, max_task_retries=0
+        num_gpus=gpus,
+        num_cpus=cpus,
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=_PER_ACTOR,
     )
     actors = [remote.remote(spec, mspec, threads) for _ in range(n_actors)] if todo else []
     info = ray.get([a.info.remote() for a in actors])
@@ -195,16 +201,17 @@ def _dispatch(
     attempts: dict[int, int] = {}
     shard_secs: list[float] = []
     inflight: dict[Any, tuple[Any, int]] = {}
-    idle = list(actors)
+    # Each actor holds up to _PER_ACTOR shards: one computing, the next one decoding.
+    free = [a for _ in range(_PER_ACTOR) for a in actors]
     while todo or inflight:
-        while idle and todo:
-            actor, k = idle.pop(), todo.popleft()
+        while free and todo:
+            actor, k = free.pop(0), todo.popleft()
             ref = actor.process.remote(k, list(shards[k]), str(shard_path(run_dir, k)))
             inflight[ref] = (actor, k)
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
         for ref in ready:
             actor, k = inflight.pop(ref)
-            idle.append(actor)
+            free.append(actor)
             try:
                 rep = ray.get(ref)
                 shard_secs.append(rep["seconds"])

@@ -21,7 +21,7 @@ from pipeline.metrics import image_metrics, nan_metrics
 from pipeline.occlusion import attribute
 from pipeline.schema import IMAGE_METRICS, STATUS_ERROR, STATUS_OK, maps_schema
 
-__all__ = ["ShardSpec", "error_table", "process_shard"]
+__all__ = ["ShardSpec", "error_table", "load_shard", "process_shard"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,22 @@ def _targets(spec: ShardSpec, items: Sequence[_Loaded]) -> Any:
     return spec.target
 
 
-def process_shard(model: Any, records: Sequence[Any], spec: ShardSpec, shard: int) -> pa.Table:
+def load_shard(records: Sequence[Any], spec: ShardSpec) -> list[_Loaded]:
+    """Decode and resize the images and masks of a shard (I/O bound; no model needed).
+
+    A failure is kept on its item as a message naming the image, never raised.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, spec.io_threads)) as pool:
+        return list(pool.map(lambda ir: _load(ir[0], ir[1], spec), enumerate(records)))
+
+
+def process_shard(
+    model: Any,
+    records: Sequence[Any],
+    spec: ShardSpec,
+    shard: int,
+    loaded: Sequence[_Loaded] | None = None,
+) -> pa.Table:
     """Compute the stored rows of one shard.
 
     Args:
@@ -104,13 +119,13 @@ def process_shard(model: Any, records: Sequence[Any], spec: ShardSpec, shard: in
         records: manifest records (``image_id, path, groups, label, mask, box``) in order.
         spec: per-run settings.
         shard: shard index, stored with each row.
+        loaded: the result of :func:`load_shard` for these records, if already done.
 
     Returns:
         A table with ``maps_schema(spec.group_by)``: one row per record, in record order, each
         ``ok`` or ``error`` with a message naming the image.
     """
-    with ThreadPoolExecutor(max_workers=max(1, spec.io_threads)) as pool:
-        items = list(pool.map(lambda ir: _load(ir[0], ir[1], spec), enumerate(records)))
+    items = list(loaded) if loaded is not None else load_shard(records, spec)
     good = [it for it in items if it.error is None]
     results: dict[int, dict[str, Any]] = {}
     if good:

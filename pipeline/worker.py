@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.models import ModelSpec, load_model
-from pipeline.shard import ShardSpec, process_shard
+from pipeline.shard import ShardSpec, load_shard, process_shard
 from pipeline.store import write_shard
 
 __all__ = ["ShardWorker"]
@@ -36,6 +37,9 @@ def _ray_placement() -> tuple[list[str], str | None]:
 class ShardWorker:
     """Loads the model once; computes and atomically writes one shard per call.
 
+    Calls may run on two threads at once (Ray ``max_concurrency=2``): decoding the next shard
+    overlaps the current shard's compute, which a lock keeps to one shard at a time.
+
     Args:
         spec: per-run shard settings.
         model: where the model comes from.
@@ -51,6 +55,7 @@ class ShardWorker:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.spec = spec
         self.model = load_model(model, self.device)
+        self._compute = threading.Lock()
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: pid, host, Ray node id, assigned GPU ids, torch device."""
@@ -70,7 +75,9 @@ class ShardWorker:
             counts and timing: ``{"shard", "images", "ok", "error", "failures", "seconds", "pid"}``.
         """
         t0 = time.perf_counter()
-        table = process_shard(self.model, records, self.spec, shard)
+        loaded = load_shard(records, self.spec)
+        with self._compute:
+            table = process_shard(self.model, records, self.spec, shard, loaded)
         write_shard(table, path)
         status = table.column("status").to_pylist()
         errors = table.column("error").to_pylist()

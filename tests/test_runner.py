@@ -110,7 +110,7 @@ def test_an_actor_killed_mid_shard_is_replaced_and_every_image_lands_once(
     cfg = _cfg(
         image_set,
         tmp_path / "run",
-        occlusion={"window": [4, 4], "stride": [1, 1], "n_baselines": 3, "max_batch": 8},
+        occlusion={"window": [4, 4], "stride": [2, 2], "n_baselines": 3, "max_batch": 8},
         cluster={"actors": 1, "shard_size": 5, "max_retries": 3},
     )
     killed: list[int] = []
