@@ -113,8 +113,8 @@ def ratio_chart(
     ax.set_yticks(y, labels)
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_xlabel(
-        f"geometric-mean fg/bg ratio with {confidence:.0%} bootstrap interval "
-        f"(log scale; dashed: threshold {fmt_threshold(threshold)})"
+        f"geometric-mean fg/bg ratio, {confidence:.0%} bootstrap interval\n"
+        f"(log scale; dashed line: threshold {fmt_threshold(threshold)})"
     )
     ax.grid(axis="x", which="both", alpha=0.25)
     handles = [

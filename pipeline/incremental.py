@@ -25,16 +25,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from pipeline.geometry import WindowGrid
+from pipeline.incremental_exec import Runner
 from pipeline.incremental_graph import Traced, trace_model
-from pipeline.incremental_ops import Padded, crop, input_region, linear_update, run_node, splice
+from pipeline.incremental_ops import Padded, run_node
 from pipeline.incremental_plan import Plan, make_plan
 
 __all__ = ["IncrementalEngine", "auto_engine"]
 
 _CACHE_CHUNK = 8  # images per unoccluded pass when filling the cache (bounds its peak memory)
+_CHUNK_BYTES = 8 << 20  # bytes of the largest region or crop of one trunk chunk
 
 
 @dataclass
@@ -42,16 +44,19 @@ class _Cache:
     """Unoccluded activations of the images of one ``attribute()`` call."""
 
     key: tuple[Any, ...]
+    images: torch.Tensor  # held so that the key's id and data_ptr stay unique
     act: dict[tuple[str, float], Padded]  # (node, pad value) -> padded channels-last activation
     base: dict[str, torch.Tensor]  # entry node -> (N, ...) unoccluded value
 
 
 def _tensor_key(x: torch.Tensor) -> tuple[Any, ...]:
+    """Identity and version of ``x``. The caches hold a reference to ``x`` itself, so its memory
+    cannot be reused by another tensor while the key is alive."""
     try:
         version = x._version
     except RuntimeError:  # inference tensors have no version counter
         version = -1
-    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, version)
+    return (id(x), x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, version)
 
 
 class IncrementalEngine:
@@ -68,12 +73,11 @@ class IncrementalEngine:
         self.image_shape = image_shape
         self._steps = {st.name: st for st in traced.steps}
         self._input = traced.steps[0].name
-        self._output = next(n for n in traced.gm.graph.nodes if n.op == "output")
-        self._head, splices = self._demanded()
-        self._pads = self._padding(splices)
-        self._last = self._last_uses(splices)
+        self._runner = Runner.create(traced)
+        self._pads = self._padding()
         self._plans: dict[tuple[WindowGrid, torch.device], Plan] = {}
         self._cache: _Cache | None = None
+        self._fill_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build_or_reason(
@@ -100,30 +104,9 @@ class IncrementalEngine:
         :meth:`build_or_reason` for the reason)."""
         return cls.build_or_reason(model, image_shape, device)[0]
 
-    # ---- static analysis -------------------------------------------------------------------
-
-    def _demanded(self) -> tuple[list[fx.Node], set[str]]:
-        """Head nodes to evaluate per batch (in order), and spatial nodes they need in full."""
-        t = self.traced
-        need: set[str] = set()
-        splices: set[str] = set()
-        todo = list(self._output.all_input_nodes)
-        while todo:
-            n = todo.pop()
-            if n.name in need or n.name in t.consts:
-                continue
-            if n.name in self._steps:
-                splices.add(n.name)
-            elif n.name in t.entries:
-                need.add(n.name)  # its value comes from the incremental update
-            else:
-                need.add(n.name)
-                todo.extend(n.all_input_nodes)
-        head = [n for n in t.head if n.name in need and n.name not in t.entries]
-        return head, splices
-
-    def _padding(self, splices: set[str]) -> dict[str, dict[float, list[int]]]:
-        """Padding ``[top, bottom, left, right]`` of every cached activation, per pad value."""
+    def _padding(self) -> dict[str, dict[float, list[int]]]:
+        """Padding ``[top, bottom, left, right]`` of every cached activation, per pad value:
+        the halo of its conv/pool readers, none for merges and head reads."""
         pads: dict[str, dict[float, list[int]]] = {}
 
         def need(name: str, value: float, amounts: Sequence[int] = (0, 0, 0, 0)) -> None:
@@ -142,22 +125,9 @@ class IncrementalEngine:
             elif st.kind == "pointwise" and len(st.inputs) > 1:
                 for u in st.inputs:
                     need(u, 0.0)
-        for e in self.traced.entries.values():
-            need(e.source, 0.0)
-        for name in splices:
+        for name in self._runner.head_reads:
             need(name, 0.0)
         return pads
-
-    def _last_uses(self, splices: set[str]) -> dict[str, int]:
-        """Index of the last trunk step reading each region (past the end when the head does),
-        so regions are freed as soon as possible."""
-        last: dict[str, int] = {}
-        for i, st in enumerate(self.traced.steps):
-            for u in st.inputs:
-                last[u] = i
-        for name in splices | {e.source for e in self.traced.entries.values()}:
-            last[name] = len(self.traced.steps)
-        return last
 
     # ---- caches ----------------------------------------------------------------------------
 
@@ -169,7 +139,8 @@ class IncrementalEngine:
             )
         key = (grid, device)
         if key not in self._plans:
-            self._plans[key] = make_plan(self.traced.steps, self.traced.entries, grid, device)
+            t = self.traced
+            self._plans[key] = make_plan(t.steps, t.entries, self._runner.head_reads, grid, device)
         return self._plans[key]
 
     def _activations(self, x: torch.Tensor) -> _Cache:
@@ -195,7 +166,7 @@ class IncrementalEngine:
             top, _, left, _ = self._pads[name][value]
             _, h, w = self._steps[name].shape
             act[(name, value)] = Padded(torch.cat(chunks), top, left, (h, w))
-        self._cache = _Cache(key, act, {k: torch.cat(v) for k, v in bases.items()})
+        self._cache = _Cache(key, x, act, {k: torch.cat(v) for k, v in bases.items()})
         return self._cache
 
     def _store(self, name: str, env: dict[str, Any], parts: dict, bases: dict) -> None:
@@ -204,6 +175,11 @@ class IncrementalEngine:
             parts.setdefault((name, value), []).append(padded.permute(0, 2, 3, 1).contiguous())
         if name in self.traced.entries:
             bases.setdefault(name, []).append(env[name])
+
+    def clear(self) -> None:
+        """Release the cached activations (they are otherwise kept until the next images)."""
+        self._cache = None
+        self._fill_cache = None
 
     # ---- occluded batches ------------------------------------------------------------------
 
@@ -236,83 +212,41 @@ class IncrementalEngine:
             )
         cache = self._activations(x)
         plan = self._plan(grid, x.device)
-        regions = self._trunk(cache, plan, fill, img, draw, win)
-        return self._finish(cache, plan, regions, img, win)
+        fills = self._fill(fill, x)
+        # The trunk runs in chunks whose largest region stays small (cache-friendly, and below
+        # the allocator's mmap threshold, so buffers are reused rather than faulted in again);
+        # the head's tile matmul then runs once on the whole batch.
+        step = self._chunk(plan)
+        parts = [
+            self._runner.trunk(cache.act, plan, fills, *(t[i : i + step] for t in (img, draw, win)))
+            for i in range(0, img.shape[0], step)
+        ]
+        regions = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return self._runner.finish(cache.act, cache.base, plan, regions, img, win)
 
-    def _trunk(
-        self,
-        cache: _Cache,
-        plan: Plan,
-        fill: torch.Tensor,
-        img: torch.Tensor,
-        draw: torch.Tensor,
-        win: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Region ``(B, C, h, w)`` of every trunk node still needed by the head."""
-        t = self.traced
-        regions: dict[str, torch.Tensor] = {}
-        origin = {name: r.origin[win] for name, r in plan.regions.items()}  # (B, 2) each
-        for i, st in enumerate(t.steps):
-            size = plan.regions[st.name].size
-            if st.kind == "input":
-                src = cache.act[(st.name, 0.0)]
-                value = input_region(src, fill, plan.boxes[win], img, draw, origin[st.name], size)
-            elif st.kind == "window" and st.axes is not None and st.op is not None:
-                u = st.inputs[0]
-                (y, hy), (xx, wx) = (
-                    ax.crop(origin[st.name][:, j], size[j]) for j, ax in enumerate(st.axes)
-                )
-                start = torch.stack([y, xx], dim=1)
-                src = cache.act[(u, st.pad_value)]
-                value = st.op(crop(src, regions[u], origin[u], img, start, (hy, wx)))
-            else:
-                env: dict[str, Any] = dict(t.consts)
-                for u in st.inputs:
-                    if (st.name, u) in plan.crops:
-                        src = cache.act[(u, 0.0)]
-                        env[u] = crop(src, regions[u], origin[u], img, origin[st.name], size)
-                    else:
-                        env[u] = regions[u]
-                value = run_node(st.node, env, t.modules, t.gm)
-            regions[st.name] = value
-            for u in st.inputs:
-                if self._last.get(u) == i:
-                    del regions[u]
-        return regions
+    def _chunk(self, plan: Plan) -> int:
+        """Copies per trunk chunk: about ``_CHUNK_BYTES`` for the largest region or crop."""
+        largest = 1
+        for st in self.traced.steps:
+            h, w = plan.regions[st.name].size
+            halo = sum(ax.extent for ax in st.axes) if st.axes is not None else 0
+            largest = max(
+                largest,
+                st.shape[0] * h * w,
+                self._steps[st.inputs[0]].shape[0] * (h + halo) * (w + halo) if st.inputs else 0,
+            )
+        return max(1, _CHUNK_BYTES // (4 * largest))
 
-    def _finish(
-        self,
-        cache: _Cache,
-        plan: Plan,
-        regions: dict[str, torch.Tensor],
-        img: torch.Tensor,
-        win: torch.Tensor,
-    ) -> torch.Tensor:
-        """Head outputs: incremental entries, then the remaining head ops on full tensors."""
-        t = self.traced
-        env: dict[str, Any] = dict(t.consts)
-        for e in t.entries.values():
-            reg, org = regions[e.source], plan.regions[e.source].origin[win]
-            old = crop(cache.act[(e.source, 0.0)], None, None, img, org, tuple(reg.shape[2:]))
-            base = cache.base[e.name][img]
-            if e.kind == "gap":
-                _, h, w = self._steps[e.source].shape
-                change = (reg.sum(dim=(2, 3)) - old.sum(dim=(2, 3))) / (h * w)  # (B, C)
-                env[e.name] = base + change.reshape(base.shape)
-            else:
-                tl = plan.tiles[e.name]
-                delta = (reg - old).contiguous(memory_format=torch.channels_last)
-                env[e.name] = base + linear_update(
-                    delta, tl.offset[win], tl.first[win], tl.weight, tl.tile, tl.blocks,
-                    tl.n_tiles_x,
-                )  # fmt: skip
-        for name in self._pads:
-            if name in regions and self._last.get(name) == len(t.steps) and name not in env:
-                org = plan.regions[name].origin[win]
-                env[name] = splice(cache.act[(name, 0.0)], regions[name], org, img)
-        for node in self._head:
-            env[node.name] = run_node(node, env, t.modules, t.gm)
-        return fx.node.map_arg(self._output.args[0], lambda n: env[n.name])  # type: ignore[return-value]
+    def _fill(self, fill: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``(N, K, C)`` colour fills, or ``(N, K, H, W, C)`` per-pixel fills (cached per
+        tensor: the kernel passes the same one for every batch)."""
+        if fill.shape[-1] == 1 and fill.shape[-2] == 1:
+            return fill[..., 0, 0]
+        key = _tensor_key(fill)
+        if self._fill_cache is None or self._fill_cache[0] != key:
+            full = fill.expand(*fill.shape[:3], *x.shape[2:])
+            self._fill_cache = (key, fill, full.permute(0, 1, 3, 4, 2).contiguous())
+        return self._fill_cache[2]
 
 
 def auto_engine(

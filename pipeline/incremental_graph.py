@@ -239,7 +239,12 @@ def _local_step(
         axes, pad_value, op = win
         return Step(node.name, "window", node, _chw(val), (sp[0],), axes, pad_value, op)
     problem = pointwise_problem(node, modules, values, consts)
-    if problem is None and len(deps) == len(sp):
+    if problem is None and len(deps) != len(sp):
+        return (
+            f"{describe(node, modules)} combines a spatial tensor with a value computed from the "
+            "whole image (e.g. squeeze-excitation gating), which is not local"
+        )
+    if problem is None:
         shapes = {tuple(values[s].shape[2:]) for s in sp}
         if not _is_spatial(val) or shapes != {tuple(val.shape[2:])}:
             return (

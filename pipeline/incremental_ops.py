@@ -1,9 +1,10 @@
 """Batched tensor primitives of incremental inference: cut crops, splice regions, update heads.
 
 Activations are cached channels-last (``(N, H, W, C)``, padded per consumer) so that one
-advanced-indexing gather cuts a crop for every copy of a batch at once, whatever its position:
-no Python loop runs per copy. A *region* is the recomputed part of one activation for each copy:
-a ``(B, C, h, w)`` tensor (one ``(h, w)`` per node, the largest changed box of any window) at a
+``index_select`` of pixel rows cuts a crop for every copy of a batch at once, whatever its
+position, and one ``index_copy_`` writes every copy's region into its crop: no Python loop runs
+per copy. A *region* is the recomputed part of one activation for each copy: a
+``(B, C, h, w)`` tensor (one ``(h, w)`` per node, the largest changed box of any window) at a
 per-copy origin ``(B, 2)``; outside it the activation equals the cached unoccluded one.
 """
 
@@ -15,7 +16,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["Padded", "crop", "input_region", "linear_update", "run_node", "splice"]
+__all__ = [
+    "Padded",
+    "gather_crop",
+    "input_region",
+    "linear_update",
+    "merge",
+    "run_node",
+    "slice_max_pool",
+    "splice",
+]
 
 
 @dataclass(frozen=True)
@@ -63,47 +73,70 @@ def _attr(gm: nn.Module, target: str) -> Any:
     return obj
 
 
-def _gather(src: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
-    """``src[idx, rows, cols]`` per copy: ``(M, Hs, Ws, C)``, ``(B,)``, ``(B, h)``, ``(B, w)``
-    -> ``(B, h, w, C)``."""
-    return src[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+def gather_crop(
+    cache: Padded, img: torch.Tensor, start: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Cached values of each copy's image over ``[start, start + size)``.
+
+    Args:
+        cache: the padded activations.
+        img: ``(B,)`` image of each copy.
+        start: ``(B, 2)`` top-left of each crop (``>= -padding``).
+        size: ``(h, w)``.
+
+    Returns:
+        ``(B, h, w, C)`` contiguous.
+    """
+    h, w = size
+    n, hp, wp, c = cache.data.shape
+    # Every pixel starts a row of w * C contiguous floats, so one index_select (a memcpy per
+    # crop row) cuts all crops; advanced indexing over (B, h, w) is several times slower.
+    rows = cache.data.as_strided((n * hp * wp - w + 1, w * c), (c, 1))
+    y = img * hp + start[:, 0] + cache.top  # (B,)
+    first = (y[:, None] + torch.arange(h, device=img.device)) * wp + start[:, 1:] + cache.left
+    return rows.index_select(0, first.reshape(-1)).view(-1, h, w, c)
 
 
-def crop(
+def _flat_pixels(rows: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, h, w)`` index of pixel ``(rows[b, i], cols[b, j])`` of copy ``b`` in a
+    ``(B, height, width)`` grid flattened copy-major; ``rows`` ``(B, h)``, ``cols`` ``(B, w)``
+    (absolute row ``b * height + y`` already folded into ``rows``)."""
+    return rows[:, :, None] * width + cols[:, None, :]
+
+
+def merge(
     cache: Padded,
-    region: torch.Tensor | None,
-    region_origin: torch.Tensor | None,
+    region: torch.Tensor,
+    region_origin: torch.Tensor,
     img: torch.Tensor,
     start: torch.Tensor,
     size: tuple[int, int],
 ) -> torch.Tensor:
-    """The occluded activation of each copy over ``[start, start + size)``.
+    """The occluded activation of each copy over a crop: the cache, with the region written in.
 
     Args:
-        cache: the unoccluded activation of every image.
-        region: ``(B, C, hr, wr)`` recomputed values of each copy, or None for the cached ones.
-        region_origin: ``(B, 2)`` top-left of ``region`` (activation pixels).
+        cache: unoccluded activations.
+        region: ``(B, C, hr, wr)`` recomputed values of each copy.
+        region_origin: ``(B, 2)`` top-left of each copy's region.
         img: ``(B,)`` image of each copy.
-        start: ``(B, 2)`` top-left of the crop; may reach into the padding.
-        size: ``(h, w)`` of the crop.
+        start: ``(B, 2)`` top-left of each crop (may reach into the padding); ``size``: ``(h, w)``.
 
     Returns:
-        ``(B, C, h, w)`` (channels-last memory): the region where it overlaps the crop, the
-        cache elsewhere.
+        ``(B, C, h, w)`` in channels-last memory.
     """
+    b, c, hr, wr = region.shape
     h, w = size
-    ar_h = torch.arange(h, device=start.device)
-    ar_w = torch.arange(w, device=start.device)
-    ys, xs = start[:, :1] + ar_h, start[:, 1:] + ar_w  # (B, h), (B, w)
-    out = _gather(cache.data, img, ys + cache.top, xs + cache.left)  # (B, h, w, C)
-    if region is not None and region_origin is not None:
-        hr, wr = region.shape[2:]
-        ry, rx = ys - region_origin[:, :1], xs - region_origin[:, 1:]
-        inside = ((ry >= 0) & (ry < hr))[:, :, None] & ((rx >= 0) & (rx < wr))[:, None, :]
-        copies = torch.arange(region.shape[0], device=start.device)
-        new = _gather(region.permute(0, 2, 3, 1), copies, ry.clamp(0, hr - 1), rx.clamp(0, wr - 1))
-        out = torch.where(inside[..., None], new, out)
-    return out.permute(0, 3, 1, 2)
+    dev = img.device
+    out = torch.empty((b * h * w + 1, c), dtype=region.dtype, device=dev)
+    crop = gather_crop(cache, img, start, size).view(-1, c).to(region.dtype)
+    out[:-1] = crop  # (B * h * w, C); the last row takes region pixels outside the crop
+    ys = region_origin[:, :1] + torch.arange(hr, device=dev) - start[:, :1]  # (B, hr) in crop
+    xs = region_origin[:, 1:] + torch.arange(wr, device=dev) - start[:, 1:]  # (B, wr)
+    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
+    copies = torch.arange(b, device=dev)[:, None]
+    dst = _flat_pixels(copies * h + ys, xs, w).masked_fill_(~inside, b * h * w)
+    out.index_copy_(0, dst.view(-1), region.permute(0, 2, 3, 1).reshape(-1, c))
+    return out[:-1].view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def splice(
@@ -111,17 +144,7 @@ def splice(
 ) -> torch.Tensor:
     """The full occluded activation ``(B, C, H, W)``: the cache of each copy's image with its
     region written in (for head ops that need the whole map)."""
-    h, w = cache.size
-    full = cache.data[:, cache.top : cache.top + h, cache.left : cache.left + w][img]  # (B,H,W,C)
-    hr, wr = region.shape[2:]
-    dev = img.device
-    ys = region_origin[:, :1] + torch.arange(hr, device=dev)  # (B, hr)
-    xs = region_origin[:, 1:] + torch.arange(wr, device=dev)  # (B, wr)
-    copies = torch.arange(img.shape[0], device=dev)
-    full[copies[:, None, None], ys[:, :, None], xs[:, None, :]] = region.permute(0, 2, 3, 1).to(
-        full.dtype
-    )
-    return full.permute(0, 3, 1, 2)
+    return merge(cache, region, region_origin, img, torch.zeros_like(region_origin), cache.size)
 
 
 def input_region(
@@ -136,11 +159,12 @@ def input_region(
     """Occluded pixels of each copy over its input region.
 
     Args:
-        cache: the unoccluded images (``pad`` 0 entry of the input).
-        fill: ``(N, K, C, 1|H, 1|W)`` baseline fill.
+        cache: the unoccluded images, zero-padded.
+        fill: ``(N, K, C)`` colour fills or ``(N, K, H, W, C)`` per-pixel fills.
         boxes: ``(B, 6)`` window ``[c0, c1, y0, y1, x0, x1]`` of each copy.
         img, draw: ``(B,)`` image and draw of each copy.
-        origin: ``(B, 2)`` top-left of the region; ``size``: its ``(h, w)``.
+        origin: ``(B, 2)`` top-left of the region (may reach into the padding, which stays 0);
+            ``size``: its ``(h, w)``.
 
     Returns:
         ``(B, C, h, w)``: ``fill[img, draw]`` inside the window, the image elsewhere (the same
@@ -148,21 +172,50 @@ def input_region(
     """
     h, w = size
     dev = img.device
+    pix = gather_crop(cache, img, origin, size)  # (B, h, w, C)
     ys = origin[:, :1] + torch.arange(h, device=dev)  # (B, h)
     xs = origin[:, 1:] + torch.arange(w, device=dev)  # (B, w)
-    pix = _gather(cache.data, img, ys + cache.top, xs + cache.left)  # (B, h, w, C)
-    if fill.shape[-1] == 1 and fill.shape[-2] == 1:
-        f = fill[img, draw, :, 0, 0][:, None, None, :]  # (B, 1, 1, C)
-    else:
-        f = fill.permute(0, 1, 3, 4, 2)[img[:, None, None], draw[:, None, None], ys[:, :, None],
-                                        xs[:, None, :]]  # (B, h, w, C) # fmt: skip
+    if fill.dim() == 3:
+        f = fill[img, draw][:, None, None, :]  # (B, 1, 1, C)
+    else:  # padding positions are never inside a window: clamp them to any valid pixel
+        yc, xc = ys.clamp(0, fill.shape[2] - 1), xs.clamp(0, fill.shape[3] - 1)
+        f = fill[img[:, None, None], draw[:, None, None], yc[:, :, None], xc[:, None, :]]
     chan = torch.arange(pix.shape[-1], device=dev)
     mask = (
-        ((ys >= boxes[:, 2:3]) & (ys < boxes[:, 3:4]))[:, :, None, None]
-        & ((xs >= boxes[:, 4:5]) & (xs < boxes[:, 5:6]))[:, None, :, None]
-        & ((chan >= boxes[:, 0:1]) & (chan < boxes[:, 1:2]))[:, None, None, :]
-    )  # (B, h, w, C)
+        ((ys >= boxes[:, 2:3]) & (ys < boxes[:, 3:4]))[:, :, None]
+        & ((xs >= boxes[:, 4:5]) & (xs < boxes[:, 5:6]))[:, None, :]
+    )[..., None] & ((chan >= boxes[:, 0:1]) & (chan < boxes[:, 1:2]))[:, None, None, :]
     return torch.where(mask, f, pix).permute(0, 3, 1, 2)
+
+
+def slice_max_pool(
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> torch.Tensor:
+    """Max pooling without padding as a running ``torch.maximum`` over strided slices.
+
+    Equal to ``F.max_pool2d`` (a max is exact in any order), but the CPU kernel of
+    ``max_pool2d`` also writes int64 argmax indices, several times the traffic of the output.
+
+    Args:
+        x: ``(B, C, h, w)``.
+
+    Returns:
+        ``(B, C, (h - ext_h) // s_h + 1, (w - ext_w) // s_w + 1)``.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    ho = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    parts = [
+        x[:, :, i * dh : i * dh + (ho - 1) * sh + 1 : sh, j * dw : j * dw + (wo - 1) * sw + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    if len(parts) == 1:
+        return parts[0].clone()
+    out = torch.maximum(parts[0], parts[1])
+    for part in parts[2:]:
+        torch.maximum(out, part, out=out)
+    return out
 
 
 def linear_update(
@@ -177,42 +230,44 @@ def linear_update(
     """``W @ flatten(a_new - a_old)`` of each copy, multiplying only the changed features.
 
     The activation is cut into ``tile``-sized tiles; each copy's change lies in a block of
-    ``blocks`` tiles, and the products are grouped by tile so that every tile's weights are
-    multiplied once per batch (a compute-bound matmul instead of one matrix-vector product per
-    copy).
+    ``blocks`` tiles. Products are grouped by tile into one batched matmul (zero-padded to the
+    busiest tile), so each tile's weights are read once per batch instead of once per copy;
+    one ``index_copy_`` scatters the changes straight into that matmul's input.
 
     Args:
-        delta: ``(B, C, hr, wr)`` change of the region of each copy.
+        delta: ``(B, hr, wr, C)`` change of the region of each copy (channels-last).
         offset: ``(B, 2)`` region origin relative to the first pixel of its block.
         first: ``(B, 2)`` tile index (row, col) of each copy's block.
-        weight: ``(tiles, C * ty * tx, O)`` the Linear's weights, tile by tile.
+        weight: ``(tiles, ty * tx * C, O)`` the Linear's weights, tile by tile.
         tile: ``(ty, tx)`` in activation pixels; ``blocks``: ``(nby, nbx)`` tiles per copy.
         n_tiles_x: tiles per row of the activation.
 
     Returns:
         ``(B, O)`` change of the Linear's output.
     """
-    b, c, hr, wr = delta.shape
+    b, hr, wr, c = delta.shape
     (ty, tx), (nby, nbx) = tile, blocks
     dev = delta.device
-    block = delta.new_zeros((b, nby * ty, nbx * tx, c))
-    ys = offset[:, :1] + torch.arange(hr, device=dev)  # (B, hr)
-    xs = offset[:, 1:] + torch.arange(wr, device=dev)  # (B, wr)
-    copies = torch.arange(b, device=dev)
-    block[copies[:, None, None], ys[:, :, None], xs[:, None, :]] = delta.permute(0, 2, 3, 1)
-    pieces = block.view(b, nby, ty, nbx, tx, c).permute(0, 1, 3, 5, 2, 4).reshape(-1, c * ty * tx)
     rows = first[:, :1] + torch.arange(nby, device=dev)  # (B, nby)
     cols = first[:, 1:] + torch.arange(nbx, device=dev)  # (B, nbx)
-    tid = (rows[:, :, None] * n_tiles_x + cols[:, None, :]).reshape(-1)  # (B * nby * nbx,)
+    tid = (rows[:, :, None] * n_tiles_x + cols[:, None, :]).reshape(-1)  # (M,) copy-major pairs
+    lo, hi = int(tid.min()), int(tid.max()) + 1  # a contiguous range: a view of the weights
+    tid = tid - lo
     order = torch.argsort(tid, stable=True)
-    counts = torch.bincount(tid, minlength=weight.shape[0]).tolist()
-    sorted_pieces = pieces[order]  # (M, C * ty * tx), grouped by tile
-    out = delta.new_empty((sorted_pieces.shape[0], weight.shape[2]))
-    start = 0
-    # One matmul per tile present in the batch (at most tiles, not copies).
-    for t, n in enumerate(counts):
-        if n:
-            torch.mm(sorted_pieces[start : start + n], weight[t], out=out[start : start + n])
-            start += n
-    owner = copies.repeat_interleave(nby * nbx)[order]  # (M,) copy of each product
-    return delta.new_zeros((b, weight.shape[2])).index_add_(0, owner, out)
+    counts = torch.bincount(tid, minlength=hi - lo)
+    depth = int(counts.max())
+    rank = torch.arange(tid.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[tid[order]]
+    slot = torch.empty_like(tid)
+    slot[order] = tid[order] * depth + rank  # (M,) matmul row of each (copy, tile) pair
+    # pixel (i, j) of a region lies at block pixel (offset + (i, j)): tile and place in tile
+    ys = offset[:, :1] + torch.arange(hr, device=dev)  # (B, hr)
+    xs = offset[:, 1:] + torch.arange(wr, device=dev)  # (B, wr)
+    copies = torch.arange(b, device=dev)[:, None]
+    pair = (copies * nby + ys // ty)[:, :, None] * nbx + (xs // tx)[:, None, :]  # (B, hr, wr)
+    within = ((ys % ty) * tx)[:, :, None] + (xs % tx)[:, None, :]
+    dst = slot[pair] * (ty * tx) + within  # (B, hr, wr) pixel row of the padded matmul input
+    padded = delta.new_zeros(((hi - lo) * depth * ty * tx, c))
+    padded.index_copy_(0, dst.view(-1), delta.reshape(-1, c))
+    out = torch.bmm(padded.view(hi - lo, depth, -1), weight[lo:hi])  # (tiles, depth, O)
+    per_pair = out.view((hi - lo) * depth, -1).index_select(0, slot)  # (M, O)
+    return per_pair.view(b, nby * nbx, -1).sum(dim=1)

@@ -5,6 +5,12 @@ For every window the changed box is propagated through the trunk (a conv/pool ma
 branches takes the union). Each activation then gets one region size, the largest changed box
 of any window, so that all copies of a batch run through a layer in ONE call; a region is
 shifted inwards at the border (same size, still inside the map) rather than clipped.
+
+When a conv/pool is the only reader of its input and its crop (region plus halo) is not much
+larger than the input's region, the input's region is grown to exactly that crop ("cover"): the
+layer then reads the region as is, with no gather from the cache. This pays off after a conv
+feeding a pool (the pool's crop is the conv's region rounded to the pool grid); elsewhere the
+crop is cut from the cache and the region written into it ("merge").
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from pipeline.incremental_graph import Entry, Step
 
 __all__ = ["Plan", "Region", "Tiles", "make_plan"]
 
-_MIN_TILE_FEATURES = 256  # features per tile: keeps each tile's matmul compute-bound
+_MIN_TILE_FEATURES = 576  # features per tile: keeps each tile's matmul compute-bound
+_COVER_GROWTH = 1.35  # largest area growth of a region to save a merge (a gather + a write)
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,8 @@ class Region:
 
     Attributes:
         size: ``(h, w)``, the same for all windows.
-        origin: ``(P, 2)`` int64 top-left per window, inside the activation.
+        origin: ``(P, 2)`` int64 top-left per window; inside the activation, except the input
+            region, which may reach into the zero padding of the first layer.
     """
 
     size: tuple[int, int]
@@ -45,7 +53,8 @@ class Tiles:
         n_tiles_x: tiles per row of the activation.
         first: ``(P, 2)`` first tile (row, col) of each window's block.
         offset: ``(P, 2)`` region origin relative to its block, in pixels.
-        weight: ``(tiles, C * ty * tx, O)`` the Linear's weights tile by tile (zero-padded).
+        weight: ``(tiles, ty * tx * C, O)`` the Linear's weights tile by tile, channels last
+            within a tile (zero-padded past the edge).
     """
 
     tile: tuple[int, int]
@@ -63,14 +72,17 @@ class Plan:
     Attributes:
         boxes: ``(P, 6)`` window boxes ``[c0, c1, y0, y1, x0, x1]``.
         regions: region of every trunk node.
-        crops: ``(step, input)`` pairs of element-wise steps whose input region differs from
-            theirs (the input is cropped to the step's region first).
+        covered: ``(step, input)`` edges where the input's region is exactly the step's crop.
+        merges: ``(step, input)`` edges where the crop is cut from the cache and the input's
+            region written in (window steps not covered; element-wise steps whose input
+            region differs from theirs).
         tiles: tiling of every ``"linear"`` entry.
     """
 
     boxes: torch.Tensor
     regions: dict[str, Region]
-    crops: frozenset[tuple[str, str]]
+    covered: frozenset[tuple[str, str]]
+    merges: frozenset[tuple[str, str]]
     tiles: dict[str, Tiles]
 
 
@@ -112,19 +124,28 @@ def _axis_tiling(origin: torch.Tensor, n: int, dim: int, t: int) -> tuple[int, i
     return blocks, total, torch.minimum(origin // t, torch.full_like(origin, total - blocks))
 
 
+def _padded_cost(origin: torch.Tensor, n: int, dim: int, t: int) -> int:
+    """Rows of the padded tile matmul along one axis when every window position occurs once:
+    tiles x the busiest tile's count x tile size (windows form a grid, so the 2-D cost is the
+    product of the two axes')."""
+    rows = torch.unique(origin)
+    blocks, total, first = _axis_tiling(rows, n, dim, t)
+    hits = torch.bincount((first[:, None] + torch.arange(blocks)).reshape(-1), minlength=total)
+    return total * int(hits.max()) * t
+
+
 def _tiles(entry: Entry, step: Step, region: Region, device: torch.device) -> Tiles:
-    """Pick the tile size that multiplies the fewest weights per copy (with at least
+    """Pick the tile size with the cheapest padded tile matmul (at least
     ``_MIN_TILE_FEATURES`` features per tile), and lay the weights out tile by tile."""
     c, h, w = step.shape
     (hb, wb), org = region.size, region.origin
-    span_y = {t: _axis_tiling(org[:, 0], hb, h, t)[0] * t for t in range(1, h + 1)}
-    span_x = {t: _axis_tiling(org[:, 1], wb, w, t)[0] * t for t in range(1, w + 1)}
+    cost_y = {t: _padded_cost(org[:, 0], hb, h, t) for t in range(1, h + 1)}
+    cost_x = {t: _padded_cost(org[:, 1], wb, w, t) for t in range(1, w + 1)}
     floor = min(_MIN_TILE_FEATURES, c * h * w)
-    # fewest weights multiplied per copy, then the largest tiles (fewest matmuls)
     _, _, ty, tx = min(
-        (span_y[ty] * span_x[tx], -ty * tx, ty, tx)
-        for ty in span_y
-        for tx in span_x
+        (cost_y[ty] * cost_x[tx], -ty * tx, ty, tx)  # then the largest tiles (fewest matmuls)
+        for ty in cost_y
+        for tx in cost_x
         if c * ty * tx >= floor
     )
     nby, total_y, fy = _axis_tiling(org[:, 0], hb, h, ty)
@@ -133,7 +154,7 @@ def _tiles(entry: Entry, step: Step, region: Region, device: torch.device) -> Ti
     assert lin is not None
     wt = lin.weight.detach().reshape(-1, c, h, w)  # (O, C, H, W), flatten order
     wt = torch.nn.functional.pad(wt, (0, total_x * tx - w, 0, total_y * ty - h))
-    wt = wt.reshape(-1, c, total_y, ty, total_x, tx).permute(2, 4, 1, 3, 5, 0)
+    wt = wt.reshape(-1, c, total_y, ty, total_x, tx).permute(2, 4, 3, 5, 1, 0)
     first = torch.stack([fy, fx], dim=1)
     return Tiles(
         tile=(ty, tx),
@@ -141,25 +162,85 @@ def _tiles(entry: Entry, step: Step, region: Region, device: torch.device) -> Ti
         n_tiles_x=total_x,
         first=first.to(device),
         offset=(org - first * torch.tensor([ty, tx])).to(device),
-        weight=wt.reshape(total_y * total_x, c * ty * tx, -1).contiguous().to(device),
+        weight=wt.reshape(total_y * total_x, ty * tx * c, -1).contiguous().to(device),
     )
 
 
+def _crop_box(st: Step, region: Region) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(P, 2)`` start and ``(h, w)`` of the input crop a window step reads for its region."""
+    assert st.axes is not None
+    parts = [ax.crop(region.origin[:, j], region.size[j]) for j, ax in enumerate(st.axes)]
+    return torch.stack([parts[0][0], parts[1][0]], dim=1), (parts[0][1], parts[1][1])
+
+
+def _regions(
+    steps: list[Step], boxes: dict[str, torch.Tensor], readers: dict[str, int]
+) -> tuple[dict[str, Region], set[tuple[str, str]]]:
+    """Regions of all trunk nodes, growing single-reader inputs to their reader's crop where
+    that is cheap (see the module docstring); also returns the covered edges."""
+    by_name = {st.name: st for st in steps}
+    regions: dict[str, Region] = {}
+    covered: set[tuple[str, str]] = set()
+    for st in reversed(steps):  # readers first: a region may be grown by its reader
+        regions.setdefault(st.name, _region(boxes[st.name], st.shape))
+        if st.kind != "window" or readers[st.inputs[0]] != 1:
+            continue
+        u = by_name[st.inputs[0]]
+        start, size = _crop_box(st, regions[st.name])
+        inside = bool((start >= 0).all()) and all(
+            int(start[:, j].max()) + size[j] <= u.shape[j + 1] for j in range(2)
+        )
+        default = _region(boxes[u.name], u.shape).size
+        cheap = size[0] * size[1] <= _COVER_GROWTH * default[0] * default[1]
+        # The input region is built by a gather anyway: covering saves the merge even when it
+        # reaches into the first layer's zero padding.
+        if (u.kind == "input" and st.pad_value == 0.0) or (inside and cheap):
+            regions[u.name] = Region(size, start)
+            covered.add((st.name, u.name))
+            while (
+                inside
+                and u.kind == "pointwise"
+                and len(u.inputs) == 1
+                and readers[u.inputs[0]] == 1
+            ):
+                u = by_name[u.inputs[0]]
+                regions[u.name] = Region(size, start)  # element-wise: same region as reader
+    return regions, covered
+
+
 def make_plan(
-    steps: list[Step], entries: dict[str, Entry], grid: WindowGrid, device: torch.device
+    steps: list[Step],
+    entries: dict[str, Entry],
+    head_reads: set[str],
+    grid: WindowGrid,
+    device: torch.device,
 ) -> Plan:
-    """Regions, crops and head tilings of every node for the windows of ``grid``."""
-    boxes = _changed_boxes(steps, grid)
-    regions = {st.name: _region(boxes[st.name], st.shape) for st in steps}
-    crops = set()
+    """Regions, crops and head tilings of every node for the windows of ``grid``.
+
+    Args:
+        steps: the trunk, in order.
+        entries: incrementally updated head nodes.
+        head_reads: spatial nodes the head reads (entry sources and spliced nodes).
+        grid: the windows.
+        device: where the plan's index tensors live.
+    """
+    readers = {st.name: int(st.name in head_reads) for st in steps}
     for st in steps:
-        if st.kind == "pointwise":
-            for u in st.inputs:
-                same = regions[u].size == regions[st.name].size and torch.equal(
-                    regions[u].origin, regions[st.name].origin
+        for u in st.inputs:
+            readers[u] += 1
+    boxes = _changed_boxes(steps, grid)
+    regions, covered = _regions(steps, boxes, readers)
+    merges = set()
+    for st in steps:
+        for u in st.inputs:
+            if (st.kind == "window" and (st.name, u) not in covered) or (
+                st.kind == "pointwise"
+                and (
+                    regions[u].size != regions[st.name].size
+                    or not torch.equal(regions[u].origin, regions[st.name].origin)
                 )
-                if not same:
-                    crops.add((st.name, u))
+            ):
+                merges.add((st.name, u))
     by_name = {st.name: st for st in steps}
     tiles = {
         e.name: _tiles(e, by_name[e.source], regions[e.source], device)
@@ -169,6 +250,7 @@ def make_plan(
     return Plan(
         boxes=grid.boxes().to(device),
         regions={k: Region(r.size, r.origin.to(device)) for k, r in regions.items()},
-        crops=frozenset(crops),
+        covered=frozenset(covered),
+        merges=frozenset(merges),
         tiles=tiles,
     )

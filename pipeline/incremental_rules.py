@@ -12,12 +12,15 @@ import builtins
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _pair
+
+from pipeline.incremental_ops import slice_max_pool
 
 __all__ = ["Axis", "describe", "entry_kind", "is_meta", "pointwise_problem", "window_op"]
 
@@ -174,6 +177,23 @@ def _pool_module(node: fx.Node) -> nn.Module | None:
     return kinds[node.target](**kw)
 
 
+def _conv_axes(m: nn.Conv2d) -> tuple[Axis, Axis]:
+    """Window geometry of a conv; ``padding="same"`` puts the smaller half first, as torch."""
+    k, s, d = m.kernel_size, m.stride, m.dilation
+    if m.padding == "valid":
+        pads: Any = (0, 0)
+    elif m.padding == "same":
+        pads = tuple(d[i] * (k[i] - 1) // 2 for i in range(2))
+    else:
+        pads = m.padding
+    return (Axis(k[0], s[0], pads[0], d[0]), Axis(k[1], s[1], pads[1], d[1]))
+
+
+def _conv_crop(m: nn.Conv2d, crop: torch.Tensor) -> torch.Tensor:
+    """The conv on a crop that already holds its zero padding."""
+    return F.conv2d(crop, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+
+
 def window_op(
     node: fx.Node, modules: dict[str, nn.Module], values: dict[str, Any]
 ) -> tuple[tuple[Axis, Axis], float, Callable[[torch.Tensor], torch.Tensor]] | str | None:
@@ -189,15 +209,7 @@ def window_op(
     if type(m) is nn.Conv2d:
         if m.padding_mode != "zeros":
             return f"{what} pads with {m.padding_mode!r}; only zero padding is supported"
-        pads = m.padding
-        if isinstance(pads, str):  # "valid" or "same" (left gets the smaller half)
-            pads = (0, 0) if pads == "valid" else tuple(d * (k - 1) // 2 for d, k in
-                                                        zip(m.dilation, m.kernel_size, strict=True))  # fmt: skip
-        axes = tuple(
-            Axis(k, s, p, d) for k, s, p, d in zip(m.kernel_size, m.stride, pads, m.dilation, strict=True)
-        )  # fmt: skip
-        conv = m
-        return axes, 0.0, lambda t: F.conv2d(t, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)  # type: ignore[return-value] # fmt: skip
+        return _conv_axes(m), 0.0, partial(_conv_crop, m)
     if type(m) is nn.MaxPool2d:
         if m.return_indices:
             return f"{what} returns indices"
@@ -205,12 +217,16 @@ def window_op(
             _pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation)
         )
         axes = (Axis(k[0], s[0], p[0], d[0]), Axis(k[1], s[1], p[1], d[1]))
-        return axes, float("-inf"), lambda t: F.max_pool2d(t, k, s, 0, d)
+        return axes, float("-inf"), lambda t: slice_max_pool(t, k, s, d)
     if type(m) is nn.AvgPool2d:
         k, s, p = (_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
         axes = (Axis(k[0], s[0], p[0]), Axis(k[1], s[1], p[1]))
-        overhang = any((n - 1) * a.stride - a.pad + a.kernel > size + a.pad for a, n, size in
-                       zip(axes, out.shape[2:], src.shape[2:], strict=True))  # fmt: skip
+        ends = [
+            (n - 1) * a.stride - a.pad + a.kernel for a, n in zip(axes, out.shape[2:], strict=True)
+        ]
+        overhang = any(
+            e > size + a.pad for e, a, size in zip(ends, axes, src.shape[2:], strict=True)
+        )
         if m.divisor_override is None and (overhang or (max(p) > 0 and not m.count_include_pad)):
             return f"{what} divides border windows by their clipped size; not supported"
         div = m.divisor_override
@@ -222,7 +238,7 @@ def window_op(
         k = (h // oh, w // ow)
         axes = (Axis(k[0], k[0], 0), Axis(k[1], k[1], 0))
         if type(m) is nn.AdaptiveMaxPool2d:
-            return axes, float("-inf"), lambda t: F.max_pool2d(t, k, k)
+            return axes, float("-inf"), lambda t: slice_max_pool(t, k, k, (1, 1))
         return axes, 0.0, lambda t: F.avg_pool2d(t, k, k)
     return None
 

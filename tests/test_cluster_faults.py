@@ -7,8 +7,9 @@ one GPU actor on each worker node. Removing a node kills its raylet and workers 
 What must hold: the run still ends with every image stored exactly once and ``ok``, and the shard
 that was on the lost node is recorded as retried. The lost actor has ``max_restarts=-1``, but with
 ``num_gpus=1`` and the only GPU left held by the surviving actor, Ray cannot place it again: it
-stays ``RESTARTING`` (calls to it fail at once with ``ActorUnavailableError``) until a node with a
-free GPU joins. Its shards must go to the actor that is still alive.
+stays ``RESTARTING`` until a node with a free GPU joins, and every call to it fails within about a
+second with ``ActorUnavailableError`` rather than waiting. Its shards must go to the actor that is
+still alive, and a retry must not be spent on the actor that cannot run it.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def _config(root: Path, out: Path):
             "actors": "auto",
             "gpus_per_actor": 1,
             "shard_size": SHARD,
-            "max_retries": 3,
+            # One lost node costs each shard on it one retry, if retries go to actors that can
+            # run them; a retry spent on the unreachable actor is a retry wasted.
+            "max_retries": 1,
         },
     )
     return load_config(cfg)
@@ -91,22 +94,22 @@ def _lose_a_node_mid_run(cluster: Cluster, workers: list, run_dir: Path, cfg, re
     return audit.join(timeout=180)
 
 
-def _check_complete(run_dir: Path, res, workers: list) -> dict:
+def _check_complete(run_dir: Path, res, workers: list) -> None:
     facts = json.loads((run_dir / "run.json").read_text())
     # the pool: one GPU actor on each worker node (node ids from inside the actors)
     assert facts["pool"]["actors"] == 2 and facts["pool"]["num_gpus"] == 1.0
-    placed = sorted(a.get("node_id") or "" for a in facts["actors"])
+    assert all(a.get("node_id") for a in facts["actors"]), "run.json actors lack the Ray node id"
+    placed = sorted(a["node_id"] for a in facts["actors"])
     assert placed == sorted(w.node_id for w in workers), facts["actors"]
     # every image exactly once, all computed: the lost shard was redone on a live actor
     maps = read_maps(run_dir, columns=["image_id", "status", "error", "shard"])
     assert sorted(maps["image_id"]) == [f"img{i:03d}" for i in range(N_IMAGES)]
     assert len(shard_files(run_dir)) == N_SHARDS
     failed = maps[maps["status"] != "ok"]
-    assert failed.empty, failed[["image_id", "error"]].to_string()
+    retried = facts["retried_shards"]
+    assert failed.empty, f"retried {retried}\n" + failed[["image_id", "error"]].to_string()
     assert (res.ok, res.errors, res.exit_code) == (N_IMAGES, 0, 0)
-    assert facts["retried_shards"], "the shard on the lost node was not recorded as retried"
-    assert all(0 < n <= 3 for n in facts["retried_shards"].values()), facts["retried_shards"]
-    return facts
+    assert retried, "the shard on the lost node was not recorded as retried"
 
 
 def test_a_lost_node_whose_actor_cannot_be_placed_again(gpu_cluster, image_set, tmp_path):
