@@ -127,6 +127,7 @@ def run_facts(
         "retried_shards": outcome.get("retried_shards", {}),
         "pool": outcome.get("pool"),
         "actors": outcome.get("actors", []),
+        "actor_restarts": outcome.get("actor_restarts", []),
         "failures": result.failures,
         "shard_spec": asdict(shard_spec(cfg)),
         "started_at": _iso(t0),

@@ -11,26 +11,23 @@ image ids equal the manifest's, exactly once.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import AuditConfig
+from pipeline.dispatch import dispatch
 from pipeline.manifest import read_manifest, records
 from pipeline.plan import model_spec, run_facts, shard_spec
 from pipeline.plan import run_dir as plan_run_dir
 from pipeline.progress import Progress
-from pipeline.shard import error_table
 from pipeline.store import (
     RunLock,
     complete_shards,
     maps_dir,
-    shard_path,
     verify_exactly_once,
     write_json,
-    write_shard,
 )
 
 __all__ = ["RunResult", "run_audit"]
@@ -60,7 +57,9 @@ def _connect(address: str) -> bool:
         return False
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     if address == "local":
-        ray.init(include_dashboard=False, **kwargs)
+        # address="local" always starts a new Ray; without it ray.init joins whatever
+        # RAY_ADDRESS or a stale /tmp/ray/ray_current_cluster points to.
+        ray.init(address="local", include_dashboard=False, **kwargs)
     else:
         ray.init(address=address, **kwargs)
     return True
@@ -179,66 +178,43 @@ def _dispatch(
     run_dir: Path,
     show: bool,
 ) -> dict[str, Any]:
-    """Run every shard not in ``done`` on an actor pool; return per-actor and per-shard facts."""
+    """Start the actor pool, run every shard not in ``done``, stop the pool; return its facts."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
     from pipeline.worker import ShardWorker
 
-    todo = deque(k for k in range(len(shards)) if k not in done)
+    todo = [k for k in range(len(shards)) if k not in done]
     n_actors, gpus, cpus, threads = _pool_shape(cfg, max(1, len(todo)))
-    retries = int(cfg.cluster.max_retries)
     remote = ray.remote(ShardWorker).options(
         num_gpus=gpus,
         num_cpus=cpus,
-        max_restarts=-1,
+        max_restarts=-1,  # the dispatcher decides when a shard has failed too often
         max_task_retries=0,
         max_concurrency=_PER_ACTOR,
     )
     actors = [remote.remote(spec, mspec, threads) for _ in range(n_actors)] if todo else []
-    info = ray.get([a.info.remote() for a in actors])
-    bar = Progress(sum(len(shards[k]) for k in todo), enabled=show)
-    attempts: dict[int, int] = {}
-    shard_secs: list[float] = []
-    inflight: dict[Any, tuple[Any, int]] = {}
-    # Each actor holds up to _PER_ACTOR shards: one computing, the next one decoding.
-    free = [a for _ in range(_PER_ACTOR) for a in actors]
-    while todo or inflight:
-        while free and todo:
-            actor, k = free.pop(0), todo.popleft()
-            ref = actor.process.remote(k, list(shards[k]), str(shard_path(run_dir, k)))
-            inflight[ref] = (actor, k)
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-        for ref in ready:
-            actor, k = inflight.pop(ref)
-            free.append(actor)
-            try:
-                rep = ray.get(ref)
-                shard_secs.append(rep["seconds"])
-                bar.update(rep["images"], rep["error"])
-            except (RayActorError, RayTaskError) as e:
-                attempts[k] = attempts.get(k, 0) + 1
-                if attempts[k] <= retries:
-                    todo.appendleft(k)  # the restarted actor (or another) takes it again
-                    continue
-                msg = f"shard {k} failed {attempts[k]} times: {_short(e)}"
-                write_shard(error_table(shards[k], spec, k, msg), shard_path(run_dir, k))
-                bar.update(len(shards[k]), len(shards[k]))
-        bar.tick()
-    bar.close()
-    for a in actors:
-        ray.kill(a)
+    try:
+        outcome = dispatch(
+            actors,
+            shards,
+            todo,
+            spec=spec,
+            run_dir=run_dir,
+            per_actor=_PER_ACTOR,
+            max_retries=int(cfg.cluster.max_retries),
+            progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
+            info=ray.get([a.info.remote() for a in actors]),
+        )
+    finally:
+        for a in actors:
+            ray.kill(a)
+    secs = sorted(outcome.shard_seconds)
     return {
-        "actors": info,
+        "actors": outcome.actors,
+        "actor_restarts": outcome.restarts,
         "shards": len(shards),
-        "retried_shards": {str(k): v for k, v in attempts.items()},
-        "shard_seconds_median": sorted(shard_secs)[len(shard_secs) // 2] if shard_secs else None,
-        "images_per_s": bar.rate(),
+        "retried_shards": {str(k): v for k, v in outcome.retried.items()},
+        "shard_seconds_median": secs[len(secs) // 2] if secs else None,
+        "images_per_s": outcome.images_per_s,
         "pool": {"actors": n_actors, "num_gpus": gpus, "num_cpus": cpus, "threads": threads},
     }
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    last = text[-1] if text else type(e).__name__
-    return f"{type(e).__name__}: {last}"[:500]

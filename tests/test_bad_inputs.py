@@ -32,7 +32,7 @@ from tests._faults import (
     write_truncated,
 )
 
-N_GOOD = 7  # img000..img006 from make_image_set, one of them gets an empty mask
+N_GOOD = 7  # img000..img006 from make_image_set; the bad items reuse some of their files
 SIZE = (24, 24)
 
 # id -> (image path, mask path, what the error message must name besides the id)
@@ -89,6 +89,8 @@ def _config(root: Path, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def local_ray():
+    if ray.is_initialized():  # a Ray left by another module may have other resources
+        ray.shutdown()
     # address="local": always a fresh embedded Ray, never one another process advertised.
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
