@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,7 +58,11 @@ def _decode(data: bytes, full: str, what: str, label: str) -> Image.Image:
         img.load()  # decode now, so truncation raises here and not later
         return img
     except _DECODE_ERRORS as e:
-        raise DataError(f"{label}: cannot decode {what} {full}: {type(e).__name__}: {e}") from e
+        # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): noise for a user.
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise DataError(
+            f"{label}: cannot decode {what} {full}: {type(e).__name__}: {reason}"
+        ) from e
 
 
 def _resized_array(img: Image.Image, out_w: int, out_h: int) -> np.ndarray:

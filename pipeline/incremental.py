@@ -36,7 +36,7 @@ from pipeline.incremental_plan import Plan, make_plan
 __all__ = ["IncrementalEngine", "auto_engine"]
 
 _CACHE_CHUNK = 8  # images per unoccluded pass when filling the cache (bounds its peak memory)
-_CHUNK_BYTES = 8 << 20  # bytes of the largest region or crop of one trunk chunk
+_CHUNK_BYTES = 32 << 20  # bytes of the largest region or crop of one trunk chunk
 
 
 @dataclass

@@ -74,7 +74,11 @@ def _attr(gm: nn.Module, target: str) -> Any:
 
 
 def gather_crop(
-    cache: Padded, img: torch.Tensor, start: torch.Tensor, size: tuple[int, int]
+    cache: Padded,
+    img: torch.Tensor,
+    start: torch.Tensor,
+    size: tuple[int, int],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cached values of each copy's image over ``[start, start + size)``.
 
@@ -83,6 +87,7 @@ def gather_crop(
         img: ``(B,)`` image of each copy.
         start: ``(B, 2)`` top-left of each crop (``>= -padding``).
         size: ``(h, w)``.
+        out: optional contiguous buffer of ``B * h * w * C`` elements in the cache's dtype.
 
     Returns:
         ``(B, h, w, C)`` contiguous.
@@ -94,7 +99,10 @@ def gather_crop(
     rows = cache.data.as_strided((n * hp * wp - w + 1, w * c), (c, 1))
     y = img * hp + start[:, 0] + cache.top  # (B,)
     first = (y[:, None] + torch.arange(h, device=img.device)) * wp + start[:, 1:] + cache.left
-    return rows.index_select(0, first.reshape(-1)).view(-1, h, w, c)
+    if out is None:
+        return rows.index_select(0, first.reshape(-1)).view(-1, h, w, c)
+    torch.index_select(rows, 0, first.reshape(-1), out=out.view(-1, w * c))
+    return out.view(-1, h, w, c)
 
 
 def _flat_pixels(rows: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
@@ -111,6 +119,7 @@ def merge(
     img: torch.Tensor,
     start: torch.Tensor,
     size: tuple[int, int],
+    contained: bool = False,
 ) -> torch.Tensor:
     """The occluded activation of each copy over a crop: the cache, with the region written in.
 
@@ -120,6 +129,7 @@ def merge(
         region_origin: ``(B, 2)`` top-left of each copy's region.
         img: ``(B,)`` image of each copy.
         start: ``(B, 2)`` top-left of each crop (may reach into the padding); ``size``: ``(h, w)``.
+        contained: every region lies inside its crop (then no masking is needed).
 
     Returns:
         ``(B, C, h, w)`` in channels-last memory.
@@ -127,14 +137,19 @@ def merge(
     b, c, hr, wr = region.shape
     h, w = size
     dev = img.device
+    # one spare row at the end takes the region pixels that fall outside their crop
     out = torch.empty((b * h * w + 1, c), dtype=region.dtype, device=dev)
-    crop = gather_crop(cache, img, start, size).view(-1, c).to(region.dtype)
-    out[:-1] = crop  # (B * h * w, C); the last row takes region pixels outside the crop
+    if cache.data.dtype == region.dtype:
+        gather_crop(cache, img, start, size, out=out[:-1])
+    else:
+        out[:-1] = gather_crop(cache, img, start, size).view(-1, c)
     ys = region_origin[:, :1] + torch.arange(hr, device=dev) - start[:, :1]  # (B, hr) in crop
     xs = region_origin[:, 1:] + torch.arange(wr, device=dev) - start[:, 1:]  # (B, wr)
-    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
     copies = torch.arange(b, device=dev)[:, None]
-    dst = _flat_pixels(copies * h + ys, xs, w).masked_fill_(~inside, b * h * w)
+    dst = _flat_pixels(copies * h + ys, xs, w)  # (B, hr, wr) crop pixel of each region pixel
+    if not contained:
+        inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
+        dst.masked_fill_(~inside, b * h * w)
     out.index_copy_(0, dst.view(-1), region.permute(0, 2, 3, 1).reshape(-1, c))
     return out[:-1].view(b, h, w, c).permute(0, 3, 1, 2)
 
@@ -144,7 +159,8 @@ def splice(
 ) -> torch.Tensor:
     """The full occluded activation ``(B, C, H, W)``: the cache of each copy's image with its
     region written in (for head ops that need the whole map)."""
-    return merge(cache, region, region_origin, img, torch.zeros_like(region_origin), cache.size)
+    start = torch.zeros_like(region_origin)
+    return merge(cache, region, region_origin, img, start, cache.size, contained=True)
 
 
 def input_region(
@@ -155,6 +171,7 @@ def input_region(
     draw: torch.Tensor,
     origin: torch.Tensor,
     size: tuple[int, int],
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Occluded pixels of each copy over its input region.
 
@@ -165,14 +182,29 @@ def input_region(
         img, draw: ``(B,)`` image and draw of each copy.
         origin: ``(B, 2)`` top-left of the region (may reach into the padding, which stays 0);
             ``size``: its ``(h, w)``.
+        window: ``(h, w)`` of every window when none is clipped and all span every channel:
+            the fill is then written in with one ``index_copy_`` instead of a masked select.
 
     Returns:
         ``(B, C, h, w)``: ``fill[img, draw]`` inside the window, the image elsewhere (the same
-        ``torch.where`` the full kernel applies, so values are bitwise equal).
+        values the full kernel's ``torch.where`` gives, bitwise).
     """
     h, w = size
     dev = img.device
-    pix = gather_crop(cache, img, origin, size)  # (B, h, w, C)
+    pix = gather_crop(cache, img, origin, size)  # (B, h, w, C), a fresh buffer
+    b, c = pix.shape[0], pix.shape[-1]
+    if window is not None:
+        ys = boxes[:, 2:3] - origin[:, :1] + torch.arange(window[0], device=dev)  # (B, wh)
+        xs = boxes[:, 4:5] - origin[:, 1:] + torch.arange(window[1], device=dev)  # (B, ww)
+        dst = _flat_pixels(torch.arange(b, device=dev)[:, None] * h + ys, xs, w)
+        if fill.dim() == 3:
+            src = fill[img, draw][:, None, None, :].expand(b, *window, c)
+        else:
+            n, k = fill.shape[:2]
+            flat = Padded(fill.view(n * k, *fill.shape[2:]), 0, 0, tuple(fill.shape[2:4]))
+            src = gather_crop(flat, img * k + draw, boxes[:, 2::2], window)
+        pix.view(-1, c).index_copy_(0, dst.view(-1), src.reshape(-1, c))
+        return pix.permute(0, 3, 1, 2)
     ys = origin[:, :1] + torch.arange(h, device=dev)  # (B, h)
     xs = origin[:, 1:] + torch.arange(w, device=dev)  # (B, w)
     if fill.dim() == 3:
@@ -180,11 +212,11 @@ def input_region(
     else:  # padding positions are never inside a window: clamp them to any valid pixel
         yc, xc = ys.clamp(0, fill.shape[2] - 1), xs.clamp(0, fill.shape[3] - 1)
         f = fill[img[:, None, None], draw[:, None, None], yc[:, :, None], xc[:, None, :]]
-    chan = torch.arange(pix.shape[-1], device=dev)
-    mask = (
-        ((ys >= boxes[:, 2:3]) & (ys < boxes[:, 3:4]))[:, :, None]
-        & ((xs >= boxes[:, 4:5]) & (xs < boxes[:, 5:6]))[:, None, :]
-    )[..., None] & ((chan >= boxes[:, 0:1]) & (chan < boxes[:, 1:2]))[:, None, None, :]
+    rows = (ys >= boxes[:, 2:3]) & (ys < boxes[:, 3:4])  # (B, h)
+    cols = (xs >= boxes[:, 4:5]) & (xs < boxes[:, 5:6])  # (B, w)
+    mask = (rows[:, :, None] & cols[:, None, :])[..., None]  # (B, h, w, 1)
+    chan = torch.arange(c, device=dev)
+    mask = mask & ((chan >= boxes[:, 0:1]) & (chan < boxes[:, 1:2]))[:, None, None, :]
     return torch.where(mask, f, pix).permute(0, 3, 1, 2)
 
 

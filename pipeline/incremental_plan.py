@@ -25,7 +25,7 @@ from pipeline.incremental_graph import Entry, Step
 
 __all__ = ["Plan", "Region", "Tiles", "make_plan"]
 
-_MIN_TILE_FEATURES = 576  # features per tile: keeps each tile's matmul compute-bound
+_MIN_TILE_FEATURES = 256  # features per tile: keeps each tile's matmul compute-bound
 _COVER_GROWTH = 1.35  # largest area growth of a region to save a merge (a gather + a write)
 
 
@@ -76,6 +76,9 @@ class Plan:
         merges: ``(step, input)`` edges where the crop is cut from the cache and the input's
             region written in (window steps not covered; element-wise steps whose input
             region differs from theirs).
+        contained: merge edges where every window's input region lies inside its crop.
+        window: ``(h, w)`` of every window when none is clipped at the border and all span
+            every channel, else None.
         tiles: tiling of every ``"linear"`` entry.
     """
 
@@ -83,6 +86,8 @@ class Plan:
     regions: dict[str, Region]
     covered: frozenset[tuple[str, str]]
     merges: frozenset[tuple[str, str]]
+    contained: frozenset[tuple[str, str]]
+    window: tuple[int, int] | None
     tiles: dict[str, Tiles]
 
 
@@ -208,6 +213,44 @@ def _regions(
     return regions, covered
 
 
+def _merge_edges(
+    steps: list[Step], regions: dict[str, Region], covered: set[tuple[str, str]]
+) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """Edges whose reader merges the input region into a crop of the cache, and those of them
+    where every window's region lies inside its crop."""
+    merges, contained = set(), set()
+    for st in steps:
+        for u in st.inputs:
+            if st.kind == "window":
+                if (st.name, u) in covered:
+                    continue
+                start, size = _crop_box(st, regions[st.name])
+            else:
+                start, size = regions[st.name].origin, regions[st.name].size
+                if regions[u].size == size and torch.equal(regions[u].origin, start):
+                    continue
+            merges.add((st.name, u))
+            rel = regions[u].origin - start  # (P, 2) region origin within the crop
+            ends = [int(rel[:, j].max()) + regions[u].size[j] for j in range(2)]
+            if bool((rel >= 0).all()) and ends[0] <= size[0] and ends[1] <= size[1]:
+                contained.add((st.name, u))
+    return merges, contained
+
+
+def _uniform_window(grid: WindowGrid, region: Region) -> tuple[int, int] | None:
+    """The window size when every window has it (none clipped), spans every channel and lies
+    inside the input region."""
+    b = grid.boxes()
+    sizes = torch.stack([b[:, 3] - b[:, 2], b[:, 5] - b[:, 4]], dim=1)  # (P, 2)
+    full = bool(((b[:, 0] == 0) & (b[:, 1] == grid.image[0])).all())
+    rel = b[:, 2::2] - region.origin  # (P, 2) window origin in the region
+    ends = rel + sizes
+    inside = bool((rel >= 0).all()) and all(int(ends[:, j].max()) <= region.size[j] for j in (0, 1))
+    if not (full and inside and bool((sizes == sizes[0]).all())):
+        return None
+    return (int(sizes[0, 0]), int(sizes[0, 1]))
+
+
 def make_plan(
     steps: list[Step],
     entries: dict[str, Entry],
@@ -230,17 +273,7 @@ def make_plan(
             readers[u] += 1
     boxes = _changed_boxes(steps, grid)
     regions, covered = _regions(steps, boxes, readers)
-    merges = set()
-    for st in steps:
-        for u in st.inputs:
-            if (st.kind == "window" and (st.name, u) not in covered) or (
-                st.kind == "pointwise"
-                and (
-                    regions[u].size != regions[st.name].size
-                    or not torch.equal(regions[u].origin, regions[st.name].origin)
-                )
-            ):
-                merges.add((st.name, u))
+    merges, contained = _merge_edges(steps, regions, covered)
     by_name = {st.name: st for st in steps}
     tiles = {
         e.name: _tiles(e, by_name[e.source], regions[e.source], device)
@@ -252,5 +285,7 @@ def make_plan(
         regions={k: Region(r.size, r.origin.to(device)) for k, r in regions.items()},
         covered=frozenset(covered),
         merges=frozenset(merges),
+        contained=frozenset(contained),
+        window=_uniform_window(grid, regions[steps[0].name]),
         tiles=tiles,
     )

@@ -72,9 +72,13 @@ class Axis:
         first = first.clamp(0, n_out)
         return first, torch.maximum(last.clamp(0, n_out), first)
 
+    def reads(self, n: int) -> int:
+        """Input pixels that ``n`` consecutive outputs read."""
+        return (n - 1) * self.stride + self.extent
+
     def crop(self, start: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
         """Input start and length that ``n`` outputs from ``start`` read (start may be < 0)."""
-        return start * self.stride - self.pad, (n - 1) * self.stride + self.extent
+        return start * self.stride - self.pad, self.reads(n)
 
 
 def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
