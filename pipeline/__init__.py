@@ -29,6 +29,8 @@ _LAZY = {
     "aggregate": "pipeline.aggregate",
     "write_report": "pipeline.report",
     "load_model": "pipeline.models",
+    "IncrementalEngine": "pipeline.incremental",
+    "auto_engine": "pipeline.incremental",
 }
 
 __all__ = [

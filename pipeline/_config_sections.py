@@ -50,6 +50,12 @@ class Precision(_Option):
     FP16 = "fp16"
 
 
+class Engine(_Option):
+    AUTO = "auto"  # incremental where the model allows it, else generic
+    GENERIC = "generic"  # a full forward pass per occluded copy
+    INCREMENTAL = "incremental"  # recompute only what a window changes; error if unsupported
+
+
 class RepoType(_Option):
     MODEL = "model"
     DATASET = "dataset"
@@ -186,6 +192,7 @@ class OcclusionConfig:
     seed: int = 0  # with the image_id, seeds each image's draws
     precision: Precision = Precision.FP32  # bf16/fp16 on GPU only
     max_batch: int = 256  # occluded images per forward pass
+    engine: Engine = Engine.AUTO  # how occluded scores are computed (maps agree to ~1e-6)
 
     def __post_init__(self) -> None:
         if len(self.window) not in (2, 3):

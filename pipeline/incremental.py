@@ -9,12 +9,17 @@ the change alone: ``y = y0 + W[:, changed] @ (a_new - a_old)[changed]`` for flat
 Papakonstantinou, "Incremental and Approximate Inference for Faster Occlusion-based Deep CNN
 Explanations", SIGMOD 2019). The results equal full forward passes up to float rounding.
 
+Memory: the padded channels-last activations of the images of one ``attribute()`` call (about
+twice one forward pass's activations per image), plus the regions of one trunk chunk.
+
 Example:
+    >>> from pipeline import attribute
     >>> from pipeline.nets import SeedCNN
     >>> net = SeedCNN(num_classes=2, input_dim=32).eval()
     >>> x = torch.rand(2, 3, 32, 32)
     >>> engine, reason = auto_engine(net, x.shape[1:], x.device)
-    >>> r = attribute(net, x, window=[8, 8], stride=[4, 4], engine=engine)  # doctest: +SKIP
+    >>> attribute(net, x, window=[8, 8], stride=[4, 4], engine=engine).delta.shape
+    torch.Size([2, 1, 1, 7, 7])
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pipeline.incremental_plan import Plan, make_plan
 __all__ = ["IncrementalEngine", "auto_engine"]
 
 _CACHE_CHUNK = 8  # images per unoccluded pass when filling the cache (bounds its peak memory)
-_CHUNK_BYTES = 32 << 20  # bytes of the largest region or crop of one trunk chunk
+_CHUNK_BYTES = 64 << 20  # bytes of the largest region or crop of one trunk chunk
 
 
 @dataclass
@@ -169,7 +174,14 @@ class IncrementalEngine:
         self._cache = _Cache(key, x, act, {k: torch.cat(v) for k, v in bases.items()})
         return self._cache
 
-    def _store(self, name: str, env: dict[str, Any], parts: dict, bases: dict) -> None:
+    def _store(
+        self,
+        name: str,
+        env: dict[str, Any],
+        parts: dict[tuple[str, float], list[torch.Tensor]],
+        bases: dict[str, list[torch.Tensor]],
+    ) -> None:
+        """Keep node ``name``'s value: padded channels-last for crops, as is for entries."""
         for value, (top, bottom, left, right) in self._pads.get(name, {}).items():
             padded = F.pad(env[name], (left, right, top, bottom), value=value)
             parts.setdefault((name, value), []).append(padded.permute(0, 2, 3, 1).contiguous())
@@ -213,9 +225,9 @@ class IncrementalEngine:
         cache = self._activations(x)
         plan = self._plan(grid, x.device)
         fills = self._fill(fill, x)
-        # The trunk runs in chunks whose largest region stays small (cache-friendly, and below
-        # the allocator's mmap threshold, so buffers are reused rather than faulted in again);
-        # the head's tile matmul then runs once on the whole batch.
+        # The trunk runs in chunks, which bounds its peak memory whatever max_batch is; chunks
+        # stay large because every op costs a thread synchronisation, which dominates small ops
+        # on a busy CPU. The head's tile matmul then runs once on the whole batch.
         step = self._chunk(plan)
         parts = [
             self._runner.trunk(cache.act, plan, fills, *(t[i : i + step] for t in (img, draw, win)))
@@ -229,12 +241,10 @@ class IncrementalEngine:
         largest = 1
         for st in self.traced.steps:
             h, w = plan.regions[st.name].size
-            halo = sum(ax.extent for ax in st.axes) if st.axes is not None else 0
-            largest = max(
-                largest,
-                st.shape[0] * h * w,
-                self._steps[st.inputs[0]].shape[0] * (h + halo) * (w + halo) if st.inputs else 0,
-            )
+            largest = max(largest, st.shape[0] * h * w)
+            if st.axes is not None:  # the crop it reads
+                c_in = self._steps[st.inputs[0]].shape[0]
+                largest = max(largest, c_in * st.axes[0].reads(h) * st.axes[1].reads(w))
         return max(1, _CHUNK_BYTES // (4 * largest))
 
     def _fill(self, fill: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -88,8 +88,6 @@ class Traced:
         consts: values of the nodes that do not depend on the input.
         modules: modules by qualified name (in-place activations replaced by copies).
         head: nodes that depend on the input and are not trunk steps, in order.
-        cropped: spatial nodes whose cached activation is read, with the padding each needs:
-            ``name -> {pad_value: (top, bottom, left, right)}``.
     """
 
     gm: fx.GraphModule
@@ -98,7 +96,6 @@ class Traced:
     consts: dict[str, Any]
     modules: dict[str, nn.Module]
     head: list[fx.Node] = field(default_factory=list)
-    cropped: dict[str, dict[float, tuple[int, int, int, int]]] = field(default_factory=dict)
 
 
 def _modules(gm: fx.GraphModule) -> dict[str, nn.Module]:

@@ -20,7 +20,6 @@ __all__ = [
     "Padded",
     "gather_crop",
     "input_region",
-    "linear_update",
     "merge",
     "run_node",
     "slice_max_pool",
@@ -201,7 +200,7 @@ def input_region(
             src = fill[img, draw][:, None, None, :].expand(b, *window, c)
         else:
             n, k = fill.shape[:2]
-            flat = Padded(fill.view(n * k, *fill.shape[2:]), 0, 0, tuple(fill.shape[2:4]))
+            flat = Padded(fill.view(n * k, *fill.shape[2:]), 0, 0, (fill.shape[2], fill.shape[3]))
             src = gather_crop(flat, img * k + draw, boxes[:, 2::2], window)
         pix.view(-1, c).index_copy_(0, dst.view(-1), src.reshape(-1, c))
         return pix.permute(0, 3, 1, 2)
@@ -248,58 +247,3 @@ def slice_max_pool(
     for part in parts[2:]:
         torch.maximum(out, part, out=out)
     return out
-
-
-def linear_update(
-    delta: torch.Tensor,
-    offset: torch.Tensor,
-    first: torch.Tensor,
-    weight: torch.Tensor,
-    tile: tuple[int, int],
-    blocks: tuple[int, int],
-    n_tiles_x: int,
-) -> torch.Tensor:
-    """``W @ flatten(a_new - a_old)`` of each copy, multiplying only the changed features.
-
-    The activation is cut into ``tile``-sized tiles; each copy's change lies in a block of
-    ``blocks`` tiles. Products are grouped by tile into one batched matmul (zero-padded to the
-    busiest tile), so each tile's weights are read once per batch instead of once per copy;
-    one ``index_copy_`` scatters the changes straight into that matmul's input.
-
-    Args:
-        delta: ``(B, hr, wr, C)`` change of the region of each copy (channels-last).
-        offset: ``(B, 2)`` region origin relative to the first pixel of its block.
-        first: ``(B, 2)`` tile index (row, col) of each copy's block.
-        weight: ``(tiles, ty * tx * C, O)`` the Linear's weights, tile by tile.
-        tile: ``(ty, tx)`` in activation pixels; ``blocks``: ``(nby, nbx)`` tiles per copy.
-        n_tiles_x: tiles per row of the activation.
-
-    Returns:
-        ``(B, O)`` change of the Linear's output.
-    """
-    b, hr, wr, c = delta.shape
-    (ty, tx), (nby, nbx) = tile, blocks
-    dev = delta.device
-    rows = first[:, :1] + torch.arange(nby, device=dev)  # (B, nby)
-    cols = first[:, 1:] + torch.arange(nbx, device=dev)  # (B, nbx)
-    tid = (rows[:, :, None] * n_tiles_x + cols[:, None, :]).reshape(-1)  # (M,) copy-major pairs
-    lo, hi = int(tid.min()), int(tid.max()) + 1  # a contiguous range: a view of the weights
-    tid = tid - lo
-    order = torch.argsort(tid, stable=True)
-    counts = torch.bincount(tid, minlength=hi - lo)
-    depth = int(counts.max())
-    rank = torch.arange(tid.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[tid[order]]
-    slot = torch.empty_like(tid)
-    slot[order] = tid[order] * depth + rank  # (M,) matmul row of each (copy, tile) pair
-    # pixel (i, j) of a region lies at block pixel (offset + (i, j)): tile and place in tile
-    ys = offset[:, :1] + torch.arange(hr, device=dev)  # (B, hr)
-    xs = offset[:, 1:] + torch.arange(wr, device=dev)  # (B, wr)
-    copies = torch.arange(b, device=dev)[:, None]
-    pair = (copies * nby + ys // ty)[:, :, None] * nbx + (xs // tx)[:, None, :]  # (B, hr, wr)
-    within = ((ys % ty) * tx)[:, :, None] + (xs % tx)[:, None, :]
-    dst = slot[pair] * (ty * tx) + within  # (B, hr, wr) pixel row of the padded matmul input
-    padded = delta.new_zeros(((hi - lo) * depth * ty * tx, c))
-    padded.index_copy_(0, dst.view(-1), delta.reshape(-1, c))
-    out = torch.bmm(padded.view(hi - lo, depth, -1), weight[lo:hi])  # (tiles, depth, O)
-    per_pair = out.view((hi - lo) * depth, -1).index_select(0, slot)  # (M, O)
-    return per_pair.view(b, nby * nbx, -1).sum(dim=1)

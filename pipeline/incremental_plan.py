@@ -15,17 +15,16 @@ crop is cut from the cache and the region written into it ("merge").
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.geometry import WindowGrid
 from pipeline.incremental_graph import Entry, Step
+from pipeline.incremental_head import Tiles, make_tiles
 
-__all__ = ["Plan", "Region", "Tiles", "make_plan"]
+__all__ = ["Plan", "Region", "make_plan"]
 
-_MIN_TILE_FEATURES = 256  # features per tile: keeps each tile's matmul compute-bound
 _COVER_GROWTH = 1.35  # largest area growth of a region to save a merge (a gather + a write)
 
 
@@ -41,28 +40,6 @@ class Region:
 
     size: tuple[int, int]
     origin: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Tiles:
-    """Tiling of a flatten + Linear head (see :func:`pipeline.incremental_ops.linear_update`).
-
-    Attributes:
-        tile: ``(ty, tx)`` tile size in activation pixels.
-        blocks: ``(nby, nbx)`` tiles in each window's block.
-        n_tiles_x: tiles per row of the activation.
-        first: ``(P, 2)`` first tile (row, col) of each window's block.
-        offset: ``(P, 2)`` region origin relative to its block, in pixels.
-        weight: ``(tiles, ty * tx * C, O)`` the Linear's weights tile by tile, channels last
-            within a tile (zero-padded past the edge).
-    """
-
-    tile: tuple[int, int]
-    blocks: tuple[int, int]
-    n_tiles_x: int
-    first: torch.Tensor
-    offset: torch.Tensor
-    weight: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -119,56 +96,6 @@ def _region(box: torch.Tensor, shape: tuple[int, int, int]) -> Region:
         size.append(n)
         origin.append(torch.minimum(lo, torch.full_like(lo, dim - n)).clamp(min=0))
     return Region((size[0], size[1]), torch.stack(origin, dim=1))
-
-
-def _axis_tiling(origin: torch.Tensor, n: int, dim: int, t: int) -> tuple[int, int, torch.Tensor]:
-    """Tiles per block, tiles along the axis and each window's first tile for tile size ``t``."""
-    total = math.ceil(dim / t)
-    need = int(((origin + n + t - 1) // t - origin // t).max())
-    blocks = min(need, total)
-    return blocks, total, torch.minimum(origin // t, torch.full_like(origin, total - blocks))
-
-
-def _padded_cost(origin: torch.Tensor, n: int, dim: int, t: int) -> int:
-    """Rows of the padded tile matmul along one axis when every window position occurs once:
-    tiles x the busiest tile's count x tile size (windows form a grid, so the 2-D cost is the
-    product of the two axes')."""
-    rows = torch.unique(origin)
-    blocks, total, first = _axis_tiling(rows, n, dim, t)
-    hits = torch.bincount((first[:, None] + torch.arange(blocks)).reshape(-1), minlength=total)
-    return total * int(hits.max()) * t
-
-
-def _tiles(entry: Entry, step: Step, region: Region, device: torch.device) -> Tiles:
-    """Pick the tile size with the cheapest padded tile matmul (at least
-    ``_MIN_TILE_FEATURES`` features per tile), and lay the weights out tile by tile."""
-    c, h, w = step.shape
-    (hb, wb), org = region.size, region.origin
-    cost_y = {t: _padded_cost(org[:, 0], hb, h, t) for t in range(1, h + 1)}
-    cost_x = {t: _padded_cost(org[:, 1], wb, w, t) for t in range(1, w + 1)}
-    floor = min(_MIN_TILE_FEATURES, c * h * w)
-    _, _, ty, tx = min(
-        (cost_y[ty] * cost_x[tx], -ty * tx, ty, tx)  # then the largest tiles (fewest matmuls)
-        for ty in cost_y
-        for tx in cost_x
-        if c * ty * tx >= floor
-    )
-    nby, total_y, fy = _axis_tiling(org[:, 0], hb, h, ty)
-    nbx, total_x, fx = _axis_tiling(org[:, 1], wb, w, tx)
-    lin = entry.module
-    assert lin is not None
-    wt = lin.weight.detach().reshape(-1, c, h, w)  # (O, C, H, W), flatten order
-    wt = torch.nn.functional.pad(wt, (0, total_x * tx - w, 0, total_y * ty - h))
-    wt = wt.reshape(-1, c, total_y, ty, total_x, tx).permute(2, 4, 3, 5, 1, 0)
-    first = torch.stack([fy, fx], dim=1)
-    return Tiles(
-        tile=(ty, tx),
-        blocks=(nby, nbx),
-        n_tiles_x=total_x,
-        first=first.to(device),
-        offset=(org - first * torch.tensor([ty, tx])).to(device),
-        weight=wt.reshape(total_y * total_x, ty * tx * c, -1).contiguous().to(device),
-    )
 
 
 def _crop_box(st: Step, region: Region) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -276,7 +203,9 @@ def make_plan(
     merges, contained = _merge_edges(steps, regions, covered)
     by_name = {st.name: st for st in steps}
     tiles = {
-        e.name: _tiles(e, by_name[e.source], regions[e.source], device)
+        e.name: make_tiles(
+            e, by_name[e.source].shape, regions[e.source].size, regions[e.source].origin, device
+        )
         for e in entries.values()
         if e.kind == "linear"
     }

@@ -106,12 +106,17 @@ class _Forward:
         """Scores ``(B, O)`` of copies ``(img, draw, win)``: image ``img`` with window ``win``
         filled from ``fill[img, draw]``."""
         if self.engine is not None:
+            b = img.shape[0]
+            if self.fixed_batch is not None and b < self.fixed_batch:
+                # the same batch size for every call, as in __call__ (bitwise reproducibility)
+                pad = self.fixed_batch - b
+                img, draw, win = (torch.cat([t, t[:1].expand(pad)]) for t in (img, draw, win))
             ctx: Any = contextlib.nullcontext()
             if self.dtype is not None:
                 ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
             with ctx:
                 out = self.engine.forward_occluded(x, fill, grid, img, draw, win)
-            return output_scores(out, img.shape[0], self.task, self.score)
+            return output_scores(out, img.shape[0], self.task, self.score)[:b]
         # (B, 1|C, H, W) mask broadcast against (B, C, 1|H, 1|W) fill and (B, C, H, W) images
         return self(torch.where(masks[win], fill[img, draw], x[img]))
 

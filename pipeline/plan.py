@@ -51,6 +51,7 @@ def shard_spec(cfg: AuditConfig) -> ShardSpec:
         blur_sigma=float(occ.blur_sigma),
         precision=_value(occ.precision),
         max_batch=int(occ.max_batch),
+        engine=_value(occ.engine),
         task=_value(model.task),
         score=_value(model.score),
         target=_value(model.target),
@@ -100,6 +101,13 @@ def _model_file_hash(cfg: AuditConfig) -> dict[str, str | None]:
     return {"file": str(path), "sha256": model_hash(path)}
 
 
+def _engines(actors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which occlusion path the workers took, and why."""
+    names = sorted({a.get("engine", "generic") for a in actors}) or ["none"]
+    notes = sorted({a.get("engine_note", "") for a in actors} - {""})
+    return {"path": "/".join(names), "notes": notes}
+
+
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds")
 
@@ -115,7 +123,7 @@ def run_facts(
         "versions": _versions(),
         "model_hash": model.get("sha256"),
         "model_file": model.get("file"),
-        "engine": "generic",
+        "engine": _engines(outcome.get("actors", [])),
         "counts": {"images": result.images, "ok": result.ok, "error": result.errors},
         "timings": {
             "total_s": round(result.seconds, 3),

@@ -41,6 +41,7 @@ class ShardSpec:
     precision: str = "fp32"
     max_batch: int = 256
     channels_last: bool = False
+    engine: str = "auto"  # auto | generic | incremental
     task: str = "classification"
     score: str = "logit"
     target: str | int = "predicted"  # "predicted" | "label" | output index
@@ -111,6 +112,7 @@ def process_shard(
     spec: ShardSpec,
     shard: int,
     loaded: Sequence[_Loaded] | None = None,
+    engine: Any = None,
 ) -> pa.Table:
     """Compute the stored rows of one shard.
 
@@ -120,6 +122,7 @@ def process_shard(
         spec: per-run settings.
         shard: shard index, stored with each row.
         loaded: the result of :func:`load_shard` for these records, if already done.
+        engine: an occluded-forward engine for :func:`pipeline.attribute` (None: generic).
 
     Returns:
         A table with ``maps_schema(spec.group_by)``: one row per record, in record order, each
@@ -129,13 +132,17 @@ def process_shard(
     good = [it for it in items if it.error is None]
     results: dict[int, dict[str, Any]] = {}
     if good:
-        results = _attribute_all(model, [records[it.index] for it in good], good, spec)
+        results = _attribute_all(model, [records[it.index] for it in good], good, spec, engine)
     rows = [_row(records[it.index], it, results.get(it.index), spec, shard) for it in items]
     return pa.Table.from_pylist(rows, schema=maps_schema(spec.group_by))
 
 
 def _attribute_all(
-    model: Any, records: Sequence[Any], items: Sequence[_Loaded], spec: ShardSpec
+    model: Any,
+    records: Sequence[Any],
+    items: Sequence[_Loaded],
+    spec: ShardSpec,
+    engine: Any = None,
 ) -> dict[int, dict[str, Any]]:
     images = torch.stack([it.image for it in items])  # (N, 3, H, W)
     try:
@@ -158,6 +165,7 @@ def _attribute_all(
             channels_last=spec.channels_last,
             on_nonfinite="nan",
             fixed_batch=True,
+            engine=engine,
         )
     except Exception as e:
         # A model that fails on this batch fails on every image of it: record, don't crash.

@@ -34,6 +34,20 @@ def _ray_placement() -> tuple[list[str], str | None]:
         return [], None
 
 
+def _choose_engine(model: Any, spec: ShardSpec, device: torch.device) -> tuple[Any, str]:
+    """The incremental engine when asked for or possible, with a note saying why (not)."""
+    if spec.engine == "generic":
+        return None, "generic engine requested"
+    from pipeline.incremental import auto_engine
+
+    engine, reason = auto_engine(model, (3, *spec.image_size), device)
+    if engine is None and spec.engine == "incremental":
+        raise ValueError(
+            f"occlusion.engine is 'incremental' but the model does not allow it: {reason}"
+        )
+    return engine, reason or "incremental: the model's trunk is local"
+
+
 class ShardWorker:
     """Loads the model once; computes and atomically writes one shard per call.
 
@@ -55,6 +69,7 @@ class ShardWorker:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.spec = spec
         self.model = load_model(model, self.device)
+        self.engine, self.engine_note = _choose_engine(self.model, spec, self.device)
         self._compute = threading.Lock()
 
     def info(self) -> dict[str, Any]:
@@ -66,6 +81,8 @@ class ShardWorker:
             "gpu_ids": self.gpu_ids,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "engine": "generic" if self.engine is None else "incremental",
+            "engine_note": self.engine_note,
         }
 
     def process(self, shard: int, records: Sequence[Any], path: str) -> dict[str, Any]:
@@ -77,7 +94,7 @@ class ShardWorker:
         t0 = time.perf_counter()
         loaded = load_shard(records, self.spec)
         with self._compute:
-            table = process_shard(self.model, records, self.spec, shard, loaded)
+            table = process_shard(self.model, records, self.spec, shard, loaded, self.engine)
         write_shard(table, path)
         status = table.column("status").to_pylist()
         errors = table.column("error").to_pylist()

@@ -19,6 +19,7 @@ import yaml
 
 from pipeline import attribute, load_config, read_maps, run_audit
 from pipeline.images import load_image
+from pipeline.incremental import auto_engine
 from pipeline.models import ModelSpec, load_model
 from pipeline.store import RunLock, RunLockedError
 from tests._dataset import audit_config, make_image_set, save_gap_model
@@ -66,9 +67,14 @@ def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, 
             weights=str(image_set / "model.pt"),
         )
     )
-    direct = attribute(model, images, window=[8, 8], stride=[4, 4], n_baselines=2, image_ids=ids)
+    engine, _ = auto_engine(model, (3, 24, 24), "cpu")  # the workers choose the same way
+    assert engine is not None
+    kw = dict(window=[8, 8], stride=[4, 4], n_baselines=2, image_ids=ids, max_batch=64)
     stored = np.stack(maps["delta"].to_list())
+    direct = attribute(model, images, engine=engine, **kw)
     np.testing.assert_allclose(stored, direct.delta[:, 0].flatten(1).numpy(), atol=1e-6, rtol=0)
+    generic = attribute(model, images, **kw)  # and the full-forward path agrees too
+    np.testing.assert_allclose(stored, generic.delta[:, 0].flatten(1).numpy(), atol=1e-5, rtol=0)
     assert maps["grid_h"].unique().tolist() == [5] and maps["status"].eq("ok").all()
     assert np.isfinite(maps["fg_bg_ratio"]).all()
 
@@ -76,6 +82,7 @@ def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, 
     assert facts["counts"] == {"images": 20, "ok": 20, "error": 0}
     assert len(facts["model_hash"]) == 64 and facts["versions"]["torch"]
     assert facts["config"]["occlusion"]["window"] == [8, 8]
+    assert facts["engine"]["path"] == "incremental"
 
 
 def test_maps_do_not_depend_on_actor_count_or_shard_size(local_ray, image_set, tmp_path):
@@ -110,7 +117,13 @@ def test_an_actor_killed_mid_shard_is_replaced_and_every_image_lands_once(
     cfg = _cfg(
         image_set,
         tmp_path / "run",
-        occlusion={"window": [4, 4], "stride": [2, 2], "n_baselines": 3, "max_batch": 8},
+        occlusion={
+            "window": [4, 4],
+            "stride": [2, 2],
+            "n_baselines": 3,
+            "max_batch": 8,
+            "engine": "generic",  # full forward passes: slow enough for the kill to land
+        },
         cluster={"actors": 1, "shard_size": 5, "max_retries": 3},
     )
     killed: list[int] = []
@@ -163,7 +176,13 @@ def _run_cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
-    slow = {"window": [4, 4], "stride": [1, 1], "n_baselines": 3, "max_batch": 16}
+    slow = {
+        "window": [4, 4],
+        "stride": [1, 1],
+        "n_baselines": 3,
+        "max_batch": 16,
+        "engine": "generic",  # slow enough to be killed between shards
+    }
     paths = {}
     for name in ("ref", "killed"):
         cfg = audit_config(image_set, tmp_path / name, occlusion=slow, cluster={"shard_size": 4})
