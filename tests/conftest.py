@@ -1,9 +1,13 @@
-"""Test-suite wide settings: GPU-only tests are skipped on machines without CUDA."""
+"""Test-suite wide settings: one torch thread in the test process, GPU tests need CUDA."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+# The test process shares two cores with Ray workers and Chromium; a second intra-op thread
+# mostly spins waiting for a busy core (the many small ops of the incremental engine suffer most).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
