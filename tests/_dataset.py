@@ -44,6 +44,13 @@ def make_image_set(
     return manifest
 
 
+def image_set_with_model(root: Path, n: int = 20) -> Path:
+    """An image set (``make_image_set``) with its ``model.pt`` beside it; returns ``root``."""
+    make_image_set(root, n=n)
+    save_gap_model(root / "model.pt")
+    return root
+
+
 def save_gap_model(path: Path, num_classes: int = 2, seed: int = 0) -> Path:
     """A seeded ``SeedCNNWithGAP`` state_dict (works at any image size)."""
     torch.manual_seed(seed)

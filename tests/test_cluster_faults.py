@@ -22,7 +22,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline import load_config, read_maps, run_audit
-from tests._dataset import audit_config, make_image_set, save_gap_model
+from tests._dataset import audit_config, image_set_with_model
 from tests._faults import Background, private_ray_tmpdir, shard_files, wait_until
 
 pytestmark = pytest.mark.slow
@@ -31,15 +31,18 @@ N_IMAGES, SHARD = 60, 4
 N_SHARDS = N_IMAGES // SHARD
 # 11 x 11 windows x 2 baselines per 24x24 image: a shard takes about a second on one thread,
 # long enough for the node to be removed while a shard is on it.
-OCCLUSION = {"window": [4, 4], "stride": [2, 2], "n_baselines": 2, "max_batch": 64}
+OCCLUSION = {
+    "window": [4, 4],
+    "stride": [2, 2],
+    "n_baselines": 2,
+    "max_batch": 64,
+    "engine": "generic",  # full forward passes keep each shard that long
+}
 
 
 @pytest.fixture(scope="module")
 def image_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_image_set(root, n=N_IMAGES)
-    save_gap_model(root / "model.pt")
-    return root
+    return image_set_with_model(tmp_path_factory.mktemp("data"), n=N_IMAGES)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pipeline.images import load_image
 from pipeline.incremental import auto_engine
 from pipeline.models import ModelSpec, load_model
 from pipeline.store import RunLock, RunLockedError
-from tests._dataset import audit_config, make_image_set, save_gap_model
+from tests._dataset import audit_config, image_set_with_model
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def image_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_image_set(root, n=20)
-    save_gap_model(root / "model.pt")
-    return root
+    return image_set_with_model(tmp_path_factory.mktemp("data"), n=20)
 
 
 def _cfg(root: Path, out: Path, **sections):

@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from pipeline import load_config, read_maps, run_audit
-from tests._dataset import audit_config, make_image_set, save_gap_model
+from tests._dataset import audit_config, image_set_with_model
 
 N_IMAGES = 20
 
@@ -52,10 +52,7 @@ def ray_with_gpus():
 
 @pytest.fixture(scope="module")
 def image_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_image_set(root, n=N_IMAGES)
-    save_gap_model(root / "model.pt")
-    return root
+    return image_set_with_model(tmp_path_factory.mktemp("data"), n=N_IMAGES)
 
 
 def _audit(root: Path, out: Path, **cluster):
