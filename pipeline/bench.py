@@ -139,6 +139,17 @@ class _Setup:
             precision=a.precision, channels_last=channels_last, engine=engine,
         )  # fmt: skip
 
+    @torch.inference_mode()
+    def score_noise(self) -> float:
+        """Largest change of an output when its image runs alone rather than in a batch of 16:
+        the model's own float rounding (CPU kernels block by batch size), which every engine's
+        deltas inherit; deep fp32 networks reach ~1e-5 of the logit scale."""
+        n = self.x.shape[0]
+        with _autocast(self.d.dev, self.args.precision):
+            alone = torch.cat([self.model(self.x[i : i + 1]).float() for i in range(n)])
+            together = self.model(self.x[torch.arange(max(16, n)) % n]).float()[:n]
+        return float((alone - together).abs().max())
+
     def ours_maps(self, n: int, channels_last: bool, engine: Any = None) -> torch.Tensor:
         """``(n, C, H, W)`` full-resolution maps of :meth:`ours` (first target)."""
         return self.ours(n, channels_last, engine).full()[:, 0]
@@ -272,12 +283,12 @@ def _stored_bytes(r: OcclusionResult, ids: list[str]) -> float:
         return write_shard(table, Path(tmp) / "part.parquet").stat().st_size / len(ids)
 
 
-def _measure(args: argparse.Namespace, d: _Device) -> tuple[list[Row], OcclusionResult, str]:
+def _measure(args: argparse.Namespace, d: _Device) -> tuple[list[Row], OcclusionResult, str, float]:
     """Search, warm up, then time every engine in interleaved rounds.
 
     Returns:
-        the rows (both ``ours`` settings first), our result, and why there is no incremental
-        row ("" when there is one).
+        the rows (both ``ours`` settings first), our result, why there is no incremental row
+        ("" when there is one), and the model's score noise (:meth:`_Setup.score_noise`).
     """
     n, size = int(args.images), int(args.image_size)
     model = build_bench_model(args.model, size).to(d.dev)
@@ -299,7 +310,7 @@ def _measure(args: argparse.Namespace, d: _Device) -> tuple[list[Row], Occlusion
     for r in rows:
         if r.maps is not None and ref is not None:
             r.max_abs_diff = float((r.maps.float() - ref.float()).abs().max())
-    return rows, res, "" if isinstance(inc, Row) else inc
+    return rows, res, "" if isinstance(inc, Row) else inc, s.score_noise()
 
 
 def _table(rows: list[Row], ours: Row, n: int) -> Iterator[str]:
@@ -321,13 +332,16 @@ def run_bench(args: argparse.Namespace) -> int:
 
     Returns:
         0, or 1 when an engine's maps differ from Captum's by more than the tolerance:
-        ``1e-5`` (fp32) or ``3e-2`` (bf16/fp16 autocast) times ``max(1, largest |score|)``.
+        ``1e-5`` (fp32) or ``3e-2`` (bf16/fp16 autocast) times ``max(1, largest |score|)``, or
+        4 times the model's own score noise when that is larger (a map is a mean of score
+        differences, so it carries that noise from both sides).
     """
     if args.precision not in _DTYPES:
         raise ValueError(f"--precision must be one of {sorted(_DTYPES)}, got {args.precision!r}")
     d, n = _Device(args.device), int(args.images)
-    rows, res, no_inc = _measure(args, d)
-    tol = (1e-5 if args.precision == "fp32" else 3e-2) * max(1.0, float(res.score.abs().max()))
+    rows, res, no_inc, noise = _measure(args, d)
+    scale = max(1.0, float(res.score.abs().max()))
+    tol = max((1e-5 if args.precision == "fp32" else 3e-2) * scale, 4 * noise)
     bad = [r for r in rows if r.max_abs_diff is not None and not r.max_abs_diff <= tol]
     ours = min(rows[:2], key=lambda r: r.median)  # the faster memory format
     ours.extra["other_setting"] = rows[1 - rows.index(ours)].facts(n)
@@ -355,6 +369,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{ratios['ours/roofline']:.2f} (target >= 0.9); 'ours x' = engine time / ours time"
     )
     print(f"stored: {stored:.0f} bytes/image (Parquet zstd; deltas {2 * p * 4} bytes as float32)")
+    print(f"maps vs Captum-best: tolerance {tol:.2g} (model score noise {noise:.2g})")
     for r in bad:
         print(f"FAILED: {r.engine} maps differ from Captum's by {r.max_abs_diff:.3g} > {tol:.3g}")
     if args.json:
@@ -379,6 +394,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "ratios": ratios,
             "stored_bytes_per_image": stored,
             "tolerance": tol,
+            "score_noise": noise,
             "ok": not bad,
         }
         Path(args.json).write_text(json.dumps(facts, indent=2, default=str) + "\n")
