@@ -24,9 +24,10 @@ from pipeline.plan import run_dir as plan_run_dir
 from pipeline.progress import Progress
 from pipeline.store import (
     RunLock,
+    check_exactly_once,
     complete_shards,
     maps_dir,
-    verify_exactly_once,
+    read_maps,
     write_json,
 )
 
@@ -140,18 +141,25 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
         finally:
             if started_ray:
                 ray.shutdown()
-        verify_exactly_once(run_dir, (r.image_id for r in recs))
-        result = _summarise(config, run_dir, len(recs), outcome, time.time() - t0, len(done))
+        # one read of the stored ids and statuses serves the check and the counts
+        stored = read_maps(run_dir, columns=["image_id", "status", "error"])
+        check_exactly_once(stored["image_id"], (r.image_id for r in recs))
+        result = _summarise(
+            config, run_dir, stored, len(recs), outcome, time.time() - t0, len(done)
+        )
         write_json(run_facts(config, cfg_dict, result, outcome, t0), run_dir / "run.json")
     return result
 
 
 def _summarise(
-    cfg: AuditConfig, run_dir: Path, n: int, outcome: dict[str, Any], secs: float, resumed: int
+    cfg: AuditConfig,
+    run_dir: Path,
+    stored: Any,
+    n: int,
+    outcome: dict[str, Any],
+    secs: float,
+    resumed: int,
 ) -> RunResult:
-    from pipeline.store import read_maps
-
-    stored = read_maps(run_dir, columns=["image_id", "status", "error"])
     bad = stored[stored["status"] != "ok"]
     failures = [
         {"image_id": i, "error": e} for i, e in zip(bad["image_id"], bad["error"], strict=True)

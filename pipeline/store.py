@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "RunLock",
     "RunLockedError",
+    "check_exactly_once",
     "complete_shards",
     "maps_dir",
     "read_maps",
@@ -107,7 +108,11 @@ def verify_exactly_once(run_dir: str | os.PathLike[str], manifest_ids: Iterable[
     Raises:
         RuntimeError: naming missing, unexpected and duplicated ids.
     """
-    stored = read_maps(run_dir, columns=["image_id"])["image_id"]
+    check_exactly_once(read_maps(run_dir, columns=["image_id"])["image_id"], manifest_ids)
+
+
+def check_exactly_once(stored: Any, manifest_ids: Iterable[str]) -> None:
+    """:func:`verify_exactly_once` on ids already read (a pandas Series of stored image ids)."""
     expected = list(manifest_ids)
     dup = stored[stored.duplicated()].unique().tolist()
     missing = sorted(set(expected) - set(stored))
