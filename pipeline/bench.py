@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ import torch
 
 from pipeline.baselines import make_baselines
 from pipeline.bench_nets import build_bench_model
+from pipeline.heap import trim_heap, tune_heap
 from pipeline.occlusion import OcclusionResult, attribute
 
 __all__ = ["run_bench"]
@@ -82,7 +82,7 @@ class _Device:
             torch.cuda.reset_peak_memory_stats(self.dev)
             start = torch.cuda.memory_allocated(self.dev)
         else:
-            _trim_heap()
+            trim_heap()  # RSS close to live memory before each run
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM (peak RSS) to the current RSS, Linux >= 4.0
             start = _status_kb("VmRSS") * 1024
@@ -105,12 +105,6 @@ class _Device:
             return torch.cuda.get_device_name(self.dev)
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         return next((s.split(":", 1)[1].strip() for s in lines if s.startswith("model name")), "")
-
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS, so that RSS is close to live memory (glibc only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _status_kb(key: str) -> int:
@@ -236,24 +230,19 @@ def _roofline_row(s: _Setup, total: int) -> Row:
 
 
 def _incremental_row(s: _Setup) -> Row | str:
-    """The incremental engine's row, or why there is none."""
+    """The incremental engine's row (as ``occlusion.engine: auto`` builds it), or why there is
+    none for this model."""
+    from pipeline.incremental import auto_engine
+
     try:
-        from pipeline.incremental import IncrementalEngine
-    except ImportError as e:
-        return f"pipeline.incremental is not importable: {e}"
-    shape = tuple(s.x.shape[1:])
-    try:
-        if hasattr(IncrementalEngine, "build_or_reason"):  # says why a model is not supported
-            engine, why = IncrementalEngine.build_or_reason(s.model, shape, s.d.dev)
-        else:
-            engine, why = IncrementalEngine.build(s.model, shape, s.d.dev), ""
+        engine, why = auto_engine(s.model, tuple(s.x.shape[1:]), s.d.dev)
     except Exception as e:  # reported in the table: a broken engine must not hide the others
-        return f"IncrementalEngine.build failed: {type(e).__name__}: {e}"
+        return f"the incremental engine failed to build: {type(e).__name__}: {e}"
     if engine is None:
-        return f"no engine for {s.args.model}: {why or 'IncrementalEngine.build returned None'}"
+        return f"no incremental engine for {s.args.model}: {why}"
     s.ours(1, False, engine)  # warm-up
     n = s.x.shape[0]
-    return Row("incremental", type(engine).__name__, partial(s.ours_maps, n, False, engine))
+    return Row("incremental", "engine=incremental", partial(s.ours_maps, n, False, engine))
 
 
 def _stored_bytes(r: OcclusionResult, ids: list[str]) -> float:
@@ -287,8 +276,9 @@ def _measure(args: argparse.Namespace, d: _Device) -> tuple[list[Row], Occlusion
     """Search, warm up, then time every engine in interleaved rounds.
 
     Returns:
-        the rows (both ``ours`` settings first), our result, why there is no incremental row
-        ("" when there is one), and the model's score noise (:meth:`_Setup.score_noise`).
+        the rows (both ``generic`` settings first), the generic kernel's result, why there is
+        no incremental row ("" when there is one), and the model's score noise
+        (:meth:`_Setup.score_noise`).
     """
     n, size = int(args.images), int(args.image_size)
     model = build_bench_model(args.model, size).to(d.dev)
@@ -297,9 +287,11 @@ def _measure(args: argparse.Namespace, d: _Device) -> tuple[list[Row], Occlusion
     res = s.ours(n, False)  # warm-up, and the predicted targets every engine explains
     p = res.grid.n_windows
     s.ours(1, True)  # warm-up
-    rows = [Row("ours", f"channels_last={cl}", partial(s.ours_maps, n, cl)) for cl in (False, True)]
+    rows = [
+        Row("generic", f"channels_last={cl}", partial(s.ours_maps, n, cl)) for cl in (False, True)
+    ]
     rows += [*_captum_rows(s, res.target[:, 0], p), _roofline_row(s, n * args.k * p + n)]
-    inc = _incremental_row(s)
+    inc = _incremental_row(s) if args.engine == "auto" else "--engine generic"
     rows += [inc] if isinstance(inc, Row) else []
     for _ in range(max(1, int(args.repeats))):
         for r in rows:
@@ -315,7 +307,7 @@ def _measure(args: argparse.Namespace, d: _Device) -> tuple[list[Row], Occlusion
 
 def _table(rows: list[Row], ours: Row, n: int) -> Iterator[str]:
     yield (
-        f"{'engine':<12} {'setting':<28} {'s/image':>9} {'images/s':>9} {'ours x':>7} "
+        f"{'engine':<12} {'setting':<28} {'s/image':>9} {'images/s':>9} {'x ours':>7} "
         f"{'peak MiB':>9} {'added':>6} {'max|diff|':>9}"
     )
     for r in rows:
@@ -327,8 +319,24 @@ def _table(rows: list[Row], ours: Row, n: int) -> Iterator[str]:
         )
 
 
+def _ratios(rows: list[Row], ours: Row) -> dict[str, float]:
+    """Speed-ups (time of the other over time of ours) of ours, generic and incremental."""
+    # Captum's fastest timed setting: the default can beat the searched one on a noisy machine.
+    capb = min((r for r in rows if r.engine.startswith("captum")), key=lambda r: r.median)
+    roof = next(r for r in rows if r.engine == "roofline")
+    named = {"ours": ours, **{r.engine: r for r in rows if r.engine in ("generic", "incremental")}}
+    return {
+        f"{name}/{ref}": other.median / r.median
+        for name, r in named.items()
+        for ref, other in (("captum-best", capb), ("roofline", roof))
+    }
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark of the ``bench`` subcommand's arguments; print the table.
+
+    ``ours`` is the engine a run uses for this model (``occlusion.engine: auto``): the
+    incremental engine when the model's graph allows it, else the generic kernel.
 
     Returns:
         0, or 1 when an engine's maps differ from Captum's by more than the tolerance:
@@ -338,36 +346,40 @@ def run_bench(args: argparse.Namespace) -> int:
     """
     if args.precision not in _DTYPES:
         raise ValueError(f"--precision must be one of {sorted(_DTYPES)}, got {args.precision!r}")
+    # as a run's workers do: CPU forward passes reuse freed buffers (pipeline.heap)
+    heap_tuned = False if args.default_malloc else tune_heap()
     d, n = _Device(args.device), int(args.images)
     rows, res, no_inc, noise = _measure(args, d)
     scale = max(1.0, float(res.score.abs().max()))
     tol = max((1e-5 if args.precision == "fp32" else 3e-2) * scale, 4 * noise)
     bad = [r for r in rows if r.max_abs_diff is not None and not r.max_abs_diff <= tol]
-    ours = min(rows[:2], key=lambda r: r.median)  # the faster memory format
-    ours.extra["other_setting"] = rows[1 - rows.index(ours)].facts(n)
-    rows = [ours, *rows[2:]]
-    # Captum's fastest timed setting: the default can beat the searched one on a noisy machine.
-    capb = min((r for r in rows if r.engine.startswith("captum")), key=lambda r: r.median)
-    roof = next(r for r in rows if r.engine == "roofline")
-    ratios = {
-        "ours/captum-best": capb.median / ours.median,
-        "ours/roofline": roof.median / ours.median,
-    }
+    generic = min(rows[:2], key=lambda r: r.median)  # the faster memory format
+    generic.extra["other_setting"] = rows[1 - rows.index(generic)].facts(n)
+    rows = [generic, *rows[2:]]
+    ours = next((r for r in rows if r.engine == "incremental"), generic)
+    ratios = _ratios(rows, ours)
     p, stored = res.grid.n_windows, _stored_bytes(res, [f"bench-{i:04d}" for i in range(n)])
     total = n * args.k * p + n
     print(
         f"bench {args.model} {args.image_size}px window {args.window} stride {args.stride} "
         f"K={args.k} N={n}: {p} windows/image, {total} forward passes/run, median of "
-        f"{len(ours.seconds)}, {args.precision}, {d.name()}, {torch.get_num_threads()} threads"
+        f"{len(ours.seconds)}, {args.precision}, {d.name()}, {torch.get_num_threads()} threads, "
+        f"heap {'tuned' if heap_tuned else 'default'}"
     )
     print("\n".join(_table(rows, ours, n)))
     if no_inc:
         print(f"incremental: n/a ({no_inc})")
     print(
-        f"ours/captum-best ({capb.setting}) {ratios['ours/captum-best']:.2f}x (target >= 3), "
-        f"ours/roofline "
-        f"{ratios['ours/roofline']:.2f} (target >= 0.9); 'ours x' = engine time / ours time"
+        f"ours = occlusion.engine auto = {ours.engine}: "
+        f"{ratios['ours/captum-best']:.2f}x Captum's fastest (target >= 3), "
+        f"{ratios['ours/roofline']:.2f}x the roofline (target >= 0.9)"
     )
+    print(
+        f"generic (full forward passes): {ratios['generic/captum-best']:.2f}x Captum's fastest, "
+        f"{ratios['generic/roofline']:.2f} of the roofline"
+    )
+    if "incremental/roofline" in ratios:
+        print(f"incremental: {ratios['incremental/roofline']:.2f}x the roofline (target >= 5)")
     print(f"stored: {stored:.0f} bytes/image (Parquet zstd; deltas {2 * p * 4} bytes as float32)")
     print(f"maps vs Captum-best: tolerance {tol:.2g} (model score noise {noise:.2g})")
     for r in bad:
@@ -384,6 +396,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "platform": platform.platform(),
             # glibc malloc tuning changes CPU forward speed ~2x (page faults on fresh buffers)
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+            "heap_tuned": heap_tuned,
         }
         facts = {
             "args": {k: v for k, v in vars(args).items() if k != "func"},
@@ -391,6 +404,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "work": {"images": n, "windows": p, "draws": args.k, "forward_passes": total},
             "rows": [r.facts(n) for r in rows],
             "incremental": no_inc or "ok",
+            "ours": ours.engine,
             "ratios": ratios,
             "stored_bytes_per_image": stored,
             "tolerance": tol,

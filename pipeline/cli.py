@@ -163,6 +163,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16")
     b.add_argument("--max-batch", type=int, default=128)
     b.add_argument("--json", help="also write the results here")
+    b.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "generic"),
+        help="auto: also time the incremental engine, ours when the model allows it (as a run)",
+    )
+    b.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default heap thresholds (a run's workers tune them: pipeline.heap)",
+    )
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -84,6 +84,10 @@ class _Forward:
             # CPU kernels pick their blocking by batch size; one batch size for every pass makes
             # each image's scores bitwise independent of what else is in its batch.
             x = torch.cat([x, x.new_zeros((self.fixed_batch - b, *x.shape[1:]))])
+        return self._scores(x, b)
+
+    def _scores(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """Scores ``(b, O)`` of the first ``b`` images of the model input ``x``."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx: Any = contextlib.nullcontext()
@@ -98,27 +102,88 @@ class _Forward:
         x: torch.Tensor,
         fill: torch.Tensor,
         grid: WindowGrid,
-        masks: torch.Tensor,
+        batch: _OccludedBatch,
         img: torch.Tensor,
         draw: torch.Tensor,
         win: torch.Tensor,
     ) -> torch.Tensor:
         """Scores ``(B, O)`` of copies ``(img, draw, win)``: image ``img`` with window ``win``
         filled from ``fill[img, draw]``."""
-        if self.engine is not None:
-            b = img.shape[0]
-            if self.fixed_batch is not None and b < self.fixed_batch:
-                # the same batch size for every call, as in __call__ (bitwise reproducibility)
-                pad = self.fixed_batch - b
-                img, draw, win = (torch.cat([t, t[:1].expand(pad)]) for t in (img, draw, win))
-            ctx: Any = contextlib.nullcontext()
-            if self.dtype is not None:
-                ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
-            with ctx:
-                out = self.engine.forward_occluded(x, fill, grid, img, draw, win)
-            return output_scores(out, img.shape[0], self.task, self.score)[:b]
-        # (B, 1|C, H, W) mask broadcast against (B, C, 1|H, 1|W) fill and (B, C, H, W) images
-        return self(torch.where(masks[win], fill[img, draw], x[img]))
+        if self.engine is None:
+            return self._scores(*batch.build(x, fill, img, draw, win, self.fixed_batch))
+        b = img.shape[0]
+        if self.fixed_batch is not None and b < self.fixed_batch:
+            # the same batch size for every call, as in __call__ (bitwise reproducibility)
+            pad = self.fixed_batch - b
+            img, draw, win = (torch.cat([t, t[:1].expand(pad)]) for t in (img, draw, win))
+        ctx: Any = contextlib.nullcontext()
+        if self.dtype is not None:
+            ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        with ctx:
+            out = self.engine.forward_occluded(x, fill, grid, img, draw, win)
+        return output_scores(out, img.shape[0], self.task, self.score)[:b]
+
+
+class _OccludedBatch:
+    """Builds batches of occluded copies in one reused input buffer.
+
+    On CPU each copy is its image with one window painted over: only the window's ``c*h*w``
+    values are written per copy (a 32x32 window is 2% of a 224x224 image), and the buffer is
+    allocated once, so no fresh pages are faulted in per batch. On CUDA one masked select over
+    the whole batch is a single kernel, cheaper than hundreds of small slice writes.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        grid: WindowGrid,
+        rows: int,
+        channels_last: bool,
+        paint: bool | None = None,
+    ) -> None:
+        self.paint = x.device.type == "cpu" if paint is None else paint
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.buf = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        self.buf = self.buf.contiguous(memory_format=fmt)  # (rows, C, H, W)
+        self.boxes = grid.boxes().tolist()  # (P, 6) window boxes, as Python ints
+        self.masks = None if self.paint else grid.masks(device=x.device)  # (P, 1|C, H, W)
+
+    def build(
+        self,
+        x: torch.Tensor,
+        fill: torch.Tensor,
+        img: torch.Tensor,
+        draw: torch.Tensor,
+        win: torch.Tensor,
+        pad_to: int | None,
+    ) -> tuple[torch.Tensor, int]:
+        """The model input holding copies ``(img, draw, win)`` (padded with zero images to
+        ``pad_to`` rows when given) and the number of real copies ``B``."""
+        b = img.shape[0]
+        rows = b if pad_to is None else max(b, pad_to)
+        out = self.buf[:rows]
+        if not self.paint:
+            assert self.masks is not None
+            # (B, 1|C, H, W) mask against (B, C, 1|H, 1|W) fill and (B, C, H, W) images
+            torch.where(self.masks[win], fill[img, draw], x[img], out=out[:b])
+        else:
+            ii, dd, ww = img.tolist(), draw.tolist(), win.tolist()
+            j = 0
+            while j < b:  # copy each run of copies of one image in a single broadcast
+                e = j + 1
+                while e < b and ii[e] == ii[j]:
+                    e += 1
+                out[j:e].copy_(x[ii[j]].expand(e - j, *x.shape[1:]))
+                j = e
+            rows_h, cols_w = fill.shape[-2] > 1, fill.shape[-1] > 1
+            for j in range(b):
+                c0, c1, y0, y1, x0, x1 = self.boxes[ww[j]]
+                f = fill[ii[j], dd[j], c0:c1]  # (c, 1|H, 1|W): broadcasts over the window
+                f = f[:, y0:y1] if rows_h else f
+                out[j, c0:c1, y0:y1, x0:x1] = f[..., x0:x1] if cols_w else f
+        if rows > b:
+            out[b:].zero_()
+        return out, b
 
 
 def _model_device(model: Any, images: torch.Tensor) -> torch.device:
@@ -287,13 +352,14 @@ def _occluded_deltas(
     """
     n, k = base.shape[:2]
     p_count = grid.n_windows
-    masks = grid.masks(device=x.device)  # (P, 1|C, H, W) bool
+    rows = min(max_batch, n * k * p_count) if fwd.fixed_batch is None else fwd.fixed_batch
+    batch = _OccludedBatch(x, grid, rows, fwd.channels_last)
     out = torch.empty((n * k * p_count, tgt.shape[1]), dtype=torch.float32, device=x.device)
     total = out.shape[0]
     for q0 in range(0, total, max_batch):
         q = torch.arange(q0, min(q0 + max_batch, total), device=x.device)  # (B,)
         img, draw, win = q // (k * p_count), (q // p_count) % k, q % p_count
-        s = fwd.occluded(x, base, grid, masks, img, draw, win).gather(1, tgt[img])  # (B, T)
+        s = fwd.occluded(x, base, grid, batch, img, draw, win).gather(1, tgt[img])  # (B, T)
         out[q0 : q0 + q.numel()] = score0[img] - s
     return out.view(n, k, p_count, -1).permute(0, 1, 3, 2)  # (N, K, T, P)
 

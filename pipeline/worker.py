@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from pipeline.heap import tune_heap
 from pipeline.models import ModelSpec, load_model
 from pipeline.shard import ShardSpec, load_shard, process_shard
 from pipeline.store import write_shard
@@ -63,6 +64,8 @@ class ShardWorker:
     def __init__(self, spec: ShardSpec, model: ModelSpec, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(max(1, int(threads)))
+        # CPU forward passes reuse freed activation buffers instead of page-faulting fresh ones
+        self.heap_tuned = tune_heap()
         self.gpu_ids, self.node_id = _ray_placement()
         # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so "cuda" is this worker's GPU.
         use_cuda = torch.cuda.is_available() and bool(self.gpu_ids)
@@ -83,6 +86,7 @@ class ShardWorker:
             "threads": torch.get_num_threads(),
             "engine": "generic" if self.engine is None else "incremental",
             "engine_note": self.engine_note,
+            "heap_tuned": self.heap_tuned,
         }
 
     def process(self, shard: int, records: Sequence[Any], path: str) -> dict[str, Any]:

@@ -18,10 +18,11 @@ def test_bench_smoke(tmp_path, capsys):
     assert main(argv) == 0
     facts = json.loads(out.read_text())
     rows = {r["engine"]: r for r in facts["rows"]}
-    expected = {"ours", "captum", "captum-best", "roofline"}
-    if facts["incremental"] == "ok":
-        expected.add("incremental")
+    # SeedCNNWithGAP's trunk is local: a run would pick the incremental engine, so it is "ours"
+    assert facts["incremental"] == "ok" and facts["ours"] == "incremental"
+    expected = {"generic", "incremental", "captum", "captum-best", "roofline"}
     assert set(rows) == expected
+    assert facts["machine"]["heap_tuned"] is True  # glibc: as a run's CPU workers
     for r in rows.values():
         assert r["median_seconds"] > 0 and r["images_per_s"] > 0 and r["peak_bytes"] > 0
         assert all(s > 0 for s in r["seconds"])
@@ -30,11 +31,31 @@ def test_bench_smoke(tmp_path, capsys):
     assert rows["roofline"]["max_abs_diff"] is None
     # 2 images x 2 draws x 7x7 windows + the 2 unoccluded passes
     assert facts["work"]["forward_passes"] == 2 * 2 * 49 + 2
-    assert facts["ok"] and facts["ratios"]["ours/captum-best"] > 0
+    assert facts["ok"]
+    for name in ("ours", "generic", "incremental"):
+        for ref in ("captum-best", "roofline"):
+            assert facts["ratios"][f"{name}/{ref}"] > 0
+    ratio = rows["roofline"]["median_seconds"] / rows["generic"]["median_seconds"]
+    assert facts["ratios"]["generic/roofline"] == pytest.approx(ratio)
     assert facts["stored_bytes_per_image"] > 2 * 49 * 4  # at least the float32 deltas
     assert facts["machine"]["torch"] == torch.__version__
     text = capsys.readouterr().out
     assert "captum-best" in text and "roofline" in text and "incremental" in text
+    assert "ours = occlusion.engine auto = incremental" in text
+
+
+def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "vgg-small", "--image-size", "32", "--window", "16", "--k", "1"]
+    argv += ["--stride", "16", "--images", "1", "--repeats", "1", "--json", str(out)]
+    argv += ["--engine", "generic", "--default-malloc"]
+    assert main(argv) == 0
+    facts = json.loads(out.read_text())
+    assert facts["machine"]["heap_tuned"] is False
+    assert facts["ours"] == "generic" and facts["incremental"] == "--engine generic"
+    assert {r["engine"] for r in facts["rows"]} == {"generic", "captum", "captum-best", "roofline"}
+    assert facts["ratios"]["ours/roofline"] == facts["ratios"]["generic/roofline"]
+    assert "incremental: n/a (--engine generic)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", sorted(BENCH_MODELS))

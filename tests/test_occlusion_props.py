@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import attribute, expand_map
+from pipeline.baselines import make_baselines
 from pipeline.geometry import WindowGrid
+from pipeline.occlusion import _OccludedBatch
 from tests._models import tiny_convnet
 
 PROPS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -55,6 +57,45 @@ def test_independent_of_max_batch(geo, max_batch, kind):
     big = attribute(model, x, max_batch=10_000, **kw)
     torch.testing.assert_close(small.delta, big.delta, atol=1e-5, rtol=0)
     torch.testing.assert_close(small.delta_std, big.delta_std, atol=1e-5, rtol=0)
+
+
+@PROPS
+@given(
+    geometries(),
+    st.booleans(),
+    st.sampled_from(["random-pixel", "noise", "blur", "mean"]),
+    st.integers(1, 9),
+)
+def test_painted_batches_equal_masked_select_batches(geo, per_channel, kind, pad):
+    """The CPU builder (paint each window into a reused buffer) and the CUDA one (one masked
+    select over the batch) give bitwise the same occluded copies, padding rows included."""
+    image, window, stride = geo
+    if per_channel:
+        window, stride = (1, *window), (1, *stride)
+    x = torch.rand(3, *image, generator=torch.Generator().manual_seed(1))
+    grid = WindowGrid.create(image, window, stride)
+    fill = make_baselines(
+        x, kind, 1 if kind in ("mean", "blur") else 2, seed=0, image_ids=["a", "b", "c"]
+    )
+    q = torch.arange(x.shape[0] * fill.shape[1] * grid.n_windows)
+    q = q[torch.randperm(q.numel(), generator=torch.Generator().manual_seed(2))][:12].sort().values
+    per_img = fill.shape[1] * grid.n_windows
+    img, draw, win = q // per_img, (q // grid.n_windows) % fill.shape[1], q % grid.n_windows
+    rows = q.numel() + pad
+    built = []
+    for paint in (True, False):
+        batch = _OccludedBatch(x, grid, rows, channels_last=paint, paint=paint)
+        batch.buf.fill_(float("nan"))  # stale contents must never leak into a copy
+        out, b = batch.build(x, fill, img, draw, win, pad_to=rows)
+        assert b == q.numel() and out.shape == (rows, *image)
+        built.append(out.clone())
+    assert torch.equal(built[0], built[1])
+    assert torch.equal(built[0][q.numel() :], torch.zeros_like(built[0][q.numel() :]))
+    masks = grid.masks()
+    for j in range(q.numel()):  # each copy: its image outside the window, the fill inside
+        m = masks[win[j]].expand_as(x[0])
+        assert torch.equal(built[0][j][~m], x[img[j]][~m])
+        assert torch.equal(built[0][j][m], fill[img[j], draw[j]].expand_as(x[0])[m])
 
 
 @PROPS
