@@ -191,7 +191,7 @@ class OcclusionConfig:
     n_baselines: int | None = None  # K draws averaged; None: 3 for random baselines, else 1
     seed: int = 0  # with the image_id, seeds each image's draws
     precision: Precision = Precision.FP32  # bf16/fp16 on GPU only
-    max_batch: int = 256  # occluded images per forward pass
+    max_batch: int | None = None  # occluded copies per pass; None: 32 for CPU full passes, else 256
     engine: Engine = Engine.AUTO  # how occluded scores are computed (maps agree to ~1e-6)
 
     def __post_init__(self) -> None:
@@ -217,7 +217,8 @@ class OcclusionConfig:
             fail("n_baselines", f"must be >= 1, got {k}")
         elif k != 1 and not self.baseline.is_random:
             fail("n_baselines", f"must be 1 for the fixed baseline {self.baseline.value}, got {k}")
-        _positive("max_batch", self.max_batch)
+        if self.max_batch is not None:
+            _positive("max_batch", self.max_batch)
 
 
 @dataclass(frozen=True)

@@ -161,13 +161,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median)")
     b.add_argument("--device", default="cpu", help="cpu | cuda")
     b.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16")
-    b.add_argument("--max-batch", type=int, default=128)
+    b.add_argument(
+        "--max-batch",
+        type=int,
+        help="occluded copies per pass (default as a run: 32 for CPU full passes, else 256)",
+    )
     b.add_argument("--json", help="also write the results here")
     b.add_argument(
         "--engine",
         default="auto",
         choices=("auto", "generic"),
         help="auto: also time the incremental engine, ours when the model allows it (as a run)",
+    )
+    b.add_argument(
+        "--no-captum",
+        action="store_true",
+        help="leave out Captum (slow on large networks); maps are checked against generic's",
     )
     b.add_argument(
         "--default-malloc",

@@ -1,10 +1,9 @@
 """Model loading: TorchScript, torch.export archives, or a factory plus a ``state_dict``.
 
 Files are local paths or Hugging Face Hub files (a :class:`HubFile` or an
-``hf://owner/name@<commit>/file`` address) fetched through the Hub cache by
-:func:`pipeline.uri.hf_local_path`. The loaded model is in eval mode on the requested device and,
-given a mean/std, wrapped in :class:`Normalized`: occlusion happens in ``[0, 1]`` pixel space and
-normalisation belongs to the model (DESIGN section 4).
+``hf://owner/name@<commit>/file`` address, :mod:`pipeline.hub`). The loaded model is in eval mode
+on the requested device and, given a mean/std, wrapped in :class:`Normalized`: occlusion happens
+in ``[0, 1]`` pixel space and normalisation belongs to the model (DESIGN section 4).
 """
 
 from __future__ import annotations
@@ -18,13 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import torch
 from torch import nn
 
+from pipeline.hub import HubFile, UnpinnedRevisionWarning, fetch
 from pipeline.nets import SeedCNN, SeedCNNWithGAP
-from pipeline.uri import hf_local_path, parse_hf
 
 __all__ = [
     "HubFile",
@@ -39,64 +37,12 @@ __all__ = [
     "resolve_model_file",
 ]
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-_REPO_TYPES = ("model", "dataset", "space")
-_HF = "hf://"
 _EXPORT_SUFFIX = ".pt2"
 
 
 class ModelLoadError(RuntimeError):
     """A model file exists but cannot become the module it should be (format, keys, shapes)."""
-
-
-class UnpinnedRevisionWarning(UserWarning):
-    """A Hub file was asked for without a commit hash, so a later run may load other weights."""
-
-
-@dataclass(frozen=True)
-class HubFile:
-    """One file of a Hugging Face Hub repository.
-
-    Example:
-        >>> HubFile.parse("hf://owner/name@" + "a" * 40 + "/models/x/model.pth").filename
-        'models/x/model.pth'
-    """
-
-    repo_id: str  # "owner/name"
-    filename: str  # path inside the repository, "/"-separated
-    revision: str | None = None  # a 40-hex commit pins the bytes; a branch or tag can move
-    repo_type: str = "model"  # model | dataset | space
-
-    def __post_init__(self) -> None:
-        if self.repo_id.count("/") != 1 or "" in self.repo_id.split("/"):
-            raise ValueError(f"hub.repo_id must look like 'owner/name', got {self.repo_id!r}")
-        if not self.filename or self.filename.startswith("/"):
-            raise ValueError(f"hub.filename must be a path inside the repo, got {self.filename!r}")
-        if self.revision == "":
-            raise ValueError("hub.revision is empty; give a commit hash or leave it out")
-        if self.repo_type not in _REPO_TYPES:
-            raise ValueError(f"hub.repo_type must be one of {_REPO_TYPES}, got {self.repo_type!r}")
-
-    @classmethod
-    def parse(cls, uri: str) -> HubFile:
-        """Parse ``hf://[datasets/|spaces/]owner/name[@revision]/path/in/repo``.
-
-        The address form of huggingface_hub's ``HfFileSystem``; a revision with ``/`` in it is
-        URL-encoded (``refs%2Fpr%2F1``).
-        """
-        p = parse_hf(uri)
-        return cls(p.repo_id, p.filename, p.revision, p.repo_type)
-
-    @property
-    def pinned(self) -> bool:
-        """Whether ``revision`` is a full commit hash, the only immutable Hub reference."""
-        return self.revision is not None and _COMMIT.fullmatch(self.revision) is not None
-
-    def __str__(self) -> str:
-        kind = "" if self.repo_type == "model" else f"{self.repo_type}s/"
-        at = f"@{quote(self.revision, safe='')}" if self.revision else ""
-        return f"{_HF}{kind}{self.repo_id}{at}/{self.filename}"
 
 
 @dataclass(frozen=True)
@@ -223,34 +169,16 @@ def resolve_model_file(spec: ModelSpec) -> Path | None:
         The file to load and to hash with :func:`model_hash`; ``None`` for a bare factory.
     """
     _, field_name, ref = _source(spec)
-    if isinstance(ref, str) and ref.startswith(_HF):
+    if isinstance(ref, str) and ref.startswith("hf://"):
         ref = HubFile.parse(ref)
     if ref is None:
         return None
     if isinstance(ref, HubFile):
-        return _download(ref)
+        return fetch(ref)
     path = Path(ref).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.{field_name} file not found: {path.absolute()}")
     return path
-
-
-def _download(hub: HubFile) -> Path:
-    if not hub.pinned:
-        warnings.warn(
-            f"{hub} is not pinned (revision={hub.revision!r}), so its bytes may change between "
-            "runs; set the revision to a 40-hex commit hash for a reproducible audit",
-            UnpinnedRevisionWarning,
-            stacklevel=4,
-        )
-    try:
-        return Path(hf_local_path(str(hub)))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"{err}. Check repo_id, filename and revision; with HF_HUB_OFFLINE set, fetch the file "
-            f"once where there is network (hf download {hub.repo_id} {hub.filename} --revision "
-            f"{hub.revision or 'main'}) or point HF_HUB_CACHE at a cache that holds it"
-        ) from err
 
 
 def model_hash(path: str | Path) -> str:

@@ -50,7 +50,7 @@ def shard_spec(cfg: AuditConfig) -> ShardSpec:
         value=occ.value,
         blur_sigma=float(occ.blur_sigma),
         precision=_value(occ.precision),
-        max_batch=int(occ.max_batch),
+        max_batch=None if occ.max_batch is None else int(occ.max_batch),
         engine=_value(occ.engine),
         task=_value(model.task),
         score=_value(model.score),

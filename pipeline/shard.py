@@ -39,7 +39,7 @@ class ShardSpec:
     value: Any = None  # constant baseline value
     blur_sigma: float = 4.0
     precision: str = "fp32"
-    max_batch: int = 256
+    max_batch: int | None = None  # None: pipeline.occlusion.default_max_batch
     channels_last: bool = False
     engine: str = "auto"  # auto | generic | incremental
     task: str = "classification"

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.heap import tune_heap
 from pipeline.models import ModelSpec, load_model
+from pipeline.occlusion import default_max_batch
 from pipeline.shard import ShardSpec, load_shard, process_shard
 from pipeline.store import write_shard
 
@@ -87,6 +88,7 @@ class ShardWorker:
             "engine": "generic" if self.engine is None else "incremental",
             "engine_note": self.engine_note,
             "heap_tuned": self.heap_tuned,
+            "max_batch": self.spec.max_batch or default_max_batch(self.device, self.engine),
         }
 
     def process(self, shard: int, records: Sequence[Any], path: str) -> dict[str, Any]:

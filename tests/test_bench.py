@@ -41,7 +41,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert facts["machine"]["torch"] == torch.__version__
     text = capsys.readouterr().out
     assert "captum-best" in text and "roofline" in text and "incremental" in text
-    assert "ours = occlusion.engine auto = incremental" in text
+    assert "ours (occlusion.engine auto: incremental)" in text
 
 
 def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys):
@@ -56,6 +56,22 @@ def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys)
     assert {r["engine"] for r in facts["rows"]} == {"generic", "captum", "captum-best", "roofline"}
     assert facts["ratios"]["ours/roofline"] == facts["ratios"]["generic/roofline"]
     assert "incremental: n/a (--engine generic)" in capsys.readouterr().out
+
+
+def test_bench_no_captum_checks_incremental_maps_against_generic(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "resnet50", "--image-size", "32", "--window", "16", "--k", "1"]
+    argv += ["--stride", "16", "--images", "1", "--repeats", "1", "--json", str(out)]
+    argv += ["--no-captum", "--max-batch", "4"]
+    assert main(argv) == 0
+    facts = json.loads(out.read_text())
+    rows = {r["engine"]: r for r in facts["rows"]}
+    assert set(rows) == {"generic", "incremental", "roofline"}
+    assert rows["generic"]["max_abs_diff"] == 0.0  # the reference itself
+    assert rows["incremental"]["max_abs_diff"] <= facts["tolerance"]
+    assert not any("captum" in k for k in facts["ratios"])
+    assert facts["ratios"]["incremental/roofline"] > 0
+    assert "maps vs the generic kernel's" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", sorted(BENCH_MODELS))

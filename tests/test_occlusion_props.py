@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pipeline import attribute, expand_map
 from pipeline.baselines import make_baselines
 from pipeline.geometry import WindowGrid
-from pipeline.occlusion import _OccludedBatch
+from pipeline.occlusion import _OccludedBatch, default_max_batch
 from tests._models import tiny_convnet
 
 PROPS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -264,3 +264,16 @@ def test_deterministic_baselines_refuse_several_draws():
         attribute(
             tiny_convnet(), torch.rand(1, 3, 8, 8), window=[4, 4], baseline="zero", n_baselines=3
         )
+
+
+def test_max_batch_defaults_by_device_and_engine():
+    assert default_max_batch("cpu") == 32  # full forward passes on CPU
+    assert default_max_batch("cpu", engine=object()) == 256
+    assert default_max_batch("cuda") == 256
+    x = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    kw = dict(window=[4, 4], stride=[2, 2], n_baselines=2, fixed_batch=True)
+    # padded to 32 rows per pass: bitwise what an explicit max_batch=32 gives, not 256's
+    default = attribute(tiny_convnet(), x, **kw)
+    assert torch.equal(default.delta, attribute(tiny_convnet(), x, max_batch=32, **kw).delta)
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        attribute(tiny_convnet(), x, max_batch=0, window=[4, 4])

@@ -80,6 +80,8 @@ def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, 
     assert len(facts["model_hash"]) == 64 and facts["versions"]["torch"]
     assert facts["config"]["occlusion"]["window"] == [8, 8]
     assert facts["engine"]["path"] == "incremental"
+    for actor in facts["actors"]:  # CPU workers keep freed activation buffers for reuse
+        assert actor["heap_tuned"] is True and actor["max_batch"] == 64, actor
 
 
 def test_maps_do_not_depend_on_actor_count_or_shard_size(local_ray, image_set, tmp_path):
