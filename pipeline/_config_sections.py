@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline._typed_config import fail
 from pipeline.baselines import Baseline
-from pipeline.schema import maps_schema
+from pipeline.schema import LABEL_GROUP, maps_schema
 from pipeline.targets import Score, Task
 from pipeline.uri import parent, resolve_local
 
@@ -124,6 +124,12 @@ class DatasetConfig:
             maps_schema(self.group_by)  # group columns are stored beside the result columns
         except ValueError as e:
             fail("group_by", f"{e}; rename the manifest column")
+        if LABEL_GROUP in self.group_by and self.columns.label != LABEL_GROUP:
+            fail(
+                "group_by",
+                f"'{LABEL_GROUP}' is stored as the manifest label, which is column "
+                f"{self.columns.label!r} (columns.label); group by {self.columns.label!r}",
+            )
         if min(self.image_size) < 1:
             fail("image_size", f"must be positive [H, W], got {list(self.image_size)!r}")
 

@@ -89,13 +89,21 @@ def _group_fields(group_by: Sequence[str]) -> list[pa.Field]:
     return [pa.field(g, pa.string()) for g in group_by]
 
 
+LABEL_GROUP = "label"  # grouping by the manifest label: the stored ``label`` column itself
+
+
 def maps_schema(group_by: Sequence[str]) -> pa.Schema:
-    """``MAPS_SCHEMA`` with the group columns (as strings) inserted after ``image_id``."""
-    clash = set(group_by) & set(MAPS_SCHEMA.names)
+    """``MAPS_SCHEMA`` with the group columns (as strings) inserted after ``image_id``.
+
+    A group named ``label`` is not added: it is the stored ``label`` column (the manifest label
+    as text), so ``group_by: [label]`` groups by class.
+    """
+    clash = set(group_by) & set(MAPS_SCHEMA.names) - {LABEL_GROUP}
     if clash:
         raise ValueError(f"group column(s) {sorted(clash)} clash with stored column names")
     fields = list(MAPS_SCHEMA)
-    return pa.schema([fields[0], *_group_fields(group_by), *fields[1:]])
+    extra = [g for g in group_by if g != LABEL_GROUP]
+    return pa.schema([fields[0], *_group_fields(extra), *fields[1:]])
 
 
 def summary_schema(group_by: Sequence[str]) -> pa.Schema:

@@ -171,7 +171,13 @@ def test_bad_enum_value_lists_the_choices() -> None:
         ("dataset", {"manifest": 7}, "dataset.manifest", "7"),
         ("model", {"target": -1}, "model.target", "-1"),
         ("model", {"target": "foo"}, "model.target", "'foo'"),
-        ("dataset", {"group_by": ["label"]}, "dataset.group_by", "label"),
+        ("dataset", {"group_by": ["score"]}, "dataset.group_by", "['score']"),
+        (
+            "dataset",
+            {"group_by": ["label"], "columns": {"label": "cls"}},
+            "dataset.group_by",
+            "group by 'cls'",
+        ),
         ("dataset", {"group_by": ["a", "a"]}, "dataset.group_by", "['a', 'a']"),
     ],
 )

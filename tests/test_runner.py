@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from pipeline import attribute, load_config, read_maps, run_audit
+from pipeline.aggregate import aggregate
 from pipeline.images import load_image
 from pipeline.incremental import auto_engine
 from pipeline.models import ModelSpec, load_model
@@ -82,6 +84,16 @@ def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, 
     assert facts["engine"]["path"] == "incremental"
     for actor in facts["actors"]:  # CPU workers keep freed activation buffers for reuse
         assert actor["heap_tuned"] is True and actor["max_batch"] == 64, actor
+
+
+def test_group_by_the_manifest_label_groups_by_class(local_ray, image_set, tmp_path):
+    cfg = _cfg(image_set, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, group_by=("label",)))
+    assert run_audit(cfg, progress=False).ok == 20
+    maps = read_maps(tmp_path / "run")
+    assert sorted(maps["label"].unique()) == ["0", "1"]  # stored once, as the label column
+    summary = aggregate(tmp_path / "run")
+    assert list(summary["label"]) == ["0", "1"] and list(summary["n"]) == [10, 10]
 
 
 def test_maps_do_not_depend_on_actor_count_or_shard_size(local_ray, image_set, tmp_path):
