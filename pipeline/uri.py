@@ -7,7 +7,9 @@ Hub alike.
 - ``s3://bucket/key``: pyarrow's ``S3FileSystem``. ``AWS_ENDPOINT_URL_S3`` (or
   ``AWS_ENDPOINT_URL``) is passed as ``endpoint_override`` explicitly, so a MinIO or loopback
   server works whatever the AWS SDK version; credentials come from the usual AWS chain.
-- ``gs://bucket/key``: pyarrow's ``GcsFileSystem`` with default credentials.
+- ``gs://bucket/key``: pyarrow's ``GcsFileSystem`` with default credentials; with
+  ``STORAGE_EMULATOR_HOST`` set (as for Google's client libraries), anonymous requests to that
+  emulator (fake-gcs-server, gcp-storage-emulator).
 - ``hf://datasets/owner/name[@revision]/path`` (also ``hf://spaces/...`` and, for models,
   ``hf://owner/name[@revision]/path``, the layout of ``huggingface_hub.HfFileSystem``):
   ``hf_hub_download`` into the hub cache. ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` are read at
@@ -249,6 +251,20 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _gcs(emulator: str | None) -> pafs.GcsFileSystem:
+    if not emulator:
+        return pafs.GcsFileSystem()
+    parsed = urllib.parse.urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+    return pafs.GcsFileSystem(
+        anonymous=True, scheme=parsed.scheme, endpoint_override=parsed.netloc + parsed.path
+    )
+
+
+def _gcs_filesystem() -> pafs.GcsFileSystem:
+    return _gcs(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
 def read_bytes(path: str) -> bytes:
     """The whole content of a local file or supported URI.
 
@@ -281,6 +297,6 @@ def read_bytes(path: str) -> bytes:
             if e.code in (403, 404, 410):
                 raise FileNotFoundError(f"{path}: HTTP {e.code}") from e
             raise OSError(f"{path}: HTTP {e.code}") from e
-    fs = _s3_filesystem() if scheme == "s3" else pafs.GcsFileSystem()
+    fs = _s3_filesystem() if scheme == "s3" else _gcs_filesystem()
     with fs.open_input_stream(rest, compression=None) as f:  # bytes as stored, no .gz magic
         return f.read()

@@ -1,4 +1,4 @@
-"""Helpers for the data tests: image files, a loopback S3 server, a Hugging Face hub cache."""
+"""Data-test helpers: image files, loopback S3 and GCS servers, a Hugging Face hub cache."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -70,6 +71,35 @@ def s3_put(endpoint: str, bucket: str, objects: Mapping[str, bytes]) -> None:
         client.create_bucket(Bucket=bucket)
     for key, body in objects.items():
         client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+@contextlib.contextmanager
+def gcs_server(bucket: str) -> Iterator[str]:
+    """A GCS emulator (gcp-storage-emulator, in memory) with ``bucket`` on a free loopback port;
+    yields its ``http://127.0.0.1:PORT`` address, the value for ``STORAGE_EMULATOR_HOST``."""
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as sock:  # a free port: the emulator cannot report one it picked
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def gcs_put(endpoint: str, bucket: str, objects: Mapping[str, bytes]) -> None:
+    """Upload ``objects`` (key -> bytes) to ``bucket`` of the emulator at ``endpoint``."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.GcsFileSystem(
+        anonymous=True, scheme="http", endpoint_override=endpoint.removeprefix("http://")
+    )
+    for key, body in objects.items():
+        with fs.open_output_stream(f"{bucket}/{key}") as f:
+            f.write(body)
 
 
 def make_hf_cache(

@@ -1,4 +1,4 @@
-"""A whole audit whose manifest, images and masks live on S3 (a moto server on loopback)."""
+"""Whole audits whose manifest, images and masks live on S3 or GCS (emulators on loopback)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,15 @@ import pytest
 import ray
 
 from pipeline import load_config, read_maps, run_audit
-from tests._data_helpers import moto_server, s3_put, use_s3
+from pipeline.uri import read_bytes
+from tests._data_helpers import gcs_put, gcs_server, moto_server, s3_put, use_s3
 from tests._dataset import audit_config, make_image_set, save_gap_model
 
 
 @pytest.mark.slow
 def test_an_s3_dataset_gives_the_same_maps_as_its_local_copy(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "data"
-    make_image_set(root, n=8)
-    save_gap_model(root / "model.pt")
-    files = {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix in (".png", ".parquet")
-    }
+    files = _dataset_files(root)
     with moto_server() as endpoint:
         use_s3(monkeypatch, endpoint)  # before ray.init: workers inherit the environment
         s3_put(endpoint, "audit-data", {f"val/{k}": v for k, v in files.items()})
@@ -43,3 +38,47 @@ def test_an_s3_dataset_gives_the_same_maps_as_its_local_copy(tmp_path: Path, mon
     b = read_maps(local.run_dir).set_index("image_id").sort_index()
     assert np.array_equal(np.stack(a["delta"].to_list()), np.stack(b["delta"].to_list()))
     assert np.array_equal(a["fg_bg_ratio"], b["fg_bg_ratio"])
+
+
+def _dataset_files(root: Path) -> dict[str, bytes]:
+    make_image_set(root, n=8)
+    save_gap_model(root / "model.pt")
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in (".png", ".parquet")
+    }
+
+
+def test_gs_uris_read_from_the_storage_emulator_host(monkeypatch) -> None:
+    with gcs_server("audit-data") as endpoint:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+        gcs_put(endpoint, "audit-data", {"val/a.bin": b"\x00occlusion\xff"})
+        assert read_bytes("gs://audit-data/val/a.bin") == b"\x00occlusion\xff"
+        with pytest.raises(FileNotFoundError):
+            read_bytes("gs://audit-data/val/missing.bin")
+
+
+@pytest.mark.slow
+def test_a_gcs_dataset_gives_the_same_maps_as_its_local_copy(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "data"
+    files = _dataset_files(root)
+    with gcs_server("audit-data") as endpoint:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)  # before ray.init, as for S3
+        gcs_put(endpoint, "audit-data", {f"val/{k}": v for k, v in files.items()})
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        try:
+            remote = audit_config(root, tmp_path / "gs-run")
+            remote["dataset"] = {
+                **remote["dataset"],
+                "manifest": "gs://audit-data/val/manifest.parquet",
+                "root": "gs://audit-data/val",
+            }
+            res = run_audit(load_config(remote), progress=False)
+            local = run_audit(load_config(audit_config(root, tmp_path / "local")), progress=False)
+        finally:
+            ray.shutdown()
+    assert (res.ok, res.errors) == (8, 0)
+    a = read_maps(tmp_path / "gs-run").set_index("image_id").sort_index()
+    b = read_maps(local.run_dir).set_index("image_id").sort_index()
+    assert np.array_equal(np.stack(a["delta"].to_list()), np.stack(b["delta"].to_list()))
