@@ -2,12 +2,12 @@
 
 Streams ``RUN_DIR/maps/part-*.parquet`` batch by batch, reading only the group columns, the status
 and the per-image metrics (never the ``delta`` grids), so a million-image run needs a few float
-arrays per group rather than its maps in memory. Writes ``RUN_DIR/summary.parquet``.
+arrays per group rather than its maps in memory. Writes ``RUN_DIR/summary.parquet``. The
+statistics and verdict of each group come from :mod:`pipeline.group_stats`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +23,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from .group_stats import (
+    STATUS_ORDER,
+    GroupKey,
+    finite_mean,
+    group_rng,
+    group_status,
+    ratio_stats,
+)
 from .schema import IMAGE_METRICS, STATUS_OK, summary_schema
 
 __all__ = [
@@ -34,15 +42,11 @@ __all__ = [
     "read_summary",
 ]
 
-GroupKey = tuple[str | None, ...]
-
 #: Defaults when neither the caller nor run.json says otherwise.
 DEFAULTS: dict[str, Any] = dict(threshold=1.0, min_images=20, confidence=0.95, seed=0, n_boot=2000)
 _METRIC_COLUMNS = ("status", *IMAGE_METRICS)
 _META_KEY = b"occlusion_audit.audit"  # summary.parquet schema metadata: parameters used
 _BATCH_ROWS = 65_536
-_BOOT_CELLS = 4_000_000  # resample indices drawn at once; bounds bootstrap memory (~32 MB)
-STATUS_ORDER = {"flagged": 0, "inconclusive": 1, "ok": 2, "too-few": 2}
 
 
 def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -198,78 +202,16 @@ def _accumulate(run_dir: Path, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
     return accs
 
 
-def _rng(seed: int, key: GroupKey, stream: str) -> np.random.Generator:
-    """A generator fixed by the run seed and the group key alone (not by group order)."""
-    digest = hashlib.sha256(json.dumps([list(key), stream]).encode()).digest()
-    words = np.frombuffer(digest[:16], dtype=np.uint32).tolist()
-    return np.random.default_rng(np.random.SeedSequence([int(seed) % 2**32, *words]))
-
-
-def _mean(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if len(finite) else math.nan
-
-
-def _ratio_stats(
-    ratios: np.ndarray, confidence: float, n_boot: int, rng: np.random.Generator
-) -> dict[str, float]:
-    """Geometric mean of positive finite ``ratios`` with a percentile bootstrap interval.
-
-    Args:
-        ratios: (N,) fg/bg ratios, all finite and > 0, ideally sorted.
-        confidence: interval coverage in (0, 1), e.g. 0.95.
-        n_boot: bootstrap resamples of the log-ratios.
-        rng: source of the resample indices.
-
-    Returns:
-        ``gmean_ratio``, ``ci_low``, ``ci_high``, ``median_ratio``, ``share_below_1``; all NaN
-        when ``ratios`` is empty.
-    """
-    n = len(ratios)
-    if n == 0:
-        return dict.fromkeys(
-            ("gmean_ratio", "ci_low", "ci_high", "median_ratio", "share_below_1"), math.nan
-        )
-    logs = np.log(ratios)
-    means = np.empty(n_boot)
-    step = max(1, _BOOT_CELLS // n)
-    for start in range(0, n_boot, step):
-        stop = min(start + step, n_boot)
-        means[start:stop] = logs[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return {
-        "gmean_ratio": float(np.exp(logs.mean())),
-        "ci_low": float(np.exp(low)),
-        "ci_high": float(np.exp(high)),
-        "median_ratio": float(np.median(ratios)),
-        "share_below_1": float((ratios < 1.0).mean()),
-    }
-
-
-def _group_status(
-    n_valid: int, ci_low: float, ci_high: float, threshold: float, min_images: int
-) -> str:
-    """``too-few`` | ``flagged`` (interval below threshold) | ``inconclusive`` | ``ok``."""
-    if n_valid < max(1, min_images) or not (math.isfinite(ci_low) and math.isfinite(ci_high)):
-        return "too-few"
-    if ci_high < threshold:
-        return "flagged"
-    if ci_low <= threshold:
-        return "inconclusive"
-    return "ok"
-
-
 def _summary_row(key: GroupKey, acc: _Acc, group_by: Sequence[str], p: Mapping[str, Any]) -> dict:
     ratios, ratios_pos = acc.values("fg_bg_ratio"), acc.values("fg_bg_ratio_pos")
-    main = _ratio_stats(ratios, p["confidence"], p["n_boot"], _rng(p["seed"], key, "ratio"))
-    pos = _ratio_stats(ratios_pos, p["confidence"], p["n_boot"], _rng(p["seed"], key, "pos"))
+    main = ratio_stats(ratios, p["confidence"], p["n_boot"], group_rng(p["seed"], key, "ratio"))
+    pos = ratio_stats(ratios_pos, p["confidence"], p["n_boot"], group_rng(p["seed"], key, "pos"))
     row: dict[str, Any] = dict(zip(group_by, key, strict=True))
     row.update(n=acc.n, n_valid=len(ratios), n_error=acc.n_error, n_nan=acc.n_nan, **main)
-    row.update({f"mean_{k}": _mean(acc.values(k)) for k in ("fg_share", "fg_area")})
+    row.update({f"mean_{k}": finite_mean(acc.values(k)) for k in ("fg_share", "fg_area")})
     row.update({f"{k}_pos": v for k, v in pos.items()})
-    row["mean_fg_share_pos"] = _mean(acc.values("fg_share_pos"))
-    row["status"] = _group_status(
+    row["mean_fg_share_pos"] = finite_mean(acc.values("fg_share_pos"))
+    row["status"] = group_status(
         len(ratios), main["ci_low"], main["ci_high"], p["threshold"], p["min_images"]
     )
     return row

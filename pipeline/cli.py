@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--group", default="group", help="name of the group column")
     m.set_defaults(func=_cmd_manifest)
 
-    from pipeline.submit import add_submit_parser
+    from pipeline.cli_submit import add_submit_parser
 
     add_submit_parser(sub)
 

@@ -24,6 +24,10 @@ from pipeline.targets import Score, TargetSpec, Task, output_scores, resolve_tar
 __all__ = ["OcclusionResult", "attribute", "default_max_batch", "expand_map"]
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Images per unoccluded pass. There are N such images against N*K*P occluded copies, so padding
+# them to max_batch under fixed_batch would waste up to max_batch - 1 passes per call: a small
+# constant keeps the same bitwise reproducibility at a fraction of the padding.
+_PLAIN_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -74,16 +78,18 @@ class _Forward:
         self.model, self.device, self.task, self.score = model, device, task, score
         self.dtype = _PRECISIONS[precision]
         self.channels_last = channels_last
-        self.fixed_batch = fixed_batch
+        self.fixed_batch = fixed_batch  # rows of every occluded pass, when fixed
+        self.plain_batch = None if fixed_batch is None else min(fixed_batch, _PLAIN_BATCH)
         self.engine: Any = None  # an engine with forward_occluded(), or None for full passes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, O)`` float32 scores."""
+        """``(B, C, H, W) -> (B, O)`` float32 scores of unoccluded images, ``B`` at most
+        ``plain_batch`` when it is set."""
         b = x.shape[0]
-        if self.fixed_batch is not None and b < self.fixed_batch:
+        if self.plain_batch is not None and b < self.plain_batch:
             # CPU kernels pick their blocking by batch size; one batch size for every pass makes
             # each image's scores bitwise independent of what else is in its batch.
-            x = torch.cat([x, x.new_zeros((self.fixed_batch - b, *x.shape[1:]))])
+            x = torch.cat([x, x.new_zeros((self.plain_batch - b, *x.shape[1:]))])
         return self._scores(x, b)
 
     def _scores(self, x: torch.Tensor, b: int) -> torch.Tensor:
@@ -270,9 +276,10 @@ def attribute(
         return_full: also return ``(N, T, C, H, W)`` full-resolution maps.
         on_nonfinite: ``"raise"`` on a NaN/Inf score, or ``"nan"`` to give that image NaN maps
             and ``finite=False``.
-        fixed_batch: pad every forward pass to exactly ``max_batch`` images, so that maps are
-            bitwise identical however images are grouped into calls (at the cost of padding the
-            last batch of each call). Without it they agree to float rounding (~1e-7).
+        fixed_batch: pad every occluded pass to exactly ``max_batch`` copies (and every
+            unoccluded pass to ``min(max_batch, 16)`` images), so that maps are bitwise
+            identical however images are grouped into calls (at the cost of padding the last
+            batch of each call). Without it they agree to float rounding (~1e-7).
         engine: computes occluded scores without materialising full copies (an object with
             ``forward_occluded(x, fill, grid, img, draw, win) -> (B, ...)`` raw outputs, e.g.
             the incremental engine for convolutional models); None runs full forward passes.
@@ -314,7 +321,8 @@ def attribute(
     base = make_baselines(
         x, kind, k, seed=seed, image_ids=ids, value=value, blur_sigma=blur_sigma
     )  # (N, K, C, 1|H, 1|W)
-    scores0 = torch.cat([fwd(x[i : i + max_batch]) for i in range(0, n, max_batch)])  # (N, O)
+    plain = max_batch if fwd.plain_batch is None else fwd.plain_batch
+    scores0 = torch.cat([fwd(x[i : i + plain]) for i in range(0, n, plain)])  # (N, O)
     finite = torch.isfinite(scores0).all(dim=1)
     _check_finite(finite, ids, on_nonfinite, "unoccluded")
     tgt = resolve_targets(target, torch.nan_to_num(scores0), fwd.task)  # (N, T)

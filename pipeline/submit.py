@@ -1,4 +1,4 @@
-"""``occlusion-audit submit``: run an audit on a Ray cluster as a Ray job.
+"""Run an audit on a Ray cluster as a Ray job: the submission behind ``occlusion-audit submit``.
 
 The job's entrypoint is ``python -m pipeline run CONFIG`` (the same ``pipeline.cli.main`` as the
 console script), run from an uploaded working directory: the current directory unless told
@@ -19,11 +19,12 @@ turns authentication off. A rejected token exits 2 with Ray's explanation.
 
 Exit codes: 0 submitted (with ``--wait``: SUCCEEDED); 1 FAILED or STOPPED; 2 not submitted
 (cluster unreachable, token rejected); 3 duplicate submission id; 130 interrupted while waiting.
+
+The command line (arguments, the ``submit`` subcommand) is :mod:`pipeline.cli_submit`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
@@ -42,11 +43,9 @@ __all__ = [
     "EXIT_DUPLICATE",
     "SCHEDULE_TIME_ENV",
     "UPLOAD_EXCLUDES",
-    "add_submit_parser",
     "build_entrypoint",
     "build_runtime_env",
     "parse_schedule_time",
-    "run_submit",
     "scheduled_submission_id",
     "submit",
     "submit_entrypoint",
@@ -57,7 +56,6 @@ ID_PREFIX = "occlusion-audit"
 # gitignore-style patterns, relative to the working dir; Ray also honours .gitignore there.
 UPLOAD_EXCLUDES = (".venv/", ".git/", "/runs/", "/reports/", "__pycache__/", ".*_cache/")
 EXIT_OK, EXIT_FAILED, EXIT_NOT_SUBMITTED, EXIT_DUPLICATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-_RUN_FLAGS = ("--resume", "--no-report", "--quiet")  # `run` switches that `submit` passes on
 _POLL_S = 1.0  # status/log polling period when the log stream is unavailable
 _CRON_JOB_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*-(\d{7,})")  # <cronjob>-<epoch minutes>
 
@@ -257,56 +255,6 @@ def submit(
         metadata=metadata,
         wait=wait,
         log_stream=log_stream,
-    )
-
-
-def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``submit`` to the CLI's subparsers; it dispatches through ``func=run_submit``."""
-    p = subparsers.add_parser(
-        "submit",
-        help="submit the audit of a config to a Ray cluster as a Ray job",
-        description=(
-            "Run `occlusion-audit run CONFIG` on a Ray cluster as a Ray job. A scheduled run "
-            f"(--schedule-time or ${SCHEDULE_TIME_ENV}) gets the id occlusion-audit-<name>-"
-            "<YYYYMMDD>-<HHMM> (UTC); Ray refuses a second job with that id (exit 3)."
-        ),
-    )
-    p.add_argument("config", help="audit config (YAML), inside the working dir")
-    p.add_argument("--address", help="Ray dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
-    p.add_argument("--wait", action="store_true", help="stream logs; exit 0 only if it succeeds")
-    p.add_argument("--submission-id", help="job id (default: from --schedule-time)")
-    p.add_argument(
-        "--schedule-time",
-        help=f"scheduled time: ISO 8601 or a CronJob's Job name (default: ${SCHEDULE_TIME_ENV})",
-    )
-    p.add_argument("--working-dir", help="folder to upload (default: the current directory)")
-    p.add_argument("--runtime-env", metavar="YAML", help="e.g. jobs/runtime_env.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to run")
-    for flag in _RUN_FLAGS:
-        p.add_argument(flag, action="store_true", help="passed to run")
-    p.set_defaults(func=run_submit)
-    return p
-
-
-def run_submit(args: argparse.Namespace) -> int:
-    """The ``submit`` subcommand: turn parsed arguments into a :func:`submit` call."""
-    runtime_env = None
-    if args.runtime_env:
-        with open(args.runtime_env, encoding="utf-8") as f:
-            runtime_env = yaml.safe_load(f) or {}
-        if not isinstance(runtime_env, dict):
-            raise ValueError(f"runtime env {args.runtime_env!r} must be a YAML mapping")
-    extra = [a for s in args.set for a in ("--set", s)]
-    extra += [flag for flag in _RUN_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
-    return submit(
-        args.config,
-        args.address,
-        wait=args.wait,
-        submission_id=args.submission_id,
-        schedule_time=parse_schedule_time(args.schedule_time) if args.schedule_time else None,
-        working_dir=args.working_dir,
-        runtime_env=runtime_env,
-        extra_args=extra,
     )
 
 

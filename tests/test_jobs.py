@@ -19,7 +19,8 @@ import torch
 import yaml
 from ray.runtime_env import RuntimeEnv
 
-from pipeline.submit import SCHEDULE_TIME_ENV, UPLOAD_EXCLUDES, add_submit_parser
+from pipeline.cli_submit import add_submit_parser
+from pipeline.submit import SCHEDULE_TIME_ENV, UPLOAD_EXCLUDES
 from tests.test_cluster import CLUSTER_YAML, uncommented_keys
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,11 +40,11 @@ from PIL import Image
 from torch import nn
 
 from pipeline import submit as submit_mod
+from pipeline.cli_submit import add_submit_parser
 from pipeline.submit import (
     EXIT_DUPLICATE,
     SCHEDULE_TIME_ENV,
     UPLOAD_EXCLUDES,
-    add_submit_parser,
     build_entrypoint,
     build_runtime_env,
     parse_schedule_time,
