@@ -44,13 +44,17 @@ def test_bench_smoke(tmp_path, capsys):
     assert "ours (occlusion.engine auto: incremental)" in text
 
 
-def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys):
+def _one_window_bench(tmp_path, model: str, *extra: str) -> dict:
+    """The bench on one 32x32 image with a single 16 px window grid, K=1; its JSON facts."""
     out = tmp_path / "bench.json"
-    argv = ["bench", "--model", "vgg-small", "--image-size", "32", "--window", "16", "--k", "1"]
-    argv += ["--stride", "16", "--images", "1", "--repeats", "1", "--json", str(out)]
-    argv += ["--engine", "generic", "--default-malloc"]
+    argv = ["bench", "--model", model, "--image-size", "32", "--window", "16", "--k", "1"]
+    argv += ["--stride", "16", "--images", "1", "--repeats", "1", "--json", str(out), *extra]
     assert main(argv) == 0
-    facts = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys):
+    facts = _one_window_bench(tmp_path, "vgg-small", "--engine", "generic", "--default-malloc")
     assert facts["machine"]["heap_tuned"] is False
     assert facts["ours"] == "generic" and facts["incremental"] == "--engine generic"
     assert {r["engine"] for r in facts["rows"]} == {"generic", "captum", "captum-best", "roofline"}
@@ -59,12 +63,7 @@ def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys)
 
 
 def test_bench_no_captum_checks_incremental_maps_against_generic(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    argv = ["bench", "--model", "resnet50", "--image-size", "32", "--window", "16", "--k", "1"]
-    argv += ["--stride", "16", "--images", "1", "--repeats", "1", "--json", str(out)]
-    argv += ["--no-captum", "--max-batch", "4"]
-    assert main(argv) == 0
-    facts = json.loads(out.read_text())
+    facts = _one_window_bench(tmp_path, "resnet50", "--no-captum", "--max-batch", "4")
     rows = {r["engine"]: r for r in facts["rows"]}
     assert set(rows) == {"generic", "incremental", "roofline"}
     assert rows["generic"]["max_abs_diff"] == 0.0  # the reference itself
