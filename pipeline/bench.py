@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from pipeline.bench_engines import (
-    DTYPES,
     Device,
     Row,
     Setup,
@@ -35,7 +34,7 @@ from pipeline.bench_engines import (
 )
 from pipeline.bench_nets import build_bench_model
 from pipeline.heap import tune_heap
-from pipeline.occlusion import OcclusionResult
+from pipeline.occlusion import PRECISIONS, OcclusionResult
 
 __all__ = ["run_bench"]
 
@@ -145,8 +144,8 @@ def run_bench(args: argparse.Namespace) -> int:
         4 times the model's own score noise when that is larger (a map is a mean of score
         differences, so it carries that noise from both sides).
     """
-    if args.precision not in DTYPES:
-        raise ValueError(f"--precision must be one of {sorted(DTYPES)}, got {args.precision!r}")
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {args.precision!r}")
     # as a run's workers do: CPU forward passes reuse freed buffers (pipeline.heap)
     heap_tuned = False if args.default_malloc else tune_heap()
     d, n = Device(args.device), int(args.images)

@@ -6,7 +6,6 @@ work of one timed run, plus the timer and peak-memory probe of the device they r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -19,13 +18,12 @@ import torch
 
 from pipeline.baselines import make_baselines
 from pipeline.heap import trim_heap
-from pipeline.occlusion import OcclusionResult, attribute
+from pipeline.occlusion import OcclusionResult, attribute, precision_context
 
-__all__ = ["DTYPES", "Device", "Row", "Setup", "captum_rows", "incremental_row", "roofline_row"]
+__all__ = ["Device", "Row", "Setup", "captum_rows", "incremental_row", "roofline_row"]
 
 _PPE = (1, 8, 16, 32, 64, 128)  # Captum perturbations_per_eval candidates
 _BATCHES = (16, 32, 64, 128, 256)  # roofline batch-size candidates
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -101,11 +99,6 @@ def _status_kb(key: str) -> int:
     return next((int(s.split()[1]) for s in lines if s.startswith(key + ":")), 0)
 
 
-def autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    dtype = DTYPES[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
-
-
 @dataclass
 class Setup:
     model: torch.nn.Module
@@ -130,7 +123,7 @@ class Setup:
         networks reach ~1e-5 of the logit scale."""
         n = self.x.shape[0]
         batch = self.x[torch.arange(max(16, n)) % n]
-        with autocast(self.d.dev, self.args.precision):
+        with precision_context(self.d.dev, self.args.precision):
             alone = torch.cat([self.model(self.x[i : i + 1]).float() for i in range(n)])
             together = self.model(batch).float()[:n]
             cl = self.model(batch.contiguous(memory_format=torch.channels_last)).float()[:n]
@@ -162,7 +155,7 @@ class Setup:
 
     def _captum_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Captum only sees a function: it gets the same autocast as ours, with fp32 outputs.
-        with autocast(self.d.dev, self.args.precision):
+        with precision_context(self.d.dev, self.args.precision):
             return self.model(x).float()
 
     def forwards(self, total: int, batch: int, channels_last: bool) -> Callable[[], None]:
@@ -173,7 +166,7 @@ class Setup:
 
         @torch.inference_mode()
         def run() -> None:
-            with autocast(self.d.dev, self.args.precision):
+            with precision_context(self.d.dev, self.args.precision):
                 for _ in range(total // batch):
                     self.model(full)
                 if tail.shape[0]:

@@ -21,9 +21,16 @@ from pipeline.baselines import Baseline, default_draws, make_baselines
 from pipeline.geometry import WindowGrid
 from pipeline.targets import Score, TargetSpec, Task, output_scores, resolve_targets
 
-__all__ = ["OcclusionResult", "attribute", "default_max_batch", "expand_map"]
+__all__ = [
+    "PRECISIONS",
+    "OcclusionResult",
+    "attribute",
+    "default_max_batch",
+    "expand_map",
+    "precision_context",
+]
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
 # Images per unoccluded pass. There are N such images against N*K*P occluded copies, so padding
 # them to max_batch under fixed_batch would waste up to max_batch - 1 passes per call: a small
 # constant keeps the same bitwise reproducibility at a fraction of the padding.
@@ -73,10 +80,10 @@ class _Forward:
         channels_last: bool,
         fixed_batch: int | None = None,
     ) -> None:
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.model, self.device, self.task, self.score = model, device, task, score
-        self.dtype = _PRECISIONS[precision]
+        self.precision = precision
         self.channels_last = channels_last
         self.fixed_batch = fixed_batch  # rows of every occluded pass, when fixed
         self.plain_batch = None if fixed_batch is None else min(fixed_batch, _PLAIN_BATCH)
@@ -96,10 +103,7 @@ class _Forward:
         """Scores ``(b, O)`` of the first ``b`` images of the model input ``x``."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx: Any = contextlib.nullcontext()
-        if self.dtype is not None:
-            ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
-        with ctx:
+        with precision_context(self.device, self.precision):
             out = self.model(x)
         return output_scores(out, x.shape[0], self.task, self.score)[:b]
 
@@ -108,26 +112,33 @@ class _Forward:
         x: torch.Tensor,
         fill: torch.Tensor,
         grid: WindowGrid,
-        batch: _OccludedBatch,
+        batch: _OccludedBatch | None,
         img: torch.Tensor,
         draw: torch.Tensor,
         win: torch.Tensor,
     ) -> torch.Tensor:
         """Scores ``(B, O)`` of copies ``(img, draw, win)``: image ``img`` with window ``win``
-        filled from ``fill[img, draw]``."""
+        filled from ``fill[img, draw]``; ``batch`` builds the full copies (None with an
+        engine, which never materialises them)."""
         if self.engine is None:
+            assert batch is not None
             return self._scores(*batch.build(x, fill, img, draw, win, self.fixed_batch))
         b = img.shape[0]
         if self.fixed_batch is not None and b < self.fixed_batch:
             # the same batch size for every call, as in __call__ (bitwise reproducibility)
             pad = self.fixed_batch - b
             img, draw, win = (torch.cat([t, t[:1].expand(pad)]) for t in (img, draw, win))
-        ctx: Any = contextlib.nullcontext()
-        if self.dtype is not None:
-            ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
-        with ctx:
+        with precision_context(self.device, self.precision):
             out = self.engine.forward_occluded(x, fill, grid, img, draw, win)
         return output_scores(out, img.shape[0], self.task, self.score)[:b]
+
+
+def precision_context(
+    device: torch.device, precision: str
+) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to the dtype of ``precision`` on ``device``; nothing for ``fp32``."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 class _OccludedBatch:
@@ -373,8 +384,10 @@ def _occluded_deltas(
     """
     n, k = base.shape[:2]
     p_count = grid.n_windows
-    rows = min(max_batch, n * k * p_count) if fwd.fixed_batch is None else fwd.fixed_batch
-    batch = _OccludedBatch(x, grid, rows, fwd.channels_last)
+    batch = None
+    if fwd.engine is None:  # an engine never materialises full copies: no buffer for them
+        rows = min(max_batch, n * k * p_count) if fwd.fixed_batch is None else fwd.fixed_batch
+        batch = _OccludedBatch(x, grid, rows, fwd.channels_last)
     out = torch.empty((n * k * p_count, tgt.shape[1]), dtype=torch.float32, device=x.device)
     total = out.shape[0]
     for q0 in range(0, total, max_batch):
