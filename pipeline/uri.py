@@ -226,6 +226,13 @@ def hf_local_path(uri: str) -> str:
         raise
 
 
+def _endpoint(url: str, default_scheme: str) -> dict[str, str]:
+    """``scheme`` and ``endpoint_override`` (host, port and path) of a pyarrow filesystem for
+    ``url``, which may leave out its scheme."""
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"{default_scheme}://{url}")
+    return {"scheme": parsed.scheme, "endpoint_override": parsed.netloc + parsed.path}
+
+
 @functools.lru_cache(maxsize=8)
 def _s3(
     endpoint: str | None, region: str | None, key_id: str | None, profile: str | None
@@ -234,8 +241,7 @@ def _s3(
     del key_id, profile
     kwargs: dict[str, str] = {}
     if endpoint:
-        parsed = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs.update(scheme=parsed.scheme, endpoint_override=parsed.netloc + parsed.path)
+        kwargs.update(_endpoint(endpoint, "https"))
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
@@ -255,10 +261,7 @@ def _s3_filesystem() -> pafs.S3FileSystem:
 def _gcs(emulator: str | None) -> pafs.GcsFileSystem:
     if not emulator:
         return pafs.GcsFileSystem()
-    parsed = urllib.parse.urlsplit(emulator if "://" in emulator else f"http://{emulator}")
-    return pafs.GcsFileSystem(
-        anonymous=True, scheme=parsed.scheme, endpoint_override=parsed.netloc + parsed.path
-    )
+    return pafs.GcsFileSystem(anonymous=True, **_endpoint(emulator, "http"))
 
 
 def _gcs_filesystem() -> pafs.GcsFileSystem:
