@@ -144,7 +144,7 @@ def make_dataset(root: Path, n: int, size: int) -> None:
     import torch
     from PIL import Image
 
-    from pipeline.nets import SeedCNNWithGAP
+    from pipeline.models.nets import SeedCNNWithGAP
 
     rng = np.random.default_rng(0)
     for sub in ("images", "masks"):
@@ -185,7 +185,7 @@ def _child(args: argparse.Namespace) -> int:
             "name": f"mem-{args.images}",
             "dataset": {"manifest": str(manifest), "root": str(root), "group_by": ["room"],
                         "image_size": [size, size]},
-            "model": {"factory": "pipeline.nets:SeedCNNWithGAP", "kwargs": {"num_classes": 2},
+            "model": {"factory": "pipeline.models:SeedCNNWithGAP", "kwargs": {"num_classes": 2},
                       "weights": str(root / "model.pt")},
             "occlusion": {"window": [win, win], "stride": [win // 2, win // 2],
                           "n_baselines": 2, "max_batch": 64},

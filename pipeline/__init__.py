@@ -1,5 +1,10 @@
 """occlusion-audit: dataset-scale occlusion-saliency audits of vision models.
 
+The package follows the data flow of a run (docs/design.md, "Layout")::
+
+    storage -> config -> data -> kernel (+ incremental) -> models -> run -> audit -> report
+                                                                      \\-> cluster, bench, demo
+
 The pure-torch kernel (:func:`attribute`, :func:`expand_map`) is imported eagerly; the Ray,
 Parquet and report layers load on first use so that ``import pipeline`` stays light.
 """
@@ -10,9 +15,17 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pipeline.baselines import Baseline
-from pipeline.occlusion import OcclusionResult, attribute, expand_map
-from pipeline.targets import Score, Task
+from pipeline.kernel import (
+    Baseline,
+    ComputeOptions,
+    Engine,
+    OcclusionResult,
+    Precision,
+    Score,
+    Task,
+    attribute,
+    expand_map,
+)
 
 try:
     __version__ = version("occlusion-audit")
@@ -23,10 +36,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 _LAZY = {
     "load_config": "pipeline.config",
     "AuditConfig": "pipeline.config",
-    "run_audit": "pipeline.runner",
-    "RunResult": "pipeline.runner",
-    "read_maps": "pipeline.store",
-    "aggregate": "pipeline.aggregate",
+    "run_audit": "pipeline.run.runner",
+    "RunResult": "pipeline.run.runner",
+    "read_maps": "pipeline.run.folder",
+    "RunFolder": "pipeline.run.folder",
+    "aggregate": "pipeline.audit",
     "write_report": "pipeline.report",
     "load_model": "pipeline.models",
     "IncrementalEngine": "pipeline.incremental",
@@ -35,7 +49,10 @@ _LAZY = {
 
 __all__ = [
     "Baseline",
+    "ComputeOptions",
+    "Engine",
     "OcclusionResult",
+    "Precision",
     "Score",
     "Task",
     "__version__",

@@ -10,8 +10,8 @@ __all__ = ["main"]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.runner import run_audit
+    from pipeline.config.load import load_config
+    from pipeline.run.runner import run_audit
 
     cfg = load_config(args.config, overrides=args.set)
     result = run_audit(cfg, resume=args.resume, progress=not args.quiet)
@@ -27,8 +27,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _aggregate_and_report(run_dir: object, out: str | None) -> None:
-    from pipeline.aggregate import aggregate
-    from pipeline.report import write_report
+    from pipeline.audit.aggregate import aggregate
+    from pipeline.report.build import write_report
 
     summary = aggregate(run_dir)
     _print_summary(summary)
@@ -57,7 +57,7 @@ _HIDDEN_COLUMNS = {
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from pipeline.aggregate import aggregate
+    from pipeline.audit.aggregate import aggregate
 
     group_by = [g for g in args.group_by.split(",") if g] if args.group_by else None
     summary = aggregate(
@@ -72,14 +72,14 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import write_report
+    from pipeline.report.build import write_report
 
     print(f"report: {write_report(args.run_dir, args.out)}")
     return 0
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
-    from pipeline.manifest import build_manifest
+    from pipeline.data.manifest import build_manifest
 
     table = build_manifest(args.image_dir, args.out, masks_dir=args.masks, group_column=args.group)
     print(f"manifest: {table.num_rows} images -> {args.out}")
@@ -93,7 +93,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_bench
+    from pipeline.bench.main import run_bench
 
     return run_bench(args)
 
@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--group", default="group", help="name of the group column")
     m.set_defaults(func=_cmd_manifest)
 
-    from pipeline.cli_submit import add_submit_parser
+    from pipeline.cluster.cli import add_submit_parser
 
     add_submit_parser(sub)
 
@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--default-malloc",
         action="store_true",
-        help="keep glibc's default heap thresholds (a run's workers tune them: pipeline.heap)",
+        help="keep glibc's default heap thresholds (a run's workers tune them: pipeline.run.heap)",
     )
     b.set_defaults(func=_cmd_bench)
     return p

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.nets import SeedCNNWithGAP
+from pipeline.models.nets import SeedCNNWithGAP
 
 
 def make_image_set(
@@ -69,7 +69,7 @@ def audit_config(root: Path, out: Path, **sections: Any) -> dict[str, Any]:
             "image_size": [24, 24],
         },
         "model": {
-            "factory": "pipeline.nets:SeedCNNWithGAP",
+            "factory": "pipeline.models:SeedCNNWithGAP",
             "kwargs": {"num_classes": 2},
             "weights": str(root / "model.pt"),
         },

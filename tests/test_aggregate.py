@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.aggregate import aggregate, read_summary
+from pipeline.audit.aggregate import aggregate, read_summary
 from pipeline.schema import summary_schema
 from tests._runfixtures import make_row, spread_ratios, standard_rows, write_run
 

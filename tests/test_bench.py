@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.bench_nets import BENCH_MODELS, build_bench_model
+from pipeline.bench.nets import BENCH_MODELS, build_bench_model
 from pipeline.cli import main
 
 

@@ -202,10 +202,10 @@ def test_required_keys() -> None:
 
 def test_model_sources() -> None:
     hub = {"repo_id": "me/model", "filename": "w.pth", "revision": "abc"}
-    cfg = load_config({**MINIMAL, "model": {"factory": "pipeline.nets:SeedCNN", "hub": hub}})
+    cfg = load_config({**MINIMAL, "model": {"factory": "pipeline.models:SeedCNN", "hub": hub}})
     assert cfg.model.hub is not None and cfg.model.hub.repo_id == "me/model"
     cfg = load_config(
-        {**MINIMAL, "model": {"factory": "pipeline.nets:SeedCNN", "kwargs": {"num_classes": 2}}}
+        {**MINIMAL, "model": {"factory": "pipeline.models:SeedCNN", "kwargs": {"num_classes": 2}}}
     )
     assert cfg.model.kwargs == {"num_classes": 2} and cfg.model.weights is None
     assert _error({**MINIMAL, "model": {"factory": "nocolon"}}).key == "model.factory"
@@ -271,7 +271,7 @@ def test_override_to_unknown_key_is_an_error() -> None:
     assert _error(MINIMAL, ("occlusion.window",)).key == "occlusion.window"  # no "="
     # keys below a free mapping are the factory's business
     cfg = load_config(
-        {**MINIMAL, "model": {"factory": "pipeline.nets:SeedCNN"}}, ["model.kwargs.input_dim=64"]
+        {**MINIMAL, "model": {"factory": "pipeline.models:SeedCNN"}}, ["model.kwargs.input_dim=64"]
     )
     assert cfg.model.kwargs == {"input_dim": 64}
 
@@ -286,14 +286,14 @@ def test_relative_paths_resolve_against_the_config_folder(
         yaml.safe_dump(
             {
                 "dataset": {"manifest": "../data/val/manifest.csv"},
-                "model": {"factory": "pipeline.nets:SeedCNN", "weights": "~/w.pth"},
+                "model": {"factory": "pipeline.models:SeedCNN", "weights": "~/w.pth"},
                 "output": {"dir": "out", "report_dir": "s3://bucket/reports"},
             }
         ),
         encoding="utf-8",
     )
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(path, ["model.factory=pipeline.nets:SeedCNN", "output.report_dir=rep"])
+    cfg = load_config(path, ["model.factory=pipeline.models:SeedCNN", "output.report_dir=rep"])
     assert cfg.name == "nightly"  # from the file name
     assert cfg.dataset.manifest == str(tmp_path / "data/val/manifest.csv")
     assert cfg.dataset.root == str(tmp_path / "data/val")  # default: the manifest's folder

@@ -17,7 +17,7 @@ from pipeline.demo.synth import (
     turn_class,
 )
 from pipeline.demo.train import load_images, train_demo_model
-from pipeline.nets import SeedCNN
+from pipeline.models.nets import SeedCNN
 
 N_PER_ROOM = 30
 COLUMNS = [

@@ -14,8 +14,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.aggregate import aggregate
-from pipeline.report import write_report
+from pipeline.audit.aggregate import aggregate
+from pipeline.report.build import write_report
 from pipeline.schema import IMAGE_METRICS, maps_schema, summary_schema
 from tests._runfixtures import standard_rows, write_run
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import attribute
-from pipeline.nets import SeedCNN
+from pipeline import ComputeOptions, attribute
+from pipeline.models.nets import SeedCNN
 
 pytestmark = pytest.mark.gpu
 
@@ -31,7 +31,7 @@ def test_half_precision_within_stated_tolerance(precision):
     model, x, kw = _setup()
     model, x = model.cuda(), x.cuda()
     ref = attribute(model, x, **kw)
-    half = attribute(model, x, precision=precision, **kw)
+    half = attribute(model, x, options=ComputeOptions(precision=precision), **kw)
     scale = ref.score.abs().max().item()
     # the documented tolerance: about 1e-2 of the score scale
     assert (half.delta - ref.delta).abs().max().item() <= 2e-2 * max(scale, 1.0)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.group_stats import (
+from pipeline.audit.statistics import (
     RATIO_STAT_NAMES,
     finite_mean,
     group_rng,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from pipeline.images import DataError, load_image, load_mask
-from pipeline.uri import PathEscapeError, join_under
+from pipeline.data.images import DataError, load_image, load_mask
+from pipeline.storage.uri import PathEscapeError, join_under
 from tests._data_helpers import (
     COMMIT,
     image_bytes,

@@ -8,11 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pipeline import attribute
-from pipeline.geometry import WindowGrid
-from pipeline.incremental import IncrementalEngine, auto_engine
-from pipeline.models import Normalized
-from pipeline.nets import SeedCNN, SeedCNNWithGAP
+from pipeline import ComputeOptions, attribute
+from pipeline.incremental.engine import IncrementalEngine, auto_engine
+from pipeline.kernel.geometry import WindowGrid
+from pipeline.models.loading import Normalized
+from pipeline.models.nets import SeedCNN, SeedCNNWithGAP
 from tests._models import ScalarRegressor, tiny_convnet
 
 ATOL = 1e-4
@@ -159,8 +159,8 @@ def _maps(model, x, engine, window, stride, baseline, k, **kw):
         baseline=baseline,
         n_baselines=k,
         target="predicted",
-        max_batch=37,  # batches mix windows, draws and images
-        engine=engine,
+        # batches of 37 mix windows, draws and images
+        options=ComputeOptions(max_batch=37, engine=engine or "generic"),
         **kw,
     )
 
@@ -213,7 +213,12 @@ def test_cache_follows_the_images():
 def test_other_image_size_is_an_error():
     engine = IncrementalEngine.build(MODELS["seedcnn-gap"](), (3, 16, 16), "cpu")
     with pytest.raises(ValueError, match="built for images of shape"):
-        attribute(MODELS["seedcnn-gap"](), torch.rand(1, 3, 20, 20), window=[4, 4], engine=engine)
+        attribute(
+            MODELS["seedcnn-gap"](),
+            torch.rand(1, 3, 20, 20),
+            window=[4, 4],
+            options=ComputeOptions(engine=engine),
+        )
 
 
 class Attention(nn.Module):

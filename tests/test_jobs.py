@@ -19,8 +19,8 @@ import torch
 import yaml
 from ray.runtime_env import RuntimeEnv
 
-from pipeline.cli_submit import add_submit_parser
-from pipeline.submit import SCHEDULE_TIME_ENV, UPLOAD_EXCLUDES
+from pipeline.cluster.cli import add_submit_parser
+from pipeline.cluster.submit import SCHEDULE_TIME_ENV, UPLOAD_EXCLUDES
 from tests.test_cluster import CLUSTER_YAML, uncommented_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +119,9 @@ def test_the_entrypoint_command_line_is_accepted_by_the_cli() -> None:
 
 
 def test_job_config_and_overrides_pass_load_config(rayjob: dict[str, Any]) -> None:
-    if find_spec("pipeline.config") is None:
-        pytest.skip("pipeline.config (load_config) is not in this tree yet")
-    from pipeline.config import load_config
+    if find_spec("pipeline.config.load") is None:
+        pytest.skip("pipeline.config.load (load_config) is not in this tree yet")
+    from pipeline.config.load import load_config
 
     argv = _run_argv(rayjob["spec"]["entrypoint"])
     config = ROOT / argv[4].removeprefix(f"{APP_DIR}/")

@@ -12,8 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ColumnsConfig, DatasetConfig
-from pipeline.manifest import ImageRecord, ManifestError, build_manifest, read_manifest, records
-from pipeline.uri import parse_hf
+from pipeline.data.manifest import (
+    ImageRecord,
+    ManifestError,
+    build_manifest,
+    read_manifest,
+    records,
+)
+from pipeline.storage.hub import HubFile
 from tests._data_helpers import (
     COMMIT,
     make_hf_cache,
@@ -256,14 +262,14 @@ def test_reads_a_manifest_from_an_offline_hub_cache(tmp_path: Path, monkeypatch)
 
 
 def test_parse_hf_uris() -> None:
-    ref = parse_hf("hf://datasets/owner/rooms@refs%2Fpr%2F1/val/m.parquet")
+    ref = HubFile.parse("hf://datasets/owner/rooms@refs%2Fpr%2F1/val/m.parquet")
     assert (ref.repo_type, ref.repo_id, ref.revision, ref.filename) == (
         "dataset",
         "owner/rooms",
         "refs/pr/1",
         "val/m.parquet",
     )
-    model = parse_hf("hf://owner/net/weights/model.pth")
+    model = HubFile.parse("hf://owner/net/weights/model.pth")
     assert (model.repo_type, model.repo_id, model.revision) == ("model", "owner/net", None)
     with pytest.raises(ValueError, match="malformed"):
-        parse_hf("hf://datasets/owner")
+        HubFile.parse("hf://datasets/owner")

@@ -12,18 +12,19 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError, HubFile, ModelConfig, NormalizeConfig
 from pipeline.models import (
-    HubFile,
     ModelLoadError,
-    ModelSpec,
     Normalized,
     SeedCNN,
     SeedCNNWithGAP,
-    UnpinnedRevisionWarning,
     load_model,
     model_hash,
     resolve_model_file,
 )
+from pipeline.storage.hub import UnpinnedRevisionWarning
+
+NORM = NormalizeConfig((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 SIDE = 32  # SeedCNN's head grows with the square of the side; 32 keeps it at 0.5M weights
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -47,7 +48,7 @@ class TinyNet(nn.Module):
 
 
 class PlainSeed(nn.Module):
-    """The published seed regressor, written out by hand (not via pipeline.nets)."""
+    """The published seed regressor, written out by hand (not via pipeline.models.nets)."""
 
     def __init__(self, n: int, side: int) -> None:
         super().__init__()
@@ -134,7 +135,7 @@ def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_torchscript_round_trip_in_eval_mode(tmp_path: Path) -> None:
     ref = _trained(TinyNet())
     torch.jit.script(ref).save(tmp_path / "m.pt")  # saved in train mode on purpose
-    model = load_model(ModelSpec(torchscript=str(tmp_path / "m.pt")))
+    model = load_model(ModelConfig(torchscript=str(tmp_path / "m.pt")))
     assert _all_eval(model)
     torch.testing.assert_close(model(_x(side=8)), ref.eval()(_x(side=8)))
 
@@ -142,7 +143,7 @@ def test_torchscript_round_trip_in_eval_mode(tmp_path: Path) -> None:
 def test_export_round_trip_in_eval_mode(tmp_path: Path) -> None:
     ref = _trained(TinyNet()).eval()
     torch.export.save(torch.export.export(ref, (_x(side=8),)), tmp_path / "m.pt2")
-    model = load_model(ModelSpec(export=str(tmp_path / "m.pt2"), normalize=(MEAN, STD)))
+    model = load_model(ModelConfig(export=str(tmp_path / "m.pt2")), NORM)
     assert _all_eval(model)
     model.eval()  # callers may call eval(); the exported graph must accept it
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
@@ -156,13 +157,13 @@ def test_export_in_training_mode_is_rejected(tmp_path: Path) -> None:
     ref = _trained(TinyNet()).train()
     torch.export.save(torch.export.export(ref, (_x(side=8),)), tmp_path / "m.pt2")
     with pytest.raises(ModelLoadError, match=r"training mode.*model\.eval\(\)"):
-        load_model(ModelSpec(export=str(tmp_path / "m.pt2")))
+        load_model(ModelConfig(export=str(tmp_path / "m.pt2")))
 
 
 def test_factory_with_state_dict(tmp_path: Path) -> None:
     ref = _trained(SeedCNN(num_classes=3, input_dim=SIDE)).eval()
     torch.save(ref.state_dict(), tmp_path / "w.pth")
-    spec = ModelSpec(
+    spec = ModelConfig(
         factory="pipeline.models:SeedCNN",
         kwargs={"num_classes": 3, "input_dim": SIDE},
         weights=str(tmp_path / "w.pth"),
@@ -174,7 +175,7 @@ def test_factory_with_state_dict(tmp_path: Path) -> None:
 
 def test_seed_checkpoint_loads_by_key_name(tmp_path: Path) -> None:
     path, ref = _seed_state(tmp_path)
-    spec = ModelSpec(
+    spec = ModelConfig(
         factory="pipeline.models:SeedCNN",
         kwargs={"num_classes": 2, "input_dim": SIDE},
         weights=str(path),
@@ -185,7 +186,7 @@ def test_seed_checkpoint_loads_by_key_name(tmp_path: Path) -> None:
 def test_seed_gap_checkpoint_loads_by_key_name(tmp_path: Path) -> None:
     ref = _trained(PlainSeedGAP(1)).eval()
     torch.save(ref.state_dict(), tmp_path / "gap.pth")
-    spec = ModelSpec(factory="pipeline.models:SeedCNNWithGAP", weights=str(tmp_path / "gap.pth"))
+    spec = ModelConfig(factory="pipeline.models:SeedCNNWithGAP", weights=str(tmp_path / "gap.pth"))
     model = load_model(spec)
     assert isinstance(model, SeedCNNWithGAP)
     torch.testing.assert_close(model(_x(side=20)), ref(_x(side=20)), rtol=0, atol=0)
@@ -195,7 +196,7 @@ def test_key_mismatch_names_missing_and_unexpected_keys(tmp_path: Path) -> None:
     state = _trained(SeedCNN(input_dim=SIDE)).state_dict()
     state["head.weight"] = state.pop("fc_layers.3.weight")
     torch.save(state, tmp_path / "bad.pth")
-    spec = ModelSpec(
+    spec = ModelConfig(
         factory="pipeline.models:SeedCNN",
         kwargs={"input_dim": SIDE},
         weights=str(tmp_path / "bad.pth"),
@@ -209,7 +210,7 @@ def test_key_mismatch_names_missing_and_unexpected_keys(tmp_path: Path) -> None:
 
 def test_shape_mismatch_names_the_parameter(tmp_path: Path) -> None:
     path, _ = _seed_state(tmp_path, n=2)
-    spec = ModelSpec(
+    spec = ModelConfig(
         factory="pipeline.models:SeedCNN",
         kwargs={"num_classes": 5, "input_dim": SIDE},
         weights=str(path),
@@ -220,13 +221,12 @@ def test_shape_mismatch_names_the_parameter(tmp_path: Path) -> None:
 
 def test_normalisation_happens_inside_the_model(tmp_path: Path) -> None:
     path, ref = _seed_state(tmp_path)
-    spec = ModelSpec(
+    spec = ModelConfig(
         factory="pipeline.models:SeedCNN",
         kwargs={"num_classes": 2, "input_dim": SIDE},
         weights=str(path),
-        normalize=(MEAN, STD),
     )
-    model = load_model(spec)
+    model = load_model(spec, NORM)
     assert isinstance(model, Normalized) and _all_eval(model)
     mean = torch.tensor(MEAN).reshape(1, 3, 1, 1)
     std = torch.tensor(STD).reshape(1, 3, 1, 1)
@@ -250,7 +250,7 @@ def test_hub_state_dict_by_pinned_revision(tmp_path: Path, offline_cache: Path) 
         offline_cache, "owner/seeds", "models/a/model.pth", path.read_bytes(), COMMIT
     )
     hub = HubFile("owner/seeds", "models/a/model.pth", revision=COMMIT)
-    spec = ModelSpec(
+    spec = ModelConfig(
         factory="pipeline.models:SeedCNN", kwargs={"num_classes": 2, "input_dim": SIDE}, hub=hub
     )
     resolved = resolve_model_file(spec)
@@ -266,7 +266,7 @@ def test_hub_address_string_and_hf_home(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     _hub_cache(tmp_path / "hf-home" / "hub", "owner/seeds", "model.pth", path.read_bytes(), COMMIT)
-    spec = ModelSpec(
+    spec = ModelConfig(
         factory="pipeline.models:SeedCNN",
         kwargs={"num_classes": 2, "input_dim": SIDE},
         weights=f"hf://owner/seeds@{COMMIT}/model.pth",
@@ -279,14 +279,14 @@ def test_hub_archive_without_factory_is_torchscript(tmp_path: Path, offline_cach
     ref = _trained(TinyNet()).eval()
     torch.jit.script(ref).save(tmp_path / "m.pt")
     _hub_cache(offline_cache, "owner/ts", "m.pt", (tmp_path / "m.pt").read_bytes(), COMMIT)
-    model = load_model(ModelSpec(hub=HubFile("owner/ts", "m.pt", revision=COMMIT)))
+    model = load_model(ModelConfig(hub=HubFile("owner/ts", "m.pt", revision=COMMIT)))
     torch.testing.assert_close(model(_x(side=8)), ref(_x(side=8)))
 
 
 def test_unpinned_hub_file_warns_and_uses_refs_main(tmp_path: Path, offline_cache: Path) -> None:
     path, _ = _seed_state(tmp_path)
     pointer = _hub_cache(offline_cache, "owner/seeds", "model.pth", path.read_bytes(), COMMIT)
-    spec = ModelSpec(factory="pipeline.models:SeedCNN", hub=HubFile("owner/seeds", "model.pth"))
+    spec = ModelConfig(factory="pipeline.models:SeedCNN", hub=HubFile("owner/seeds", "model.pth"))
     with pytest.warns(UnpinnedRevisionWarning, match="40-hex commit"):
         assert resolve_model_file(spec) == pointer
 
@@ -294,7 +294,7 @@ def test_unpinned_hub_file_warns_and_uses_refs_main(tmp_path: Path, offline_cach
 def test_hub_revision_missing_from_cache_is_clear(tmp_path: Path, offline_cache: Path) -> None:
     path, _ = _seed_state(tmp_path)
     _hub_cache(offline_cache, "owner/seeds", "model.pth", path.read_bytes(), COMMIT)
-    spec = ModelSpec(
+    spec = ModelConfig(
         factory="pipeline.models:SeedCNN",
         hub=HubFile("owner/seeds", "model.pth", revision=OTHER_COMMIT),
     )
@@ -309,39 +309,49 @@ def test_model_hash_streams_file_bytes(tmp_path: Path) -> None:
     data = os.urandom(3 * (1 << 20) + 17)  # crosses chunk boundaries
     (tmp_path / "blob").write_bytes(data)
     assert model_hash(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
-    assert resolve_model_file(ModelSpec(factory="pipeline.models:SeedCNN")) is None
+    assert resolve_model_file(ModelConfig(factory="pipeline.models:SeedCNN")) is None
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({}, "needs one source"),
-        ({"torchscript": "a.pt", "export": "b.pt2"}, "torchscript and export"),
-        ({"torchscript": "a.pt", "hub": HubFile("o/n", "m.pt")}, "both hub and torchscript"),
-        ({"torchscript": "a.pt", "weights": "w.pth"}, "need a model.factory"),
-        ({"export": "a.pt2", "kwargs": {"n": 1}}, "need a model.factory"),
-        ({"factory": "pipeline.models.SeedCNN"}, "'module:callable'.*pipeline.models.SeedCNN"),
-        ({"factory": "m:f", "weights": "w", "hub": HubFile("o/n", "m.pth")}, "weights and hub"),
+        ({}, "needs exactly one of"),
+        ({"torchscript": "a.pt", "export": "b.pt2"}, "got torchscript, export"),
+        ({"torchscript": "a.pt", "hub": HubFile("o/n", "m.pt")}, "got torchscript, hub"),
+        ({"torchscript": "a.pt", "weights": "w.pth"}, "applies only with factory"),
+        ({"export": "a.pt2", "kwargs": {"n": 1}}, "applies only with factory"),
+        (
+            {"factory": "pipeline.models.loading.SeedCNN"},
+            "'module:callable'.*pipeline.models.loading.SeedCNN",
+        ),
+        ({"factory": "m:f", "weights": "w", "hub": HubFile("o/n", "m.pth")}, "weights or hub"),
         ({"factory": "m:f", "hub": HubFile("o/n", "m.pt2")}, r"'m\.pt2' is a torch.export"),
-        ({"torchscript": ""}, "torchscript must be a non-empty path"),
-        ({"torchscript": "a.pt", "normalize": ((0.5, 0.5), (0.2,))}, "one entry per channel"),
-        ({"torchscript": "a.pt", "normalize": ((0.5,), (0.0,))}, "std must be positive"),
+        ({"torchscript": ""}, "must be a non-empty path"),
     ],
 )
 def test_invalid_specs_name_the_field(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        ModelSpec(**kwargs)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "match"),
+    [((0.5, 0.5), (0.2,), "1 or 3 values"), ((0.5,), (0.0,), "must be > 0")],
+)
+def test_invalid_normalisation_is_refused(mean, std, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        NormalizeConfig(mean, std)
 
 
 def test_spec_is_frozen_and_copies_kwargs() -> None:
     kwargs = {"input_dim": SIDE}
-    spec = ModelSpec(factory="pipeline.models:SeedCNN", kwargs=kwargs, normalize=([0.5], [0.25]))
+    spec = ModelConfig(factory="pipeline.models:SeedCNN", kwargs=kwargs)
     kwargs["input_dim"] = 7
-    assert spec.kwargs == {"input_dim": SIDE} and spec.normalize == ((0.5,), (0.25,))
+    assert spec.kwargs == {"input_dim": SIDE}
     with pytest.raises(AttributeError):
         spec.factory = "x:y"  # type: ignore[misc]
-    # Specs travel to Ray actors by pickle and may key caches.
-    hub_spec = ModelSpec(hub=HubFile("o/n", "m.pt", COMMIT), normalize=(MEAN, STD))
+    # Config sections travel to Ray actors by pickle and may key caches.
+    hub_spec = ModelConfig(hub=HubFile("o/n", "m.pt", COMMIT))
     assert pickle.loads(pickle.dumps(spec)) == spec
     assert hash(pickle.loads(pickle.dumps(hub_spec))) == hash(hub_spec)
 
@@ -362,16 +372,16 @@ def test_hub_address_parsing() -> None:
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "model.pt"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        load_model(ModelSpec(torchscript=str(missing)))
+        load_model(ModelConfig(torchscript=str(missing)))
 
 
 def test_factory_import_errors_name_the_module() -> None:
     with pytest.raises(ImportError, match=r"'no_such_pkg\.models'"):
-        load_model(ModelSpec(factory="no_such_pkg.models:Net"))
+        load_model(ModelConfig(factory="no_such_pkg.models:Net"))
     with pytest.raises(ImportError, match=r"'pipeline\.models' has no 'Nope'"):
-        load_model(ModelSpec(factory="pipeline.models:Nope"))
+        load_model(ModelConfig(factory="pipeline.models:Nope"))
     with pytest.raises(TypeError, match=r"SeedCNN'? with kwargs \{'width': 3\}"):
-        load_model(ModelSpec(factory="pipeline.models:SeedCNN", kwargs={"width": 3}))
+        load_model(ModelConfig(factory="pipeline.models:SeedCNN", kwargs={"width": 3}))
 
 
 @jit_ok
@@ -381,10 +391,10 @@ def test_wrong_file_kinds_say_where_they_belong(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "state_dict": TinyNet().state_dict()}, tmp_path / "wrapped.pth")
     torch.save(TinyNet().state_dict(), tmp_path / "sd.pth")
     with pytest.raises(ModelLoadError, match="weights_only"):
-        load_model(ModelSpec(factory="pipeline.models:SeedCNN", weights=str(tmp_path / "m.pt")))
+        load_model(ModelConfig(factory="pipeline.models:SeedCNN", weights=str(tmp_path / "m.pt")))
     with pytest.raises(ModelLoadError, match=r"not a flat state_dict.*'epoch'"):
         load_model(
-            ModelSpec(factory="pipeline.models:SeedCNN", weights=str(tmp_path / "wrapped.pth"))
+            ModelConfig(factory="pipeline.models:SeedCNN", weights=str(tmp_path / "wrapped.pth"))
         )
     with pytest.raises(ModelLoadError, match=r"not a TorchScript archive.*model\.factory"):
-        load_model(ModelSpec(torchscript=str(tmp_path / "sd.pth")))
+        load_model(ModelConfig(torchscript=str(tmp_path / "sd.pth")))

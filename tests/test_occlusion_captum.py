@@ -6,8 +6,8 @@ import pytest
 import torch
 from captum.attr import Occlusion
 
-from pipeline import attribute
-from pipeline.baselines import make_baselines
+from pipeline import ComputeOptions, attribute
+from pipeline.kernel.baselines import make_baselines
 from tests._models import ScalarRegressor, tiny_convnet
 
 ATOL = 1e-5
@@ -68,8 +68,8 @@ def test_matches_captum(name, shape, window, stride, baseline, target):
         stride=stride,
         baseline=b,
         target=target,
-        max_batch=7,
         return_full=True,
+        options=ComputeOptions(max_batch=7, engine="generic"),
     )
     captum_b = b.view(1, -1, 1, 1) if baseline == "vector" else b
     if baseline == "chw":

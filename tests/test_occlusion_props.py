@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import attribute, expand_map
-from pipeline.baselines import make_baselines
-from pipeline.geometry import WindowGrid
-from pipeline.occlusion import _OccludedBatch, default_max_batch
+from pipeline.kernel.baselines import make_baselines
+from pipeline.kernel.forward import OccludedBatch
+from pipeline.kernel.geometry import WindowGrid
+from pipeline.kernel.options import ComputeOptions, default_max_batch
 from tests._models import tiny_convnet
 
 PROPS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -53,8 +54,8 @@ def test_independent_of_max_batch(geo, max_batch, kind):
     model = tiny_convnet()
     k = 1 if kind == "zero" else 2
     kw = dict(window=window, stride=stride, baseline=kind, n_baselines=k, image_ids=["a", "b", "c"])
-    small = attribute(model, x, max_batch=max_batch, **kw)
-    big = attribute(model, x, max_batch=10_000, **kw)
+    small = attribute(model, x, options=ComputeOptions(max_batch=max_batch, engine="generic"), **kw)
+    big = attribute(model, x, options=ComputeOptions(max_batch=10_000, engine="generic"), **kw)
     torch.testing.assert_close(small.delta, big.delta, atol=1e-5, rtol=0)
     torch.testing.assert_close(small.delta_std, big.delta_std, atol=1e-5, rtol=0)
 
@@ -84,13 +85,14 @@ def test_painted_batches_equal_masked_select_batches(geo, per_channel, kind, pad
     rows = q.numel() + pad
     built = []
     for paint in (True, False):
-        batch = _OccludedBatch(x, grid, rows, channels_last=paint, paint=paint)
+        batch = OccludedBatch(x, grid, rows, channels_last=paint, paint=paint)
         batch.buf.fill_(float("nan"))  # stale contents must never leak into a copy
         out, b = batch.build(x, fill, img, draw, win, pad_to=rows)
         assert b == q.numel() and out.shape == (rows, *image)
         built.append(out.clone())
     assert torch.equal(built[0], built[1])
-    assert torch.equal(built[0][q.numel() :], torch.zeros_like(built[0][q.numel() :]))
+    # padding repeats the first copy (a model may reject a blank input)
+    assert torch.equal(built[0][q.numel() :], built[0][:1].expand(pad, *image))
     masks = grid.masks()
     for j in range(q.numel()):  # each copy: its image outside the window, the fill inside
         m = masks[win[j]].expand_as(x[0])
@@ -253,7 +255,7 @@ def test_nonfinite_scores_raise_naming_the_image_or_give_nan_maps():
         baseline=0.0,
         task="regression",
         image_ids=["a", "b", "c"],
-        on_nonfinite="nan",
+        options=ComputeOptions(on_nonfinite="nan"),
     )
     assert r.finite.tolist() == [True, False, True]
     assert torch.isnan(r.delta[1]).all() and torch.isfinite(r.delta[[0, 2]]).all()
@@ -271,9 +273,11 @@ def test_max_batch_defaults_by_device_and_engine():
     assert default_max_batch("cpu", engine=object()) == 256
     assert default_max_batch("cuda") == 256
     x = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
-    kw = dict(window=[4, 4], stride=[2, 2], n_baselines=2, fixed_batch=True)
+    kw = dict(window=[4, 4], stride=[2, 2], n_baselines=2)
     # padded to 32 rows per pass: bitwise what an explicit max_batch=32 gives, not 256's
-    default = attribute(tiny_convnet(), x, **kw)
-    assert torch.equal(default.delta, attribute(tiny_convnet(), x, max_batch=32, **kw).delta)
+    fixed = ComputeOptions(fixed_batch=True, engine="generic")
+    default = attribute(tiny_convnet(), x, options=fixed, **kw)
+    explicit = ComputeOptions(fixed_batch=True, engine="generic", max_batch=32)
+    assert torch.equal(default.delta, attribute(tiny_convnet(), x, options=explicit, **kw).delta)
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
-        attribute(tiny_convnet(), x, max_batch=0, window=[4, 4])
+        ComputeOptions(max_batch=0)

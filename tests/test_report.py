@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.aggregate import aggregate, read_summary
-from pipeline.report import write_report
+from pipeline.audit.aggregate import aggregate, read_summary
+from pipeline.report.build import write_report
 from tests._browser import chromium, probe_page, screenshot
 from tests._runfixtures import make_row, standard_rows, write_images, write_run
 
@@ -95,7 +95,7 @@ def test_report_sections_and_run_facts(report: Path) -> None:
     ):
         assert f"<h2>{heading}</h2>" in page
     for fact in (
-        "torchscript: models/<tiny>.pt",
+        "models/<tiny>.pt",
         "sha256:0123abcd",
         "images: 138",
         "total_s: 12.5",
@@ -233,7 +233,7 @@ def test_text_from_data_is_escaped(tmp_path: Path) -> None:
     nasty = '<img src=x onerror="alert(1)">&co'
     rows = [make_row(f"n{i}", {"room": nasty}, 0.3 + 0.01 * i) for i in range(25)]
     rows.append(make_row("n-err", {"room": nasty}, math.nan, error="<b>broken</b>"))
-    run = write_run(tmp_path / "run", rows, ["room"], name="<run>")
+    run = write_run(tmp_path / "run", rows, ["room"], name="run", extra={"name": "<run>"})
     page = write_report(run, tmp_path / "out").read_text(encoding="utf-8")
     assert nasty not in page and "<b>broken</b>" not in page
     assert html.escape(nasty) in page
@@ -244,7 +244,7 @@ def test_text_from_data_is_escaped(tmp_path: Path) -> None:
 
 def test_no_pyplot_global_state(shared_run: Path, tmp_path: Path) -> None:
     code = (
-        "import sys; from pipeline.report import write_report; "
+        "import sys; from pipeline.report.build import write_report; "
         f"write_report({str(shared_run)!r}, {str(tmp_path / 'out')!r}); "
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'"
     )

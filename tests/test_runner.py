@@ -19,11 +19,14 @@ import torch
 import yaml
 
 from pipeline import attribute, load_config, read_maps, run_audit
-from pipeline.aggregate import aggregate
-from pipeline.images import load_image
-from pipeline.incremental import auto_engine
-from pipeline.models import ModelSpec, load_model
-from pipeline.store import RunLock, RunLockedError
+from pipeline.audit.aggregate import aggregate
+from pipeline.config import ModelConfig
+from pipeline.data.images import load_image
+from pipeline.kernel.options import ComputeOptions
+from pipeline.models import load_model
+from pipeline.run.folder import RunLock, RunLockedError
+from pipeline.run.preflight import RunFolderError
+from pipeline.run.settings import worker_compute
 from tests._dataset import audit_config, image_set_with_model
 
 
@@ -60,19 +63,22 @@ def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, 
         [load_image(f"images/{i}.png", str(image_set), (24, 24), image_id=i)[0] for i in ids]
     )
     model = load_model(
-        ModelSpec(
-            factory="pipeline.nets:SeedCNNWithGAP",
+        ModelConfig(
+            factory="pipeline.models:SeedCNNWithGAP",
             kwargs={"num_classes": 2},
             weights=str(image_set / "model.pt"),
         )
     )
-    engine, _ = auto_engine(model, (3, 24, 24), "cpu")  # the workers choose the same way
-    assert engine is not None
-    kw = dict(window=[8, 8], stride=[4, 4], n_baselines=2, image_ids=ids, max_batch=64)
+    kw = dict(window=[8, 8], stride=[4, 4], n_baselines=2, image_ids=ids)
+    # with the worker's own settings (the same code path builds them), the maps are identical
+    occ = load_config(json.loads((tmp_path / "run" / "run.json").read_text())["config"]).occlusion
+    wc = worker_compute(occ, model, (3, 24, 24), torch.device("cpu"))
+    assert wc.engine_name == "incremental"  # the workers choose the same way
     stored = np.stack(maps["delta"].to_list())
-    direct = attribute(model, images, engine=engine, **kw)
-    np.testing.assert_allclose(stored, direct.delta[:, 0].flatten(1).numpy(), atol=1e-6, rtol=0)
-    generic = attribute(model, images, **kw)  # and the full-forward path agrees too
+    direct = attribute(model, images, options=wc.options, **kw)
+    np.testing.assert_array_equal(stored, direct.delta[:, 0].flatten(1).numpy())
+    generic_opts = ComputeOptions(engine="generic", max_batch=64)
+    generic = attribute(model, images, options=generic_opts, **kw)  # full passes agree too
     np.testing.assert_allclose(stored, generic.delta[:, 0].flatten(1).numpy(), atol=1e-5, rtol=0)
     assert maps["grid_h"].unique().tolist() == [5] and maps["status"].eq("ok").all()
     assert np.isfinite(maps["fg_bg_ratio"]).all()
@@ -113,7 +119,7 @@ def test_an_existing_run_needs_resume_and_a_locked_folder_is_refused(
 ):
     cfg = _cfg(image_set, tmp_path / "run")
     run_audit(cfg, progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunFolderError, match="--resume"):
         run_audit(cfg, progress=False)
     again = run_audit(cfg, resume=True, progress=False)
     assert again.resumed_shards == 3 and again.ok == 20

@@ -39,9 +39,9 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from pipeline import submit as submit_mod
-from pipeline.cli_submit import add_submit_parser
-from pipeline.submit import (
+from pipeline.cluster import submit as submit_mod
+from pipeline.cluster.cli import add_submit_parser
+from pipeline.cluster.submit import (
     EXIT_DUPLICATE,
     SCHEDULE_TIME_ENV,
     UPLOAD_EXCLUDES,
@@ -64,7 +64,7 @@ _PORT_FLAGS = (
     "--metrics-export-port",
     "--runtime-env-agent-port",
 )
-_DRIVER = "import json, sys\nfrom pipeline.submit import submit_entrypoint\n"
+_DRIVER = "import json, sys\nfrom pipeline.cluster.submit import submit_entrypoint\n"
 _DRIVER += "sys.exit(submit_entrypoint(**json.loads(sys.argv[1])))\n"
 
 

@@ -36,11 +36,11 @@ def run_demo(out_dir: str | Path = "demo-data", *, quick: bool = False) -> int:
     Returns:
         The audit's exit code (0 when every image was processed).
     """
-    from pipeline.aggregate import aggregate
-    from pipeline.config import load_config
+    from pipeline.audit.aggregate import aggregate
+    from pipeline.config.load import load_config
     from pipeline.demo.train import prepare_demo
-    from pipeline.report import write_report
-    from pipeline.runner import run_audit
+    from pipeline.report.build import write_report
+    from pipeline.run.runner import run_audit
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline.demo.synth import generate_dataset
-from pipeline.nets import SeedCNN
+from pipeline.models.nets import SeedCNN
 
 __all__ = ["DemoFiles", "load_images", "main", "prepare_demo", "train_demo_model"]
 

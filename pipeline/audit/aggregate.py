@@ -1,0 +1,299 @@
+"""Per-group summary of stored occlusion metrics (docs/design.md, "Statistics").
+
+Streams ``RUN_DIR/maps/part-*.parquet`` batch by batch, reading only the group columns, the status
+and the per-image metrics (never the ``delta`` grids), so a million-image run needs a few float
+arrays per group rather than its maps in memory. Writes ``RUN_DIR/summary.parquet``. The
+statistics and verdict of each group come from :mod:`pipeline.audit.statistics`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from pipeline.audit.statistics import (
+    STATUS_ORDER,
+    GroupKey,
+    finite_mean,
+    group_rng,
+    group_status,
+    ratio_stats,
+)
+from pipeline.config import AuditSettings
+from pipeline.run.folder import RunFolder
+from pipeline.run.record import RunRecord
+from pipeline.schema import IMAGE_METRICS, STATUS_OK, summary_schema
+
+__all__ = [
+    "aggregate",
+    "audit_params",
+    "iter_batches",
+    "iter_groups",
+    "read_run_record",
+    "read_summary",
+]
+
+_METRIC_COLUMNS = ("status", *IMAGE_METRICS)
+_META_KEY = b"occlusion_audit.audit"  # summary.parquet schema metadata: parameters used
+_BATCH_ROWS = 65_536
+
+
+def read_run_record(run_dir: str | os.PathLike[str]) -> RunRecord | None:
+    """The run's record (``run.json``), or None when the run has none yet."""
+    return RunFolder(run_dir).read_record()
+
+
+def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:
+    """Audit parameters: explicit overrides, else the run's ``audit`` config, else its defaults.
+
+    Args:
+        record: the run record, or None (then :class:`AuditSettings` defaults apply).
+        overrides: ``group_by``, ``threshold``, ``min_images``, ``confidence``, ``seed``,
+            ``n_boot``; ``None`` means "not given".
+
+    Returns:
+        A dict with all six keys; ``group_by`` is a tuple of column names.
+
+    Raises:
+        ValueError: no group columns anywhere, or a confidence outside (0, 1).
+    """
+    settings = AuditSettings() if record is None else record.config.audit
+    found = {
+        "group_by": None if record is None else record.config.dataset.group_by,
+        "threshold": settings.threshold,
+        "min_images": settings.min_images,
+        "confidence": settings.confidence,
+        "seed": settings.seed,
+        "n_boot": settings.bootstrap,
+    }
+    params: dict[str, Any] = {
+        k: v if (v := overrides.get(k)) is not None else found[k] for k in found
+    }
+    if params["group_by"] is None:
+        raise ValueError("no group columns: pass group_by=[...] or set dataset.group_by")
+    if isinstance(params["group_by"], str):
+        params["group_by"] = [params["group_by"]]
+    params["group_by"] = tuple(params["group_by"])
+    for name, kind in (("threshold", float), ("confidence", float), ("min_images", int)):
+        params[name] = kind(params[name])
+    params["seed"], params["n_boot"] = int(params["seed"]), max(1, int(params["n_boot"]))
+    if not 0 < params["confidence"] < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {params['confidence']!r}")
+    return params
+
+
+def iter_batches(
+    run_dir: str | os.PathLike[str],
+    columns: Sequence[str] | None,
+    filter: pc.Expression | None = None,
+    batch_size: int = _BATCH_ROWS,
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` (``None``: all) over ``RUN_DIR/maps/part-*.parquet``, in order.
+
+    Raises:
+        FileNotFoundError: the run has no part files.
+        ValueError: a requested column is not stored, naming it and the stored ones.
+    """
+    files = [str(p) for p in RunFolder(run_dir).shard_files()]
+    if not files:
+        raise FileNotFoundError(
+            f"no maps/part-*.parquet under {run_dir}: not a run folder, or the run has not "
+            "stored a shard yet (run `occlusion-audit run` first)"
+        )
+    dataset = ds.dataset(files, format="parquet")
+    columns = dataset.schema.names if columns is None else list(columns)
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"column(s) {missing} not in the stored maps; have {dataset.schema.names}")
+    # modest read-ahead: the default (16 batches, 4 files) buffers hundreds of MB of delta grids
+    yield from dataset.to_batches(
+        columns=columns,
+        filter=filter,
+        batch_size=batch_size,
+        batch_readahead=2,
+        fragment_readahead=1,
+    )
+
+
+def iter_groups(
+    batch: pa.RecordBatch, group_by: Sequence[str]
+) -> Iterator[tuple[GroupKey, np.ndarray]]:
+    """``(group key, row indices)`` for each group present in ``batch``; nulls key as ``None``."""
+    n = batch.num_rows
+    if n == 0:
+        return
+    code = np.zeros(n, dtype=np.int64)
+    decoders: list[list[str | None]] = []
+    for name in group_by:
+        encoded = pc.dictionary_encode(batch.column(name).cast(pa.string()))
+        values: list[str | None] = [None, *encoded.dictionary.to_pylist()]
+        # mixed-radix composite code: index 0 stands for null, so nulls form their own group
+        code = code * len(values) + (encoded.indices.fill_null(-1).to_numpy() + 1)
+        decoders.append(values)
+    uniques, inverse = np.unique(code, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(uniques)))[:-1]
+    for u, idx in zip(uniques.tolist(), np.split(order, bounds), strict=True):
+        key: list[str | None] = []
+        for values in reversed(decoders):
+            u, digit = divmod(u, len(values))
+            key.append(values[digit])
+        yield tuple(reversed(key)), idx
+
+
+def _floats(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    # nulls become NaN, so "not finite" covers both
+    return batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class _Acc:
+    """Running counts and valid-row values of one group (8 bytes per value)."""
+
+    n: int = 0
+    n_error: int = 0
+    n_nan: int = 0
+    chunks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        self.chunks.setdefault(name, []).append(values)
+
+    def values(self, name: str) -> np.ndarray:
+        # sorted, so every statistic is independent of row order, sharding and batching
+        parts = self.chunks.get(name, [])
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0)
+
+
+def _accumulate(run_dir: Path, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
+    accs: dict[GroupKey, _Acc] = {}
+    for batch in iter_batches(run_dir, [*group_by, *_METRIC_COLUMNS]):
+        ok = pc.equal(batch.column("status"), STATUS_OK).fill_null(False)
+        ok = ok.to_numpy(zero_copy_only=False)  # (rows,) bool
+        m = {name: _floats(batch, name) for name in IMAGE_METRICS}
+        with np.errstate(invalid="ignore"):
+            valid = ok & np.isfinite(m["fg_bg_ratio"]) & (m["fg_bg_ratio"] > 0)
+            valid_pos = ok & np.isfinite(m["fg_bg_ratio_pos"]) & (m["fg_bg_ratio_pos"] > 0)
+        for key, idx in iter_groups(batch, group_by):
+            acc = accs.setdefault(key, _Acc())
+            v, vp = idx[valid[idx]], idx[valid_pos[idx]]
+            acc.n += len(idx)
+            acc.n_error += int((~ok[idx]).sum())
+            acc.n_nan += int(ok[idx].sum()) - len(v)
+            # the means and the _pos statistics are over the rows valid for their own ratio
+            for name in ("fg_bg_ratio", "fg_share", "fg_area"):
+                acc.add(name, m[name][v])
+            for name in ("fg_bg_ratio_pos", "fg_share_pos"):
+                acc.add(name, m[name][vp])
+    return accs
+
+
+def _summary_row(key: GroupKey, acc: _Acc, group_by: Sequence[str], p: Mapping[str, Any]) -> dict:
+    ratios, ratios_pos = acc.values("fg_bg_ratio"), acc.values("fg_bg_ratio_pos")
+    main = ratio_stats(ratios, p["confidence"], p["n_boot"], group_rng(p["seed"], key, "ratio"))
+    pos = ratio_stats(ratios_pos, p["confidence"], p["n_boot"], group_rng(p["seed"], key, "pos"))
+    row: dict[str, Any] = dict(zip(group_by, key, strict=True))
+    row.update(n=acc.n, n_valid=len(ratios), n_error=acc.n_error, n_nan=acc.n_nan, **main)
+    row.update({f"mean_{k}": finite_mean(acc.values(k)) for k in ("fg_share", "fg_area")})
+    row.update({f"{k}_pos": v for k, v in pos.items()})
+    row["mean_fg_share_pos"] = finite_mean(acc.values("fg_share_pos"))
+    row["status"] = group_status(
+        len(ratios), main["ci_low"], main["ci_high"], p["threshold"], p["min_images"]
+    )
+    return row
+
+
+def _sort_key(row: Mapping[str, Any], group_by: Sequence[str]) -> tuple:
+    g = row["gmean_ratio"]
+    names = tuple((row[c] is None, row[c] or "") for c in group_by)
+    return (STATUS_ORDER[row["status"]], math.isnan(g), 0.0 if math.isnan(g) else g, names)
+
+
+def aggregate(
+    run_dir: str | os.PathLike[str],
+    group_by: Sequence[str] | None = None,
+    threshold: float | None = None,
+    min_images: int | None = None,
+    confidence: float | None = None,
+    seed: int | None = None,
+    n_boot: int | None = None,
+    write: bool = True,
+) -> pd.DataFrame:
+    """Summarise the stored per-image metrics of a run per group (docs/design.md).
+
+    A row is valid when its status is ``ok`` and its ``fg_bg_ratio`` is finite and > 0. Per group:
+    counts (``n``, ``n_valid``, ``n_error``, ``n_nan``), the geometric mean of the valid ratios
+    with a percentile bootstrap interval (log-ratios resampled; the generator is seeded by the
+    run seed and the group key, so results do not depend on group order or sharding), median,
+    share below 1, mean ``fg_share``/``fg_area`` over valid rows, and the same for the ``_pos``
+    metrics. Status: ``too-few`` (n_valid < min_images), ``flagged`` (ci_high < threshold),
+    ``inconclusive`` (ci_low <= threshold <= ci_high), else ``ok``.
+
+    Args:
+        run_dir: run directory holding ``maps/part-*.parquet`` (and usually ``run.json``).
+        group_by: group columns; default ``config.dataset.group_by`` of run.json.
+        threshold: fg/bg ratio below which a group is flagged (unitless); default
+            ``config.audit.threshold``, else 1.0.
+        min_images: fewest valid images for a verdict; default audit config, else 20.
+        confidence: interval coverage in (0, 1); default audit config, else 0.95.
+        seed: bootstrap seed; default ``audit.seed``, else ``occlusion.seed``, else 0.
+        n_boot: bootstrap resamples; default ``audit.bootstrap``, else 2000.
+        write: also write ``RUN_DIR/summary.parquet`` (atomically).
+
+    Returns:
+        One row per group with columns ``summary_schema(group_by).names``: flagged groups first,
+        then inconclusive ones, then by geometric-mean ratio ascending. ``df.attrs["audit"]``
+        holds the parameters used.
+
+    Example:
+        >>> summary = aggregate("runs/val", group_by=["room"], threshold=0.8)  # doctest: +SKIP
+    """
+    folder = RunFolder(run_dir)
+    if not folder.shard_files():
+        raise FileNotFoundError(
+            f"no maps/part-*.parquet under {run_dir}: not a run folder, or the run has not "
+            "stored a shard yet (run `occlusion-audit run` first)"
+        )
+    params = audit_params(
+        folder.read_record(),
+        group_by=group_by,
+        threshold=threshold,
+        min_images=min_images,
+        confidence=confidence,
+        seed=seed,
+        n_boot=n_boot,
+    )
+    group_by = params["group_by"]
+    accs = _accumulate(folder.path, group_by)
+    rows = [_summary_row(key, acc, group_by, params) for key, acc in accs.items()]
+    rows.sort(key=lambda row: _sort_key(row, group_by))
+    meta = {_META_KEY: json.dumps({**params, "group_by": list(group_by)}).encode()}
+    table = pa.Table.from_pylist(rows, schema=summary_schema(group_by).with_metadata(meta))
+    if write:
+        folder.write_summary(table)
+    return _to_frame(table)
+
+
+def _to_frame(table: pa.Table) -> pd.DataFrame:
+    df = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is not None:
+        audit = json.loads(raw)
+        audit["group_by"] = tuple(audit["group_by"])
+        df.attrs["audit"] = audit
+    return df
+
+
+def read_summary(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """``RUN_DIR/summary.parquet`` as written by :func:`aggregate`, with ``attrs["audit"]``."""
+    return _to_frame(RunFolder(run_dir).read_summary())

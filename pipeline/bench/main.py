@@ -1,0 +1,218 @@
+"""``occlusion-audit bench``: our kernel against Captum's ``Occlusion`` and the forward roofline.
+
+Every engine runs in this one process on the same seeded images and the same ``K`` random-pixel
+baselines (``pipeline.kernel.baselines.make_baselines``). Our rows compute with exactly the
+settings a run's worker uses (:func:`pipeline.run.settings.worker_compute`). Captum's and the
+roofline's settings are searched and every engine warmed
+up first; then the timed runs are interleaved (one run of each engine per round, ``--repeats``
+rounds) so that a burst of load on a shared machine slows all engines alike, and each reported
+time is the median. The roofline is the same number of plain forward passes (``N*K*P + N``) at
+the best batch size and memory format on pre-built inputs: an engine that runs the whole model on
+every occluded copy cannot beat it. An engine whose maps differ from Captum's fails the benchmark.
+The engines themselves are in :mod:`pipeline.bench.engines`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.bench.engines import (
+    Device,
+    Row,
+    Setup,
+    captum_rows,
+    generic_row,
+    incremental_row,
+    roofline_row,
+)
+from pipeline.bench.nets import build_bench_model
+from pipeline.kernel.defaults import Precision
+from pipeline.kernel.occlusion import OcclusionResult
+from pipeline.run.folder import RunFolder
+from pipeline.run.heap import tune_heap
+
+__all__ = ["run_bench"]
+
+
+def _stored_bytes(r: OcclusionResult, ids: list[str]) -> float:
+    """Bytes per image of ``r`` stored as maps rows (Parquet, zstd, as a run writes its shards)."""
+    import pyarrow as pa
+
+    from pipeline.schema import STATUS_OK, maps_schema
+
+    g = r.grid
+    fixed: dict[str, Any] = dict(zip(("image_c", "image_h", "image_w"), g.image, strict=True))
+    fixed.update(zip(("grid_c", "grid_h", "grid_w"), g.counts, strict=True))
+    fixed.update(status=STATUS_OK, shard=0, window=list(g.window), stride=list(g.stride))
+    rows = [
+        {
+            **fixed,
+            "image_id": i,
+            "target": int(r.target[j, 0]),
+            "score": float(r.score[j, 0]),
+            "delta": r.delta[j, 0].flatten().tolist(),
+            "delta_std": r.delta_std[j, 0].flatten().tolist(),
+        }
+        for j, i in enumerate(ids)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pa.Table.from_pylist(rows, schema=maps_schema([]))
+        return RunFolder(tmp).write_shard(0, table).stat().st_size / len(ids)
+
+
+def _measure(args: argparse.Namespace, d: Device) -> tuple[list[Row], OcclusionResult, str, float]:
+    """Search, warm up, then time every engine in interleaved rounds.
+
+    Returns:
+        the rows (``generic`` first), the generic kernel's result, why there is
+        no incremental row ("" when there is one), and the model's score noise
+        (:meth:`Setup.score_noise`).
+    """
+    n, size = int(args.images), int(args.image_size)
+    model = build_bench_model(args.model, size).to(d.dev)
+    x = torch.rand((n, 3, size, size), generator=torch.Generator().manual_seed(0)).to(d.dev)
+    s = Setup(model, x, [f"bench-{i:04d}" for i in range(n)], args, d)
+    res = s.ours(n, "generic")  # warm-up, and the predicted targets every engine explains
+    p = res.grid.n_windows
+    rows = [generic_row(s)]
+    if not args.no_captum:
+        rows += captum_rows(s, res.target[:, 0], p)
+    rows.append(roofline_row(s, n * args.k * p + n))
+    inc = incremental_row(s) if args.engine == "auto" else "--engine generic"
+    rows += [inc] if isinstance(inc, Row) else []
+    for _ in range(max(1, int(args.repeats))):
+        for r in rows:
+            secs, peak, start, r.maps = d.timed(r.run)
+            r.seconds.append(secs)
+            r.peak_bytes, r.added_bytes = max(r.peak_bytes, peak), max(r.added_bytes, peak - start)
+    # maps are checked against Captum's; with --no-captum, against the generic kernel's
+    ref = next(r.maps for r in rows if r.engine == ("generic" if args.no_captum else "captum-best"))
+    for r in rows:
+        if r.maps is not None and ref is not None:
+            r.max_abs_diff = float((r.maps.float() - ref.float()).abs().max())
+    return rows, res, "" if isinstance(inc, Row) else inc, s.score_noise()
+
+
+def _table(rows: list[Row], ours: Row, n: int) -> Iterator[str]:
+    yield (
+        f"{'engine':<12} {'setting':<28} {'s/image':>9} {'images/s':>9} {'x ours':>7} "
+        f"{'peak MiB':>9} {'added':>6} {'max|diff|':>9}"
+    )
+    for r in rows:
+        diff = "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+        yield (
+            f"{r.engine:<12} {r.setting:<28} {r.median / n:>9.4f} {n / r.median:>9.3f} "
+            f"{r.median / ours.median:>7.2f} {r.peak_bytes / 2**20:>9.0f} "
+            f"{r.added_bytes / 2**20:>6.0f} {diff:>9}"
+        )
+
+
+def _ratios(rows: list[Row], ours: Row) -> dict[str, float]:
+    """Speed-ups (time of the other over time of ours) of ours, generic and incremental."""
+    # Captum's fastest timed setting: the default can beat the searched one on a noisy machine.
+    captum = [r for r in rows if r.engine.startswith("captum")]
+    refs = {"roofline": next(r for r in rows if r.engine == "roofline")}
+    if captum:
+        refs["captum-best"] = min(captum, key=lambda r: r.median)
+    named = {"ours": ours, **{r.engine: r for r in rows if r.engine in ("generic", "incremental")}}
+    return {
+        f"{name}/{ref}": other.median / r.median
+        for name, r in named.items()
+        for ref, other in refs.items()
+    }
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark of the ``bench`` subcommand's arguments; print the table.
+
+    ``ours`` is the engine a run uses for this model (``occlusion.engine: auto``): the
+    incremental engine when the model's graph allows it, else the generic kernel.
+
+    Returns:
+        0, or 1 when an engine's maps differ from Captum's (with ``--no-captum``: the generic
+        kernel's) by more than the tolerance:
+        ``1e-5`` (fp32) or ``3e-2`` (bf16/fp16 autocast) times ``max(1, largest |score|)``, or
+        4 times the model's own score noise when that is larger (a map is a mean of score
+        differences, so it carries that noise from both sides).
+    """
+    allowed = [p.value for p in Precision]
+    if args.precision not in allowed:
+        raise ValueError(f"--precision must be one of {allowed}, got {args.precision!r}")
+    # as a run's workers do: CPU forward passes reuse freed buffers (pipeline.run.heap)
+    heap_tuned = False if args.default_malloc else tune_heap()
+    d, n = Device(args.device), int(args.images)
+    rows, res, no_inc, noise = _measure(args, d)
+    scale = max(1.0, float(res.score.abs().max()))
+    tol = max((1e-5 if args.precision == "fp32" else 3e-2) * scale, 4 * noise)
+    bad = [r for r in rows if r.max_abs_diff is not None and not r.max_abs_diff <= tol]
+    generic = rows[0]
+    ours = next((r for r in rows if r.engine == "incremental"), generic)
+    ratios = _ratios(rows, ours)
+    p, stored = res.grid.n_windows, _stored_bytes(res, [f"bench-{i:04d}" for i in range(n)])
+    total = n * args.k * p + n
+    print(
+        f"bench {args.model} {args.image_size}px window {args.window} stride {args.stride} "
+        f"K={args.k} N={n}: {p} windows/image, {total} forward passes/run, median of "
+        f"{len(ours.seconds)}, {args.precision}, {d.name()}, {torch.get_num_threads()} threads, "
+        f"heap {'tuned' if heap_tuned else 'default'}"
+    )
+    print("\n".join(_table(rows, ours, n)))
+    if no_inc:
+        print(f"incremental: n/a ({no_inc})")
+    labels = {
+        "ours": f"ours (occlusion.engine auto: {ours.engine})",
+        "generic": "generic (full forward passes)",
+        "incremental": "incremental",
+    }
+    for name, label in labels.items():
+        if f"{name}/roofline" in ratios and not (name == "incremental" and ours.engine == name):
+            vs_captum = ratios.get(f"{name}/captum-best")
+            print(
+                f"{label}: "
+                + ("" if vs_captum is None else f"{vs_captum:.2f}x Captum's fastest, ")
+                + f"{ratios[f'{name}/roofline']:.2f}x the roofline"
+            )
+    print("targets: ours >= 3x Captum's fastest and >= 0.9x the roofline; incremental >= 5x it")
+    print(f"stored: {stored:.0f} bytes/image (Parquet zstd; deltas {2 * p * 4} bytes as float32)")
+    ref = "the generic kernel's" if args.no_captum else "Captum's"
+    print(f"maps vs {ref}: tolerance {tol:.2g} (model score noise {noise:.2g})")
+    for r in bad:
+        print(f"FAILED: {r.engine} maps differ from {ref} by {r.max_abs_diff:.3g} > {tol:.3g}")
+    if args.json:
+        machine = {
+            "device": str(d.dev),
+            "device_name": d.name(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            # glibc malloc tuning changes CPU forward speed ~2x (page faults on fresh buffers)
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+            "heap_tuned": heap_tuned,
+        }
+        facts = {
+            "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "machine": machine,
+            "work": {"images": n, "windows": p, "draws": args.k, "forward_passes": total},
+            "rows": [r.facts(n) for r in rows],
+            "incremental": no_inc or "ok",
+            "ours": ours.engine,
+            "ratios": ratios,
+            "stored_bytes_per_image": stored,
+            "tolerance": tol,
+            "score_noise": noise,
+            "ok": not bad,
+        }
+        Path(args.json).write_text(json.dumps(facts, indent=2, default=str) + "\n")
+    return 1 if bad else 0

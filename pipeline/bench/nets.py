@@ -1,0 +1,154 @@
+"""Networks for ``occlusion-audit bench``: the shipped seed CNNs plus two standard-sized ones.
+
+``resnet50`` is a ResNet-50 (He et al. 2016, https://arxiv.org/abs/1512.03385): bottleneck blocks
+``[3, 4, 6, 3]`` with BatchNorm, 23.5M parameters plus ``2048 * num_classes`` in the head (25.6M
+at 1000 classes). ``vgg-small`` is a VGG-style stack of 3x3 convolutions and max-pools
+(Simonyan & Zisserman 2014). Weights are random but seeded, which is all timing needs; BatchNorm
+statistics are estimated on one seeded random batch so that eval-mode activations stay O(1)
+instead of growing block after block (random-init running statistics are 0 and 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pipeline.models.nets import SeedCNN, SeedCNNWithGAP
+
+__all__ = ["BENCH_MODELS", "ResNet50", "VGGSmall", "build_bench_model"]
+
+
+class _Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4, plus a projected shortcut."""
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        cout = planes * 4
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, planes, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 for ``(N, 3, H, W)`` images of any size >= 32 -> ``(N, num_classes)`` logits."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        ]
+        cin = 64
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True)):
+            for b in range(blocks):
+                layers.append(_Bottleneck(cin, planes, stride=2 if b == 0 and i > 0 else 1))
+                cin = planes * 4
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (N, 2048, H/32, W/32)
+        return self.fc(x.mean(dim=(2, 3)))  # (N, num_classes)
+
+
+class VGGSmall(nn.Module):
+    """Eight 3x3 conv + ReLU layers (32..256 filters) with five 2x2 max-pools, GAP, 2-layer MLP.
+
+    Shapes:
+        input ``(N, 3, H, W)``, ``H, W >= 32`` -> output ``(N, num_classes)``.
+    """
+
+    _CFG = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M")
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in self._CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.ReLU(inplace=True)]
+                c = int(v)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.Linear(c, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes)
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (N, 256, H/32, W/32)
+        return self.head(x.mean(dim=(2, 3)))  # (N, num_classes)
+
+
+@torch.no_grad()
+def _calibrate_batchnorm(model: nn.Module, image_size: int, seed: int = 0) -> None:
+    """Set every BatchNorm's running statistics to those of one seeded batch of 4 images."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one batch gives exactly its statistics
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    model(torch.rand((4, 3, image_size, image_size), generator=gen))
+
+
+Factory = Callable[[int, int], nn.Module]
+
+#: name -> factory ``(image_size, num_classes) -> nn.Module`` (random weights, not yet eval()).
+BENCH_MODELS: dict[str, Factory] = {
+    "seed-cnn": lambda size, classes: SeedCNN(num_classes=classes, input_dim=size),
+    "seed-cnn-gap": lambda size, classes: SeedCNNWithGAP(num_classes=classes),
+    "resnet50": lambda size, classes: ResNet50(num_classes=classes),
+    "vgg-small": lambda size, classes: VGGSmall(num_classes=classes),
+}
+
+
+def build_bench_model(
+    name: str, image_size: int, num_classes: int = 10, seed: int = 0
+) -> nn.Module:
+    """A seeded benchmark network in eval mode, BatchNorm statistics calibrated.
+
+    Args:
+        name: a key of :data:`BENCH_MODELS`.
+        image_size: square input side in pixels.
+        num_classes: outputs of the head.
+        seed: seeds the weights and the calibration batch.
+
+    Example:
+        >>> build_bench_model("seed-cnn-gap", 32)(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+    if name not in BENCH_MODELS:
+        raise ValueError(f"unknown bench model {name!r}; choose one of {sorted(BENCH_MODELS)}")
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = BENCH_MODELS[name](image_size, num_classes)
+    _calibrate_batchnorm(model, image_size, seed)
+    return model.eval()

@@ -1,0 +1,276 @@
+"""The sections of the audit configuration (docs/design.md, "Configuration"), one frozen
+dataclass each.
+
+Each ``__post_init__`` checks its own values and raises ``ConfigError`` with the key relative to
+the section; ``pipeline.config.load.load_config`` adds the section's dotted prefix. Local paths are
+made absolute here so that a config built in code behaves like one loaded from YAML.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config.typed import fail
+from pipeline.kernel import defaults
+from pipeline.kernel.defaults import Baseline, Engine, Precision, default_draws, default_stride
+from pipeline.kernel.targets import Score, Task
+from pipeline.schema import LABEL_GROUP, maps_schema
+from pipeline.storage.hub import HubFile
+from pipeline.storage.uri import parent, resolve_local
+
+__all__ = [
+    "AuditSettings",
+    "ClusterConfig",
+    "ColumnsConfig",
+    "DatasetConfig",
+    "HubFile",
+    "ModelConfig",
+    "NormalizeConfig",
+    "OcclusionConfig",
+    "OutputConfig",
+    "Precision",
+    "Target",
+]
+
+
+# "module:callable", both parts Python dotted names: the one check of model.factory
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+class _Option(str, enum.Enum):
+    def __str__(self) -> str:  # messages and f-strings show the YAML spelling
+        return str(self.value)
+
+
+class Target(_Option):
+    PREDICTED = "predicted"  # the unoccluded argmax
+    LABEL = "label"  # the manifest label, as a class index
+
+
+def _local(path: str | None) -> str | None:
+    return None if path is None else resolve_local(path, None)
+
+
+def _positive(key: str, value: float, *, strict: bool = True) -> None:
+    if value < 0 or (strict and value == 0):
+        fail(key, f"must be {'> 0' if strict else '>= 0'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Manifest column names."""
+
+    id: str = "image_id"  # unique image key, stored with every result row
+    path: str = "path"  # image path, relative to dataset.root
+    label: str = "label"  # optional; a missing column means no labels
+    mask: str = "mask_path"  # optional foreground-mask image path (non-zero = foreground)
+    box: tuple[str, str, str, str] | None = None  # optional x0,y0,x1,y1 columns, original pixels
+
+    def __post_init__(self) -> None:
+        if self.id == self.path:
+            fail("path", f"must differ from columns.id, both are {self.id!r}")
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    """Per-channel ``(x - mean) / std`` applied inside the model wrapper, after occlusion."""
+
+    mean: tuple[float, ...]  # 1 or 3 values, in [0, 1] pixel units
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in (1, 3):
+                fail(key, f"must have 1 or 3 values, got {list(getattr(self, key))!r}")
+        if len(self.std) != len(self.mean):
+            fail("std", f"must have as many values as mean ({len(self.mean)})")
+        if any(s <= 0 for s in self.std):
+            fail("std", f"must be > 0, got {list(self.std)!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    """The manifest and how its images become model inputs."""
+
+    manifest: str  # Parquet/CSV: local path, s3://, gs://, hf://datasets/...
+    root: str | None = None  # image/mask paths resolve against it; default: the manifest's folder
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    group_by: tuple[str, ...] = ()  # manifest columns to aggregate by; () = one group
+    image_size: tuple[int, int] = (224, 224)  # (H, W) pixels after resize
+    normalize: NormalizeConfig | None = None  # None: the model takes [0, 1] RGB as is
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "manifest", resolve_local(self.manifest, None))
+        root = parent(self.manifest) if self.root is None else self.root
+        object.__setattr__(self, "root", resolve_local(root, None))
+        if len(set(self.group_by)) != len(self.group_by):
+            fail("group_by", f"has duplicates: {list(self.group_by)!r}")
+        try:
+            maps_schema(self.group_by)  # group columns are stored beside the result columns
+        except ValueError as e:
+            fail("group_by", f"{e}; rename the manifest column")
+        if LABEL_GROUP in self.group_by and self.columns.label != LABEL_GROUP:
+            fail(
+                "group_by",
+                f"'{LABEL_GROUP}' is stored as the manifest label, which is column "
+                f"{self.columns.label!r} (columns.label); group by {self.columns.label!r}",
+            )
+        if min(self.image_size) < 1:
+            fail("image_size", f"must be positive [H, W], got {list(self.image_size)!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model comes from and what score of it is explained."""
+
+    torchscript: str | None = None  # torch.jit.save archive: local path or URI
+    export: str | None = None  # torch.export program (.pt2): local path or URI
+    factory: str | None = None  # "module:callable" returning an nn.Module
+    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)  # for factory
+    weights: str | None = None  # factory's state_dict (local/URI), loaded with weights_only=True
+    hub: HubFile | None = None  # a model file on the Hub; with factory: its state_dict
+    task: Task = Task.CLASSIFICATION
+    score: Score = Score.LOGIT  # classification only
+    target: int | Target = Target.PREDICTED  # output explained: predicted, label or an index
+
+    def __post_init__(self) -> None:
+        for key in ("torchscript", "export", "weights"):
+            value = getattr(self, key)
+            if value is not None and not str(value).strip():
+                fail(key, "must be a non-empty path")
+            object.__setattr__(self, key, _local(value))
+        object.__setattr__(self, "kwargs", dict(self.kwargs))  # a copy the caller cannot edit
+        sources = [k for k in ("torchscript", "export", "factory", "hub") if getattr(self, k)]
+        if sources == ["factory", "hub"]:
+            if self.weights is not None:
+                fail("weights", "give either weights or hub as the factory's state_dict")
+        elif len(sources) != 1:
+            found = ", ".join(sources) or "none"
+            fail("", f"needs exactly one of torchscript, export, factory, hub; got {found}")
+        if self.factory is not None and not _FACTORY.fullmatch(self.factory):
+            fail(
+                "factory",
+                f"must be 'module:callable' (e.g. pipeline.models:SeedCNN), got {self.factory!r}",
+            )
+        if self.factory and self.hub and self.hub.filename.endswith(".pt2"):
+            fail(
+                "hub.filename",
+                f"{self.hub.filename!r} is a torch.export archive, not a state_dict; drop "
+                "model.factory to load it as an archive",
+            )
+        if (self.kwargs or self.weights) and self.factory is None:
+            fail("kwargs" if self.kwargs else "weights", "applies only with factory")
+        if isinstance(self.target, int) and self.target < 0:
+            fail("target", f"must be >= 0, got {self.target}")
+        if self.task is Task.REGRESSION:
+            if self.score is Score.PROBABILITY:
+                fail("score", "'probability' applies only to task: classification")
+            if self.target is Target.LABEL:
+                fail("target", "'label' is a class index; use predicted or an output index")
+
+
+@dataclass(frozen=True)
+class OcclusionConfig:
+    """The occlusion sweep; pixels are those of the resized image. Defaults come from
+    :mod:`pipeline.kernel.defaults`, which :func:`pipeline.attribute` uses too."""
+
+    window: tuple[int, ...] = defaults.WINDOW  # [h, w] across all channels, or [c, h, w]
+    stride: tuple[int, ...] | None = defaults.STRIDE  # like window; None: half the window
+    baseline: Baseline = defaults.BASELINE
+    value: float | tuple[float, ...] = defaults.VALUE  # constant baseline: one value or per channel
+    blur_sigma: float = defaults.BLUR_SIGMA  # blur baseline: Gaussian sigma in pixels
+    n_baselines: int | None = defaults.N_BASELINES  # K draws; None: 3 for random baselines, else 1
+    seed: int = defaults.SEED  # with the image_id, seeds each image's draws
+    precision: Precision = defaults.PRECISION  # bf16/fp16 on GPU only
+    max_batch: int | None = (
+        defaults.MAX_BATCH
+    )  # copies per pass; None: 32 for CPU full passes, else 256
+    engine: Engine = defaults.ENGINE  # how occluded scores are computed (maps agree to 1e-5)
+    channels_last: bool = defaults.CHANNELS_LAST  # channels-last model input (convnets on GPU)
+
+    def __post_init__(self) -> None:
+        # a section built in code may spell options as strings, like the YAML does
+        for key, kind in (("baseline", Baseline), ("precision", Precision), ("engine", Engine)):
+            object.__setattr__(self, key, kind(getattr(self, key)))
+        if len(self.window) not in (2, 3):
+            fail("window", f"must be [h, w] or [c, h, w], got {list(self.window)!r}")
+        if self.stride is None:
+            object.__setattr__(self, "stride", default_stride(self.window))
+        if len(self.stride) != len(self.window):
+            fail(
+                "stride",
+                f"must have {len(self.window)} entries like window, got {list(self.stride)!r}",
+            )
+        for key in ("window", "stride"):
+            if min(getattr(self, key)) < 1:
+                fail(key, f"entries must be >= 1, got {list(getattr(self, key))!r}")
+        if len(self.window) == 3 and self.window[0] > 3:
+            fail("window", f"channel extent must be <= 3 (RGB), got {self.window[0]}")
+        if isinstance(self.value, tuple) and len(self.value) not in (1, 3):
+            fail("value", f"must be one value or 3 (per channel), got {list(self.value)!r}")
+        _positive("blur_sigma", self.blur_sigma)
+        k = self.n_baselines
+        if k is None:
+            object.__setattr__(self, "n_baselines", default_draws(self.baseline))
+        elif k < 1:
+            fail("n_baselines", f"must be >= 1, got {k}")
+        elif k != 1 and not self.baseline.is_random:
+            fail("n_baselines", f"must be 1 for the fixed baseline {self.baseline.value}, got {k}")
+        if self.max_batch is not None:
+            _positive("max_batch", self.max_batch)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how wide the run goes (docs/design.md)."""
+
+    address: str = "local"  # local (embedded Ray) | auto | ray://host:10001 | http(s)://head:8265
+    actors: int | str = "auto"  # "auto": one per GPU, else one per 2 CPUs
+    gpus_per_actor: float = 1.0  # fractions share a GPU; ignored without GPUs
+    shard_size: int = 64  # images per shard (and per output file)
+    max_retries: int = 3  # re-queues of a shard whose actor died
+    max_failures: int = 0  # failed images tolerated before the exit code reports failure
+    decode_threads: int = 4  # image-decoding threads per actor (Pillow releases the GIL)
+
+    def __post_init__(self) -> None:
+        remote = re.match(r"(ray|https?)://.", self.address)
+        if self.address not in ("local", "auto") and not remote:
+            fail("address", f"must be local, auto, ray://... or http(s)://...: {self.address!r}")
+        if self.actors != "auto" and not (isinstance(self.actors, int) and self.actors >= 1):
+            fail("actors", f"must be 'auto' or an integer >= 1, got {self.actors!r}")
+        _positive("gpus_per_actor", self.gpus_per_actor)
+        _positive("shard_size", self.shard_size)
+        _positive("max_retries", self.max_retries, strict=False)
+        _positive("max_failures", self.max_failures, strict=False)
+        _positive("decode_threads", self.decode_threads)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Per-group decision rule (docs/design.md)."""
+
+    threshold: float = 1.0  # flag a group whose fg/bg ratio CI lies below this
+    min_images: int = 20  # fewer valid images: status too-few
+    confidence: float = 0.95  # of the bootstrap interval
+    boundary_px: int = 0  # mask edge band ignored, pixels of the resized image
+    bootstrap: int = 2000  # bootstrap resamples
+    seed: int = 0  # bootstrap seed
+
+    def __post_init__(self) -> None:
+        _positive("threshold", self.threshold)
+        _positive("min_images", self.min_images)
+        if not 0 < self.confidence < 1:
+            fail("confidence", f"must be strictly between 0 and 1, got {self.confidence}")
+        _positive("boundary_px", self.boundary_px, strict=False)
+        _positive("bootstrap", self.bootstrap)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go; ``AuditConfig`` fills the defaults from the run name."""
+
+    dir: str | None = None  # run directory; default runs/<name> under the working directory
+    report_dir: str | None = None  # shareable report; default reports/<name>

@@ -1,0 +1,281 @@
+"""Which models incremental inference can run: trace with ``torch.fx`` and sort the nodes.
+
+A model qualifies when every node that reads a spatial activation ``(N, C, H, W)`` is *local*
+(its output pixel depends on a bounded input neighbourhood: convolutions, pools, element-wise
+ops) or a recognised *head entry* (flatten, global pooling, the output). Trunk nodes become
+:class:`Step` objects with their sliding-window geometry; a flatten feeding a ``Linear`` and a
+global average pool become :class:`Entry` objects that the engine updates from the changed region
+only (Nakandala et al., "Incremental and Approximate Inference for Faster Occlusion-based Deep
+CNN Explanations", SIGMOD 2019).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from pipeline.incremental.ops import run_node
+from pipeline.incremental.rules import (
+    Axis,
+    describe,
+    entry_kind,
+    is_meta,
+    pointwise_problem,
+    window_op,
+)
+
+__all__ = ["Entry", "Step", "Traced", "trace_model"]
+
+
+@dataclass
+class Step:
+    """One trunk node, computed on the changed region of each occluded copy.
+
+    Attributes:
+        name: fx node name.
+        kind: ``"input"``, ``"pointwise"`` (element-wise, any number of spatial inputs) or
+            ``"window"`` (conv/pool: reads a crop with a halo).
+        node: the fx node.
+        shape: ``(C, H, W)`` of the activation.
+        inputs: names of the spatial nodes it reads.
+        axes: ``(rows, cols)`` window geometry (window steps only).
+        pad_value: value of the padding a window step sees beyond its input (0 or -inf).
+        op: window steps: maps an unpadded crop ``(B, C, h_in, w_in)`` to ``(B, C', h, w)``.
+    """
+
+    name: str
+    kind: str
+    node: fx.Node
+    shape: tuple[int, int, int]
+    inputs: tuple[str, ...]
+    axes: tuple[Axis, Axis] | None = None
+    pad_value: float = 0.0
+    op: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class Entry:
+    """A head node whose value is updated from the changed region instead of recomputed.
+
+    Attributes:
+        name: node whose value is produced (the ``Linear`` node for ``"linear"``, the pooling
+            node for ``"gap"``).
+        source: the spatial node it reads.
+        kind: ``"linear"`` (flatten, then ``Linear``) or ``"gap"`` (global average pool).
+        module: the ``Linear`` of a ``"linear"`` entry.
+    """
+
+    name: str
+    source: str
+    kind: str
+    module: nn.Linear | None = None
+
+
+@dataclass
+class Traced:
+    """The sorted graph of a model.
+
+    Attributes:
+        gm: the traced module.
+        steps: trunk steps in execution order (the first is the input).
+        entries: incrementally updated head nodes.
+        consts: values of the nodes that do not depend on the input.
+        modules: modules by qualified name (in-place activations replaced by copies).
+        head: nodes that depend on the input and are not trunk steps, in order.
+    """
+
+    gm: fx.GraphModule
+    steps: list[Step]
+    entries: dict[str, Entry]
+    consts: dict[str, Any]
+    modules: dict[str, nn.Module]
+    head: list[fx.Node] = field(default_factory=list)
+
+
+def _modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """Modules by name; in-place activations become out-of-place copies, because the engine
+    keeps regions that several consumers read."""
+    mods = dict(gm.named_modules())
+    for name, m in mods.items():
+        if getattr(m, "inplace", False) is True:
+            m2 = copy.copy(m)
+            m2.inplace = False
+            mods[name] = m2
+    return mods
+
+
+def _example_values(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], image_shape: tuple[int, int, int], device
+) -> dict[str, Any]:
+    """Every node's value on a batch of two zero images (two, so the batch axis is visible)."""
+    env: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node.name] = torch.zeros((2, *image_shape), device=device)
+        elif node.op != "output":
+            env[node.name] = run_node(node, env, modules, gm)
+    return env
+
+
+def _is_spatial(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] == 2
+
+
+def trace_model(
+    model: nn.Module, image_shape: tuple[int, int, int], device: torch.device
+) -> Traced | str:
+    """Trace ``model`` and sort its nodes, or say why it cannot run incrementally.
+
+    Args:
+        model: a module mapping ``(N, C, H, W)`` images to outputs.
+        image_shape: ``(C, H, W)`` of the images, in pixels.
+        device: where the example pass runs.
+
+    Returns:
+        A :class:`Traced`, or a human-readable reason string.
+    """
+    if not isinstance(model, nn.Module):
+        return f"the model is a {type(model).__name__}, not a torch.nn.Module that fx can trace"
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types on data-dependent control flow
+        return f"torch.fx could not trace the model ({type(e).__name__}: {e})"
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return f"the model takes {len(placeholders)} inputs; only one image tensor is supported"
+    modules = _modules(gm)
+    try:
+        values = _example_values(gm, modules, image_shape, device)
+    except Exception as e:
+        return f"the model failed on a {tuple(image_shape)} example ({type(e).__name__}: {e})"
+    return _sort_nodes(gm, modules, values)
+
+
+def _sort_nodes(
+    gm: fx.GraphModule, modules: dict[str, nn.Module], values: dict[str, Any]
+) -> Traced | str:
+    """Classify every node as constant, trunk step, entry or head (see the module docstring)."""
+    out = Traced(gm=gm, steps=[], entries={}, consts={}, modules=modules)
+    spatial: dict[str, Step] = {}
+    head: set[str] = set()
+    skipped: set[str] = set()  # nodes bypassed by a "linear" entry
+    for node in gm.graph.nodes:
+        deps = [a for a in node.all_input_nodes if a.name in spatial or a.name in head]
+        if node.op == "placeholder":
+            if not _is_spatial(values[node.name]):
+                return "the input is not an (N, C, H, W) image batch"
+            spatial[node.name] = Step(node.name, "input", node, _chw(values[node.name]), ())
+            continue
+        if node.op == "output":
+            break
+        if not deps:
+            out.consts[node.name] = values[node.name]
+            continue
+        sp = [a.name for a in deps if a.name in spatial]
+        if not sp or node.name in skipped:
+            head.add(node.name)
+            continue
+        step = _local_step(node, sp, deps, modules, values, out.consts)
+        if isinstance(step, Step):
+            spatial[node.name] = step
+            continue
+        if step is not None:
+            return step
+        if is_meta(node):
+            head.add(node.name)
+            continue
+        kind = entry_kind(node, modules, values)
+        if kind is None:
+            where = ", ".join(repr(s) for s in sp)
+            return f"unsupported op: {describe(node, modules)} reads the spatial tensor {where}"
+        head.add(node.name)
+        if kind == "gap":
+            out.entries[node.name] = Entry(node.name, sp[0], "gap")
+        elif kind == "flatten":
+            linear, chain = _linear_after(node, modules)
+            if linear is not None:
+                skipped.update(chain)
+                out.entries[linear.name] = Entry(
+                    linear.name,
+                    sp[0],
+                    "linear",
+                    modules[str(linear.target)],  # type: ignore[arg-type]
+                )
+    out.steps = list(spatial.values())
+    out.head = [n for n in gm.graph.nodes if n.name in head]
+    return out
+
+
+def _chw(value: torch.Tensor) -> tuple[int, int, int]:
+    return (int(value.shape[1]), int(value.shape[2]), int(value.shape[3]))
+
+
+def _local_step(
+    node: fx.Node,
+    sp: list[str],
+    deps: list[fx.Node],
+    modules: dict[str, nn.Module],
+    values: dict[str, Any],
+    consts: dict[str, Any],
+) -> Step | str | None:
+    """A trunk step for ``node``, a reason why a local-looking op is unsupported, or None when
+    ``node`` is not a local op at all."""
+    val = values[node.name]
+    win = window_op(node, modules, values)
+    if isinstance(win, str):
+        return win
+    if win is not None:
+        if not _is_spatial(val) or len(deps) != 1:
+            return f"{describe(node, modules)} does not map an image batch to an image batch"
+        axes, pad_value, op = win
+        return Step(node.name, "window", node, _chw(val), (sp[0],), axes, pad_value, op)
+    problem = pointwise_problem(node, modules, values, consts)
+    if problem is None and len(deps) != len(sp):
+        return (
+            f"{describe(node, modules)} combines a spatial tensor with a value computed from the "
+            "whole image (e.g. squeeze-excitation gating), which is not local"
+        )
+    if problem is None:
+        shapes = {tuple(values[s].shape[2:]) for s in sp}
+        if not _is_spatial(val) or shapes != {tuple(val.shape[2:])}:
+            return (
+                f"{describe(node, modules)} changes or broadcasts the spatial size "
+                f"({[tuple(values[s].shape) for s in sp]} -> {tuple(val.shape)})"
+            )
+        return Step(node.name, "pointwise", node, _chw(val), tuple(dict.fromkeys(sp)))
+    if problem is not None and problem != "not pointwise":
+        return problem
+    return None
+
+
+_PASS_THROUGH = (nn.Dropout, nn.Identity)
+
+
+def _linear_after(flat: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | None, list[str]]:
+    """The ``Linear`` that a flatten feeds through eval-mode dropouts/identities, if any, and
+    the names of the nodes in between (flatten included)."""
+    chain = [flat.name]
+    node = flat
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op == "call_function" and user.target is F.dropout:
+            training = user.args[2] if len(user.args) > 2 else user.kwargs.get("training", True)
+            if training:  # a random mask: not the identity the linear update assumes
+                return None, []
+        elif user.op == "call_module":
+            m = modules[str(user.target)]
+            if type(m) is nn.Linear and user.args[0] is node:
+                return user, chain
+            if not isinstance(m, _PASS_THROUGH) or m.training:
+                return None, []
+        else:
+            return None, []
+        chain.append(user.name)
+        node = user
+    return None, []

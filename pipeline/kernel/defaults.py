@@ -1,0 +1,93 @@
+"""The one home of every occlusion default.
+
+``OcclusionConfig`` (the YAML ``occlusion:`` section), :func:`pipeline.attribute` and
+:class:`~pipeline.kernel.options.ComputeOptions` all take their defaults from here, so a run and
+the Python API with the same settings compute the same maps (a test compares the three).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+__all__ = [
+    "BASELINE",
+    "BLUR_SIGMA",
+    "CHANNELS_LAST",
+    "ENGINE",
+    "MAX_BATCH",
+    "N_BASELINES",
+    "PRECISION",
+    "SEED",
+    "STRIDE",
+    "VALUE",
+    "WINDOW",
+    "Baseline",
+    "Engine",
+    "Precision",
+    "default_draws",
+    "default_stride",
+]
+
+
+class _Option(str, Enum):
+    def __str__(self) -> str:  # messages and f-strings show the YAML spelling
+        return str(self.value)
+
+
+class Baseline(_Option):
+    """How to fill an occluded window (values are pixel-space, [0, 1] RGB)."""
+
+    RANDOM_PIXEL = "random-pixel"  # colour of one random pixel of the image, per draw
+    RANDOM_CHANNEL = "random-channel"  # each channel from an independent random pixel, per draw
+    MEAN = "mean"  # per-channel image mean
+    ZERO = "zero"  # black
+    CONSTANT = "constant"  # a value or a per-channel vector
+    BLUR = "blur"  # the Gaussian-blurred image
+    NOISE = "noise"  # uniform noise in [0, 1], per draw
+
+    @property
+    def is_random(self) -> bool:
+        return self in (Baseline.RANDOM_PIXEL, Baseline.RANDOM_CHANNEL, Baseline.NOISE)
+
+
+class Precision(_Option):
+    """Arithmetic of the forward passes: fp32, or bf16/fp16 autocast (CUDA)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Engine(_Option):
+    """How occluded scores are computed."""
+
+    AUTO = "auto"  # incremental where the model allows it, else generic
+    GENERIC = "generic"  # a full forward pass per occluded copy
+    INCREMENTAL = "incremental"  # recompute only what a window changes; error if unsupported
+
+
+WINDOW: tuple[int, ...] = (32, 32)  # [h, w] across all channels, pixels
+STRIDE: tuple[int, ...] | None = None  # None: half the window (default_stride)
+BASELINE = Baseline.RANDOM_PIXEL
+N_BASELINES: int | None = None  # None: default_draws(baseline)
+SEED = 0
+VALUE: float | tuple[float, ...] = 0.0  # fill of the constant baseline
+BLUR_SIGMA = 5.0  # Gaussian sigma of the blur baseline, pixels
+PRECISION = Precision.FP32
+MAX_BATCH: int | None = None  # None: pipeline.kernel.options.default_max_batch
+CHANNELS_LAST = False
+ENGINE = Engine.AUTO
+
+
+def default_draws(kind: Baseline | str) -> int:
+    """Default number of draws ``K``: 3 for random baselines, 1 for fixed ones."""
+    return 3 if Baseline(kind).is_random else 1
+
+
+def default_stride(window: Sequence[int]) -> tuple[int, ...]:
+    """Half the window's height and width (at least 1 pixel), so windows overlap by half; a
+    ``[c, h, w]`` window steps by its whole channel extent."""
+    w = tuple(int(v) for v in window)
+    half = tuple(max(1, v // 2) for v in w[-2:])
+    return (w[0], *half) if len(w) == 3 else half

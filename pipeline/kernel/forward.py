@@ -1,0 +1,152 @@
+"""Forward passes of the kernel: plain and occluded batches, and the buffer of occluded copies.
+
+:class:`Forward` runs the model with one precision, memory format and batch policy, either on
+full occluded copies (built by :class:`OccludedBatch`) or through an engine that never
+materialises them. Plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipeline.kernel.defaults import Precision
+from pipeline.kernel.geometry import WindowGrid
+from pipeline.kernel.options import precision_context
+from pipeline.kernel.targets import Score, Task, output_scores
+
+__all__ = ["PLAIN_BATCH", "Forward", "OccludedBatch"]
+
+# Images per unoccluded pass. There are N such images against N*K*P occluded copies, so padding
+# them to max_batch under fixed_batch would waste up to max_batch - 1 passes per call: a small
+# constant keeps the same bitwise reproducibility at a fraction of the padding.
+PLAIN_BATCH = 16
+
+
+class Forward:
+    """Runs the model on plain and occluded batches with one precision and memory format."""
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+        precision: Precision,
+        task: Task,
+        score: Score,
+        channels_last: bool,
+        fixed_batch: int | None = None,
+    ) -> None:
+        self.model, self.device, self.task, self.score = model, device, task, score
+        self.precision = precision
+        self.channels_last = channels_last
+        self.fixed_batch = fixed_batch  # rows of every occluded pass, when fixed
+        self.plain_batch = None if fixed_batch is None else min(fixed_batch, PLAIN_BATCH)
+        self.engine: Any = None  # an engine with forward_occluded(), or None for full passes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, O)`` float32 scores of unoccluded images, ``B`` at most
+        ``plain_batch`` when it is set."""
+        b = x.shape[0]
+        if self.plain_batch is not None and b < self.plain_batch:
+            # CPU kernels pick their blocking by batch size; one batch size for every pass makes
+            # each image's scores bitwise independent of what else is in its batch. The padding
+            # repeats a real image: a model may reject (or NaN on) a blank input.
+            x = torch.cat([x, x[:1].expand(self.plain_batch - b, *x.shape[1:])])
+        return self._scores(x, b)
+
+    def _scores(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """Scores ``(b, O)`` of the first ``b`` images of the model input ``x``."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision_context(self.device, self.precision):
+            out = self.model(x)
+        return output_scores(out, x.shape[0], self.task, self.score)[:b]
+
+    def occluded(
+        self,
+        x: torch.Tensor,
+        fill: torch.Tensor,
+        grid: WindowGrid,
+        batch: OccludedBatch | None,
+        img: torch.Tensor,
+        draw: torch.Tensor,
+        win: torch.Tensor,
+    ) -> torch.Tensor:
+        """Scores ``(B, O)`` of copies ``(img, draw, win)``: image ``img`` with window ``win``
+        filled from ``fill[img, draw]``; ``batch`` builds the full copies (None with an
+        engine, which never materialises them)."""
+        if self.engine is None:
+            assert batch is not None
+            return self._scores(*batch.build(x, fill, img, draw, win, self.fixed_batch))
+        b = img.shape[0]
+        if self.fixed_batch is not None and b < self.fixed_batch:
+            # the same batch size for every call, as in __call__ (bitwise reproducibility)
+            pad = self.fixed_batch - b
+            img, draw, win = (torch.cat([t, t[:1].expand(pad)]) for t in (img, draw, win))
+        with precision_context(self.device, self.precision):
+            out = self.engine.forward_occluded(x, fill, grid, img, draw, win)
+        return output_scores(out, img.shape[0], self.task, self.score)[:b]
+
+
+class OccludedBatch:
+    """Builds batches of occluded copies in one reused input buffer.
+
+    On CPU each copy is its image with one window painted over: only the window's ``c*h*w``
+    values are written per copy (a 32x32 window is 2% of a 224x224 image), and the buffer is
+    allocated once, so no fresh pages are faulted in per batch. On CUDA one masked select over
+    the whole batch is a single kernel, cheaper than hundreds of small slice writes.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        grid: WindowGrid,
+        rows: int,
+        channels_last: bool,
+        paint: bool | None = None,
+    ) -> None:
+        self.paint = x.device.type == "cpu" if paint is None else paint
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.buf = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        self.buf = self.buf.contiguous(memory_format=fmt)  # (rows, C, H, W)
+        self.boxes = grid.boxes().tolist()  # (P, 6) window boxes, as Python ints
+        self.masks = None if self.paint else grid.masks(device=x.device)  # (P, 1|C, H, W)
+
+    def build(
+        self,
+        x: torch.Tensor,
+        fill: torch.Tensor,
+        img: torch.Tensor,
+        draw: torch.Tensor,
+        win: torch.Tensor,
+        pad_to: int | None,
+    ) -> tuple[torch.Tensor, int]:
+        """The model input holding copies ``(img, draw, win)`` (padded to ``pad_to`` rows with
+        the first copy when given) and the number of real copies ``B``."""
+        b = img.shape[0]
+        rows = b if pad_to is None else max(b, pad_to)
+        out = self.buf[:rows]
+        if not self.paint:
+            assert self.masks is not None
+            # (B, 1|C, H, W) mask against (B, C, 1|H, 1|W) fill and (B, C, H, W) images
+            torch.where(self.masks[win], fill[img, draw], x[img], out=out[:b])
+        else:
+            ii, dd, ww = img.tolist(), draw.tolist(), win.tolist()
+            j = 0
+            while j < b:  # copy each run of copies of one image in a single broadcast
+                e = j + 1
+                while e < b and ii[e] == ii[j]:
+                    e += 1
+                out[j:e].copy_(x[ii[j]].expand(e - j, *x.shape[1:]))
+                j = e
+            rows_h, cols_w = fill.shape[-2] > 1, fill.shape[-1] > 1
+            for j in range(b):
+                c0, c1, y0, y1, x0, x1 = self.boxes[ww[j]]
+                f = fill[ii[j], dd[j], c0:c1]  # (c, 1|H, 1|W): broadcasts over the window
+                f = f[:, y0:y1] if rows_h else f
+                out[j, c0:c1, y0:y1, x0:x1] = f[..., x0:x1] if cols_w else f
+        if rows > b:  # padding repeats a real copy: a model may reject a blank input
+            out[b:].copy_(out[:1].expand(rows - b, *out.shape[1:]))
+        return out, b

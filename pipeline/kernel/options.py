@@ -1,0 +1,132 @@
+"""How the kernel computes: batch size, precision, memory format and engine.
+
+What a map *is* (window, stride, baseline, draws, target) is given to :func:`pipeline.attribute`
+as keywords; how it is computed is one :class:`ComputeOptions`. A run builds its options with
+:func:`pipeline.run.settings.compute_options`, so the Python API given the same options computes
+the same maps, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.kernel import defaults
+from pipeline.kernel.defaults import Engine, Precision
+
+__all__ = [
+    "ComputeOptions",
+    "OccludedEngine",
+    "default_max_batch",
+    "precision_context",
+    "resolve_engine",
+]
+
+_AUTOCAST = {Precision.FP32: None, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+class OccludedEngine(Protocol):
+    """Computes the raw model outputs of occluded copies without materialising them."""
+
+    def forward_occluded(
+        self,
+        x: torch.Tensor,
+        fill: torch.Tensor,
+        grid: Any,
+        img: torch.Tensor,
+        draw: torch.Tensor,
+        win: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(B, ...)`` outputs of copies ``(img[b], draw[b], win[b])`` of images ``x``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How :func:`pipeline.attribute` computes; none of these change a map beyond rounding.
+
+    Example:
+        >>> ComputeOptions(max_batch=64, engine="generic").engine
+        <Engine.GENERIC: 'generic'>
+    """
+
+    max_batch: int | None = defaults.MAX_BATCH  # copies per pass; None: default_max_batch
+    precision: Precision = defaults.PRECISION  # fp32, or bf16/fp16 autocast on CUDA
+    channels_last: bool = defaults.CHANNELS_LAST  # channels-last model input (convnets on GPU)
+    engine: Engine | OccludedEngine = defaults.ENGINE  # a choice, or an engine object
+    # Pad every occluded pass to max_batch copies (and unoccluded ones to min(max_batch, 16)
+    # images) so that maps are bitwise identical however images are grouped into calls.
+    fixed_batch: bool = False
+    on_nonfinite: str = "raise"  # "raise" on a NaN/Inf score, or "nan": NaN maps, finite=False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision(self.precision))
+        if isinstance(self.engine, str):
+            object.__setattr__(self, "engine", Engine(self.engine))
+        if self.max_batch is not None and int(self.max_batch) < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.on_nonfinite not in ("raise", "nan"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'nan', got {self.on_nonfinite!r}")
+
+
+def precision_context(
+    device: torch.device, precision: Precision | str
+) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to the dtype of ``precision`` on ``device``; nothing for ``fp32``."""
+    dtype = _AUTOCAST[Precision(precision)]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def default_max_batch(device: torch.device | str, engine: Any = None) -> int:
+    """Occluded copies per forward pass when ``max_batch`` is not given.
+
+    256 on GPUs and for an engine (the incremental engine's calls are small crops, so it wants
+    many windows per call). 32 for full forward passes on CPU: 32 images already keep the cores
+    busy, and larger batches only grow the activations past the caches (seed-shaped CNN at
+    224x224 on 2 cores: 128 -> 32 cut peak RSS from 2.7 to 1.0 GiB at the same speed).
+    """
+    return 256 if engine is not None or torch.device(device).type != "cpu" else 32
+
+
+def resolve_engine(
+    choice: Engine | OccludedEngine | None,
+    model: Any,
+    image_shape: Sequence[int],
+    device: torch.device | str,
+) -> tuple[OccludedEngine | None, str]:
+    """The engine object for ``choice``, and a note saying which path was taken and why.
+
+    Args:
+        choice: ``auto`` (incremental where the model allows it), ``generic`` (full forward
+            passes), ``incremental`` (an error when the model does not allow it), or an engine
+            object, returned as it is.
+        model: the pixel-space model.
+        image_shape: ``(C, H, W)`` of the images, pixels.
+        device: where the model runs.
+
+    Returns:
+        ``(engine, note)``; ``engine`` is None for full forward passes.
+
+    Raises:
+        ValueError: ``incremental`` was asked for and the model does not allow it.
+    """
+    if isinstance(choice, str):
+        choice = Engine(choice)
+    if choice is None or choice is Engine.GENERIC:
+        return None, "generic engine requested"
+    if not isinstance(choice, Engine):
+        return choice, f"engine object {type(choice).__name__}"
+    # The incremental engine builds on this kernel's window geometry, so it is imported here,
+    # when it is asked for, not when the kernel is.
+    from pipeline.incremental import auto_engine
+
+    engine, reason = auto_engine(model, tuple(image_shape), device)
+    if engine is None and choice is Engine.INCREMENTAL:
+        raise ValueError(
+            f"engine 'incremental' was asked for but the model does not allow it: {reason}"
+        )
+    return engine, reason or "incremental: the model's trunk is local"

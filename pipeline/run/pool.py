@@ -1,0 +1,114 @@
+"""The Ray side of a run: connecting, sizing the actor pool, and running the shard queue.
+
+Ray is imported inside the functions: importing :mod:`pipeline.run` starts nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import AuditConfig
+from pipeline.run.dispatch import dispatch
+from pipeline.run.folder import RunFolder
+from pipeline.run.progress import Progress
+
+__all__ = ["PoolShape", "connect", "pool_shape", "run_pool"]
+
+PER_ACTOR = 2  # shards in flight per actor: one computing while the next one decodes
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """Actors and the resources each one asks Ray for."""
+
+    actors: int
+    num_gpus: float
+    num_cpus: float
+    threads: int  # torch intra-op threads per actor
+
+
+def connect(address: str) -> bool:
+    """Initialise Ray unless it already is; return True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if address == "local":
+        # address="local" always starts a new Ray; without it ray.init joins whatever
+        # RAY_ADDRESS or a stale /tmp/ray/ray_current_cluster points to.
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    return True
+
+
+def pool_shape(cfg: AuditConfig, n_shards: int, resources: dict[str, float]) -> PoolShape:
+    """The actor pool for a cluster with ``resources`` (``ray.cluster_resources()``)."""
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    per_gpu = float(cfg.cluster.gpus_per_actor)
+    auto = str(cfg.cluster.actors) == "auto"
+    if gpus >= per_gpu > 0:
+        actors = int(gpus // per_gpu) if auto else int(cfg.cluster.actors)
+        # A fraction of a CPU per GPU actor, or a 2-core machine deadlocks with 2 GPUs.
+        num_cpus = min(1.0, cpus / max(actors, 1) / 2)
+        threads = max(1, int(cpus // max(actors, 1)))
+        return PoolShape(max(1, min(actors, n_shards)), per_gpu, num_cpus, threads)
+    actors = max(1, int(cpus // 2)) if auto else int(cfg.cluster.actors)
+    actors = max(1, min(actors, n_shards))
+    num_cpus = max(cpus / actors, 0.5) if cpus >= actors else 0.5
+    return PoolShape(actors, 0.0, num_cpus, max(1, int(num_cpus)))
+
+
+def run_pool(
+    cfg: AuditConfig,
+    folder: RunFolder,
+    shards: Sequence[Sequence[Any]],
+    todo: Sequence[int],
+    show: bool,
+) -> dict[str, Any]:
+    """Start the actor pool, run shards ``todo``, stop the pool; return the pool's facts."""
+    import ray
+
+    from pipeline.run.worker import ShardWorker
+
+    shape = pool_shape(cfg, max(1, len(todo)), ray.cluster_resources())
+    remote = ray.remote(ShardWorker).options(
+        num_gpus=shape.num_gpus,
+        num_cpus=shape.num_cpus,
+        max_restarts=-1,  # the dispatcher decides when a shard has failed too often
+        max_task_retries=0,
+        max_concurrency=PER_ACTOR,
+    )
+    actors = [remote.remote(cfg, shape.threads) for _ in range(shape.actors)] if todo else []
+    try:
+        outcome = dispatch(
+            actors,
+            shards,
+            todo,
+            cfg=cfg,
+            folder=folder,
+            per_actor=PER_ACTOR,
+            max_retries=int(cfg.cluster.max_retries),
+            progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
+            info=ray.get([a.info.remote() for a in actors]),
+        )
+    finally:
+        for a in actors:
+            ray.kill(a)
+    secs = sorted(outcome.shard_seconds)
+    return {
+        "actors": outcome.actors,
+        "actor_restarts": outcome.restarts,
+        "retried_shards": {str(k): v for k, v in outcome.retried.items()},
+        "shard_seconds_median": secs[len(secs) // 2] if secs else None,
+        "images_per_s": outcome.images_per_s,
+        "pool": {
+            "actors": shape.actors,
+            "num_gpus": shape.num_gpus,
+            "num_cpus": shape.num_cpus,
+            "threads": shape.threads,
+        },
+    }

@@ -1,0 +1,126 @@
+"""The typed record of a run: what ``RUN_DIR/run.json`` holds, read and written in one place.
+
+A run writes its record twice: when it starts (``status: running``, with the identity of what
+it computes) and when it ends (counts, timings, failures). Readers (aggregate, report) use
+:meth:`RunRecord.read`, never raw JSON; the config inside is rebuilt as a typed
+:class:`~pipeline.config.AuditConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import AuditConfig, config_to_dict, load_config
+from pipeline.storage.atomic import write_json
+
+__all__ = ["Counts", "RunRecord", "RunRecordError"]
+
+RECORD_VERSION = 1
+
+
+class RunRecordError(ValueError):
+    """``run.json`` exists but is not a run record this version can read."""
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Images of the manifest and how they ended."""
+
+    images: int = 0
+    ok: int = 0
+    error: int = 0
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The content of ``RUN_DIR/run.json``.
+
+    Attributes:
+        name: the run name (``config.name``).
+        config: the validated config of the run.
+        status: ``running`` while the run computes, ``finished`` or ``stopped`` after.
+        identity: what the maps depend on (dataset, model with file hash, occlusion, shard
+            layout); ``--resume`` refuses a config whose identity differs.
+        versions: Python and package versions of the driver.
+        model_hash, model_file: SHA-256 and path of the model file (None for a bare factory).
+        engine: ``{"path": "incremental" | "generic" | ..., "notes": [...]}`` of the workers.
+        counts: images, ok, error over the whole manifest (after the run).
+        timings: ``total_s``, ``images_per_s``, ``shard_seconds_median``.
+        shards, resumed_shards, retried_shards: shard counts; retried maps shard -> attempts.
+        pool, actors, actor_restarts: the Ray actor pool and where each actor ran.
+        failures: ``{"image_id", "error"}`` of every image with status ``error``.
+        started_at, finished_at: ISO 8601 UTC times.
+    """
+
+    name: str
+    config: AuditConfig
+    status: str = "running"
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+    model_hash: str | None = None
+    model_file: str | None = None
+    engine: Mapping[str, Any] = field(default_factory=dict)
+    counts: Counts = field(default_factory=Counts)
+    timings: Mapping[str, Any] = field(default_factory=dict)
+    shards: int = 0
+    resumed_shards: int = 0
+    retried_shards: Mapping[str, int] = field(default_factory=dict)
+    pool: Mapping[str, Any] = field(default_factory=dict)
+    actors: list[Mapping[str, Any]] = field(default_factory=list)
+    actor_restarts: list[Mapping[str, Any]] = field(default_factory=list)
+    failures: list[Mapping[str, str]] = field(default_factory=list)
+    started_at: str | None = None
+    finished_at: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the file's content)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["config"] = config_to_dict(self.config)
+        out["counts"] = asdict(self.counts)
+        return {"record_version": RECORD_VERSION, **out}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
+        """Rebuild a record; keys this version does not know are ignored.
+
+        Raises:
+            RunRecordError: no ``name`` or ``config``, or a config that does not validate.
+        """
+        if not isinstance(data, Mapping) or "config" not in data:
+            raise RunRecordError("run.json has no 'config': not a run record")
+        try:
+            config = load_config(data["config"])
+        except ValueError as e:
+            raise RunRecordError(f"run.json holds a config that does not validate: {e}") from e
+        known = {f.name for f in fields(cls)} - {"config", "counts"}
+        kwargs = {k: v for k, v in data.items() if k in known and v is not None}
+        counts = Counts(**{k: int(v) for k, v in (data.get("counts") or {}).items()})
+        return cls(
+            name=str(data.get("name") or config.name),
+            config=config,
+            counts=counts,
+            **{k: v for k, v in kwargs.items() if k != "name"},
+        )
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> RunRecord:
+        """Read ``run.json`` at ``path``.
+
+        Raises:
+            FileNotFoundError: there is no such file.
+            RunRecordError: it is not valid JSON or not a run record.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise RunRecordError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_json(data)
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write the record to ``path`` atomically."""
+        write_json(path, self.to_json())

@@ -1,0 +1,81 @@
+"""The kernel settings a worker computes with, built in one place from the config.
+
+A worker, the bench and the tests all call :func:`worker_compute`, so a bench row or a test
+that compares the Python API with a run computes with exactly the settings of a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.config import AuditConfig, OcclusionConfig
+from pipeline.kernel.defaults import Engine
+from pipeline.kernel.options import (
+    ComputeOptions,
+    OccludedEngine,
+    default_max_batch,
+    resolve_engine,
+)
+
+__all__ = ["WorkerCompute", "kernel_keywords", "occlusion_keywords", "worker_compute"]
+
+
+@dataclass(frozen=True)
+class WorkerCompute:
+    """How a worker computes: the engine it resolved and the options it passes the kernel."""
+
+    options: ComputeOptions  # with the engine object (or GENERIC) resolved
+    engine_name: str  # "incremental" | "generic"
+    engine_note: str  # why that engine
+
+
+def occlusion_keywords(occ: OcclusionConfig) -> dict[str, Any]:
+    """The keywords of :func:`pipeline.attribute` that the ``occlusion`` section sets."""
+    return {
+        "window": occ.window,
+        "stride": occ.stride,
+        "baseline": occ.baseline,
+        "n_baselines": occ.n_baselines,
+        "seed": occ.seed,
+        "value": occ.value,
+        "blur_sigma": occ.blur_sigma,
+    }
+
+
+def kernel_keywords(cfg: AuditConfig) -> dict[str, Any]:
+    """What to compute: the keywords of :func:`pipeline.attribute` a run's config sets.
+
+    ``target`` is left out: a worker resolves ``label`` targets per image.
+    """
+    return {**occlusion_keywords(cfg.occlusion), "task": cfg.model.task, "score": cfg.model.score}
+
+
+def worker_compute(
+    occ: OcclusionConfig,
+    model: Any,
+    image_shape: tuple[int, int, int],
+    device: torch.device,
+) -> WorkerCompute:
+    """Resolve the engine once and build the options every shard of a worker uses.
+
+    Workers pad every pass to a fixed batch (``fixed_batch``), so a map is bitwise the same
+    whichever shard, batch or actor computed it, and keep going past a NaN score (the image gets
+    an error row).
+
+    Raises:
+        ValueError: ``occlusion.engine: incremental`` and the model does not allow it.
+    """
+    engine: OccludedEngine | None
+    engine, note = resolve_engine(occ.engine, model, image_shape, device)
+    options = ComputeOptions(
+        max_batch=occ.max_batch or default_max_batch(device, engine),
+        precision=occ.precision,
+        channels_last=occ.channels_last,
+        engine=engine if engine is not None else Engine.GENERIC,
+        fixed_batch=True,
+        on_nonfinite="nan",
+    )
+    return WorkerCompute(options, "generic" if engine is None else "incremental", note)

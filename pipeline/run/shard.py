@@ -1,0 +1,235 @@
+"""One shard: decode images, compute occlusion maps and metrics, build its Parquet table.
+
+This is the whole per-shard computation without Ray, so that the Ray path and a direct local call
+give the same answer (the Ray worker only adds model loading and the atomic write). It takes the
+frozen config as it is: there is no second shape of the settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from pipeline.config import AuditConfig, Target
+from pipeline.data.images import DataError, load_image, load_mask
+from pipeline.kernel.metrics import image_metrics, nan_metrics
+from pipeline.kernel.occlusion import OcclusionResult, attribute
+from pipeline.kernel.options import ComputeOptions
+from pipeline.run.settings import kernel_keywords
+from pipeline.schema import IMAGE_METRICS, STATUS_ERROR, STATUS_OK, maps_schema
+
+__all__ = ["error_table", "load_shard", "process_shard"]
+
+
+@dataclass
+class _Loaded:
+    index: int
+    image: torch.Tensor | None = None  # (3, H, W)
+    mask: torch.Tensor | None = None  # (H, W) bool
+    target: int | None = None
+    error: str | None = None
+
+
+def _label_target(record: Any) -> int:
+    try:
+        return int(float(record.label))
+    except (TypeError, ValueError):
+        raise DataError(
+            f"image {record.image_id!r}: target 'label' needs an integer class label, "
+            f"got {record.label!r}"
+        ) from None
+
+
+def _load(i: int, record: Any, cfg: AuditConfig) -> _Loaded:
+    item = _Loaded(i)
+    ds = cfg.dataset
+    try:
+        img, orig = load_image(record.path, ds.root, ds.image_size, image_id=record.image_id)
+        if record.mask is not None or record.box is not None:
+            item.mask = load_mask(
+                record.mask,
+                record.box,
+                ds.root,
+                ds.image_size,
+                orig,
+                image_id=record.image_id,
+            )
+        item.target = _label_target(record) if cfg.model.target is Target.LABEL else None
+        item.image = img
+    except DataError as e:
+        item.error = str(e)
+    except Exception as e:  # an unexpected decoder failure still names the image
+        item.error = f"image {record.image_id!r} ({record.path}): {type(e).__name__}: {e}"
+    return item
+
+
+def _targets(cfg: AuditConfig, items: Sequence[_Loaded]) -> Any:
+    target = cfg.model.target
+    if target is Target.LABEL:
+        return [it.target for it in items]
+    return target.value if isinstance(target, Target) else target
+
+
+def load_shard(records: Sequence[Any], cfg: AuditConfig) -> list[_Loaded]:
+    """Decode and resize the images and masks of a shard (I/O bound; no model needed).
+
+    A failure is kept on its item as a message naming the image, never raised.
+    """
+    with ThreadPoolExecutor(max_workers=cfg.cluster.decode_threads) as pool:
+        return list(pool.map(lambda ir: _load(ir[0], ir[1], cfg), enumerate(records)))
+
+
+def process_shard(
+    model: Any,
+    records: Sequence[Any],
+    cfg: AuditConfig,
+    shard: int,
+    options: ComputeOptions,
+    loaded: Sequence[_Loaded] | None = None,
+) -> pa.Table:
+    """Compute the stored rows of one shard.
+
+    Args:
+        model: pixel-space model (normalisation inside), already on its device.
+        records: manifest records (``image_id, path, groups, label, mask, box``) in order.
+        cfg: the run's config.
+        shard: shard index, stored with each row.
+        options: how to compute (:func:`pipeline.run.settings.worker_compute`).
+        loaded: the result of :func:`load_shard` for these records, if already done.
+
+    Returns:
+        A table with ``maps_schema(group_by)``: one row per record, in record order, each ``ok``
+        or ``error`` with a message naming the image.
+    """
+    items = list(loaded) if loaded is not None else load_shard(records, cfg)
+    good = [it for it in items if it.error is None]
+    results: dict[int, dict[str, Any]] = {}
+    if good:
+        results = _attribute_all(model, [records[it.index] for it in good], good, cfg, options)
+    rows = [_row(records[it.index], it, results.get(it.index), cfg, shard) for it in items]
+    return pa.Table.from_pylist(rows, schema=maps_schema(cfg.dataset.group_by))
+
+
+def _attribute_all(
+    model: Any,
+    records: Sequence[Any],
+    items: Sequence[_Loaded],
+    cfg: AuditConfig,
+    options: ComputeOptions,
+) -> dict[int, dict[str, Any]]:
+    """Maps and metrics of ``items``; a batch the model fails on is retried image by image, so
+    that only the image that makes it fail gets the error row."""
+
+    def run(part: Sequence[_Loaded], recs: Sequence[Any]) -> OcclusionResult:
+        return attribute(
+            model,
+            torch.stack([it.image for it in part]),  # type: ignore[misc]  # (N, 3, H, W)
+            image_ids=[rec.image_id for rec in recs],
+            target=_targets(cfg, part),
+            options=options,
+            **kernel_keywords(cfg),
+        )
+
+    try:
+        return _results(run(items, records), items, records, cfg)
+    except Exception as e:
+        if len(items) == 1:
+            msg = f"model failed: {type(e).__name__}: {_first_line(e)}"
+            return {items[0].index: {"error": f"image {records[0].image_id!r}: {msg}"}}
+    # One at a time: a bounded extra cost (len(items) calls) paid only by a failing batch. With
+    # fixed_batch, each image's maps are bitwise those it would get in the full batch.
+    out: dict[int, dict[str, Any]] = {}
+    for it, rec in zip(items, records, strict=True):
+        out.update(_attribute_all(model, [rec], [it], cfg, options))
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:500]
+
+
+def _results(
+    r: OcclusionResult, items: Sequence[_Loaded], records: Sequence[Any], cfg: AuditConfig
+) -> dict[int, dict[str, Any]]:
+    full = r.grid.expand(r.delta[:, 0])  # (N, C, H, W)
+    out: dict[int, dict[str, Any]] = {}
+    for j, (it, rec) in enumerate(zip(items, records, strict=True)):
+        if not bool(r.finite[j]):
+            out[it.index] = {"error": f"image {rec.image_id!r}: the model returned a NaN/Inf score"}
+            continue
+        metrics, note = image_metrics(full[j], it.mask, cfg.audit.boundary_px)
+        out[it.index] = {
+            "target": int(r.target[j, 0]),
+            "score": float(r.score[j, 0]),
+            "delta": r.delta[j, 0].flatten().cpu().tolist(),
+            "delta_std": r.delta_std[j, 0].flatten().cpu().tolist(),
+            "metrics": metrics,
+            "metric_note": note,
+            "grid": r.grid,
+        }
+    return out
+
+
+def _mask_text(record: Any) -> str | None:
+    if record.mask is not None:
+        return str(record.mask)
+    if record.box is not None:
+        return "box:" + ",".join(f"{v:g}" for v in record.box)
+    return None
+
+
+def _row(
+    record: Any, item: _Loaded, res: dict[str, Any] | None, cfg: AuditConfig, shard: int
+) -> dict[str, Any]:
+    groups = dict(record.groups)
+    row: dict[str, Any] = {
+        "image_id": record.image_id,
+        **{g: None if groups.get(g) is None else str(groups[g]) for g in cfg.dataset.group_by},
+        "path": str(record.path),
+        "mask": _mask_text(record),
+        "label": None if record.label is None else str(record.label),
+        "shard": shard,
+        "image_h": cfg.dataset.image_size[0],
+        "image_w": cfg.dataset.image_size[1],
+    }
+    error = item.error or (res or {}).get("error")
+    if error is not None or res is None:
+        row.update(status=STATUS_ERROR, error=error or "not processed", **nan_metrics())
+        return row
+    g = res["grid"]
+    row.update(
+        status=STATUS_OK,
+        error=None,
+        target=res["target"],
+        score=res["score"],
+        image_c=g.image[0],
+        window=list(g.window),
+        stride=list(g.stride),
+        grid_c=g.counts[0],
+        grid_h=g.counts[1],
+        grid_w=g.counts[2],
+        delta=res["delta"],
+        delta_std=res["delta_std"],
+        metric_note=res["metric_note"],
+        **{m: res["metrics"][m] for m in IMAGE_METRICS},
+    )
+    for m in IMAGE_METRICS:  # store NaN (not null) so readers see a float column
+        if row[m] is None:
+            row[m] = math.nan
+    return row
+
+
+def error_table(records: Sequence[Any], cfg: AuditConfig, shard: int, message: str) -> pa.Table:
+    """Rows marking every image of a failed shard as ``error`` with ``message``."""
+    rows = [
+        _row(rec, _Loaded(i, error=f"image {rec.image_id!r}: {message}"), None, cfg, shard)
+        for i, rec in enumerate(records)
+    ]
+    return pa.Table.from_pylist(rows, schema=maps_schema(cfg.dataset.group_by))
