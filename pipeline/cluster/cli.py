@@ -1,7 +1,8 @@
 """The ``occlusion-audit submit`` subcommand: its arguments, turned into a :func:`submit` call.
 
-What a submission does (ids, upload, authentication, exit codes) is
-:mod:`pipeline.cluster.submit`; this module only reads the command line, loads ``--runtime-env`` and passes ``run``'s own switches on.
+What a submission does (ids, upload, authentication, exit codes) is :mod:`pipeline.cluster.submit`;
+this module only reads the command line, loads ``--runtime-env`` and passes ``run``'s own switches
+on.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Build frozen dataclasses from plain mappings, checking every key and value against type hints.
 
-The machinery behind ``pipeline.config.load.load_config``: it knows nothing of the audit
-itself. Each error is a ``ConfigError`` naming the full dotted key, so a typo deep in a YAML file points at
+The machinery behind ``pipeline.config.load.load_config``: it knows nothing of the audit itself.
+Each error is a ``ConfigError`` naming the full dotted key, so a typo deep in a YAML file points at
 its line's key, and an unknown key lists the allowed ones with a "did you mean".
 """
 

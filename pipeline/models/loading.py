@@ -1,9 +1,9 @@
 """Model loading: TorchScript, torch.export archives, or a factory plus a ``state_dict``.
 
 Files are local paths or Hugging Face Hub files (a :class:`HubFile` or an
-``hf://owner/name@<commit>/file`` address, :mod:`pipeline.storage.hub`). The loaded model is in
-eval mode on the requested device and, given a mean/std, wrapped in :class:`Normalized`: occlusion happens
-in ``[0, 1]`` pixel space and normalisation belongs to the model (docs/design.md).
+``hf://owner/name@<commit>/file`` address, :mod:`pipeline.storage.hub`). The loaded model is in eval
+mode on the requested device and, given a mean/std, wrapped in :class:`Normalized`: occlusion
+happens in ``[0, 1]`` pixel space and normalisation belongs to the model (docs/design.md).
 """
 
 from __future__ import annotations
