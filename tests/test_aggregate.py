@@ -145,7 +145,7 @@ def _mixed_rows(n: int = 600, seed: int = 3) -> list[dict]:
 
 
 def _by_hand(rows: list[dict], group_by: list[str]) -> pd.DataFrame:
-    """DESIGN section 6 computed directly with pandas from the per-image metrics."""
+    """The statistics of docs/design.md computed directly with pandas from the per-image metrics."""
     df = pd.DataFrame(rows)
     ok = df["status"] == "ok"
     r, rp = df["fg_bg_ratio"].astype(float), df["fg_bg_ratio_pos"].astype(float)

@@ -24,8 +24,8 @@ from pipeline.config import (
     load_config,
 )
 
-# DESIGN section 3, verbatim (the model alternatives are comments there).
-DESIGN_EXAMPLE = """\
+# The example config of docs/design.md, verbatim (the model alternatives are comments there).
+DOC_EXAMPLE = """\
 name: val-audit
 dataset:
   manifest: data/val/manifest.parquet   # local path, s3://..., gs://..., hf://datasets/...
@@ -81,7 +81,7 @@ def _error(source: object, overrides: tuple[str, ...] = ()) -> ConfigError:
 def design_file(tmp_path: Path) -> Path:
     path = tmp_path / "jobs" / "val.yaml"
     path.parent.mkdir()
-    path.write_text(DESIGN_EXAMPLE, encoding="utf-8")
+    path.write_text(DOC_EXAMPLE, encoding="utf-8")
     return path
 
 

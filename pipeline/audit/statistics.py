@@ -1,4 +1,4 @@
-"""Per-group statistics of fg/bg occlusion ratios (DESIGN section 6).
+"""Per-group statistics of fg/bg occlusion ratios (docs/design.md, "Statistics").
 
 For one group's per-image fg/bg ratios this computes the geometric-mean ratio with a percentile
 bootstrap confidence interval (log-ratios resampled), the median and the share below 1; the

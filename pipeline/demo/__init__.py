@@ -2,6 +2,8 @@
 
 ``prepare_demo(out_dir)`` writes training and audit data and trains ``SeedCNN``;
 ``DEMO_CONFIG`` is the audit config template whose paths are relative to that ``out_dir``.
+
+May import: every other subpackage (the demo runs the whole pipeline end to end).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ __all__ = [
     "train_demo_model",
 ]
 
-#: Audit config template (DESIGN section 3); paths inside are relative to the demo folder.
+#: Audit config template (docs/design.md, "Configuration"); its paths are relative to the
+#: demo folder.
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
 _FROM_TRAIN = ("DemoFiles", "prepare_demo", "train_demo_model")

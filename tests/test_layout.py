@@ -1,0 +1,143 @@
+"""The package's layout holds: import rules per subpackage, module sizes, one default per setting.
+
+The rules are read from the source with ``ast``, so a new import that crosses a layer fails here
+before anyone has to notice it in review.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+
+from pipeline import attribute
+from pipeline.config import OcclusionConfig
+from pipeline.kernel.options import ComputeOptions
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+SUBPACKAGES = (
+    "storage",
+    "config",
+    "data",
+    "kernel",
+    "incremental",
+    "models",
+    "run",
+    "audit",
+    "report",
+    "cluster",
+    "bench",
+    "demo",
+)
+# subpackage -> the other subpackages (and top-level modules) of ``pipeline`` it may import
+ALLOWED: dict[str, set[str]] = {
+    "storage": set(),
+    "kernel": {"incremental"},  # only inside resolve_engine, when an engine is asked for
+    "incremental": {"kernel"},
+    "config": {"kernel", "storage", "schema"},
+    "data": {"config", "storage", "schema"},
+    "models": {"config", "storage"},
+    "run": {"config", "data", "kernel", "incremental", "models", "storage", "schema"},
+    "audit": {"config", "run", "storage", "schema"},
+    "report": {"audit", "config", "data", "kernel", "run", "storage", "schema"},
+    "cluster": {"config", "storage"},
+    "bench": {"config", "kernel", "incremental", "models", "run", "storage", "schema"},
+    "demo": set(SUBPACKAGES) | {"schema"},
+}
+# third-party packages a subpackage must never import
+FORBIDDEN: dict[str, set[str]] = {
+    "kernel": {"ray", "pandas", "pyarrow", "matplotlib"},
+    "incremental": {"ray", "pandas", "pyarrow", "matplotlib"},
+    "storage": {"ray", "torch", "pandas"},
+    "config": {"ray", "pandas", "matplotlib"},
+    "data": {"ray", "matplotlib"},
+    "models": {"ray", "pandas", "matplotlib"},
+    "audit": {"ray", "torch", "matplotlib"},
+}
+MAX_LINES = 350
+MAX_TOP_LEVEL_MODULES = 12
+
+
+def _imports(path: Path) -> list[str]:
+    """Absolute module names imported anywhere in ``path`` (function bodies included)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import; use absolute pipeline.* imports"
+            names.append(node.module or "")
+    return names
+
+
+def _modules(sub: str) -> list[Path]:
+    return sorted((PACKAGE / sub).rglob("*.py"))
+
+
+def test_every_subpackage_has_rules_and_a_docstring_naming_its_imports():
+    found = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert found == set(SUBPACKAGES) == set(ALLOWED)
+    for sub in SUBPACKAGES:
+        doc = ast.get_docstring(ast.parse((PACKAGE / sub / "__init__.py").read_text()))
+        assert doc and "import" in doc.lower(), f"pipeline.{sub} must say what it may import"
+
+
+@pytest.mark.parametrize("sub", SUBPACKAGES)
+def test_imports_follow_the_layers(sub):
+    bad = []
+    for path in _modules(sub):
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] == "pipeline" and len(parts) > 1 and parts[1] != sub:
+                if parts[1] not in ALLOWED[sub]:
+                    bad.append(f"{path.relative_to(PACKAGE)} imports {name}")
+            elif parts[0] in FORBIDDEN.get(sub, ()):
+                bad.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_kernel_reaches_the_engine_only_when_resolving_one():
+    for path in _modules("kernel"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        for node in top:
+            module = getattr(node, "module", None) or node.names[0].name
+            assert not module.startswith("pipeline.incremental"), path
+
+
+def test_module_count_and_sizes():
+    top = [p for p in PACKAGE.glob("*.py")]
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, [p.name for p in top]
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _api_defaults() -> dict[str, object]:
+    params = inspect.signature(attribute).parameters
+    out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    for f in dataclasses.fields(ComputeOptions):
+        out[f.name] = f.default
+    return out
+
+
+def _value(v: object) -> object:
+    return getattr(v, "value", v)
+
+
+def test_config_and_api_share_every_occlusion_default():
+    api = _api_defaults()
+    checked = []
+    for f in dataclasses.fields(OcclusionConfig):
+        assert f.name in api, f"occlusion.{f.name} has no counterpart in attribute()/ComputeOptions"
+        assert _value(f.default) == _value(api[f.name]), (
+            f"occlusion.{f.name}: config default {f.default!r} != API default {api[f.name]!r}"
+        )
+        checked.append(f.name)
+    assert {"blur_sigma", "n_baselines", "stride", "engine", "channels_last"} <= set(checked)
