@@ -25,8 +25,7 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 #: Per-image metrics (docs/design.md, "Metrics"). ``_pos`` variants use I+ = max(map, 0); the
-#: foreground
-#: area does not depend on the map, so it has no ``_pos`` twin.
+#: foreground area does not depend on the map, so it has no ``_pos`` twin.
 IMAGE_METRICS: tuple[str, ...] = (
     "fg_share",
     "fg_area",
