@@ -194,11 +194,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        # Expected failures (bad config, missing files, a locked run) get one clear line.
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise  # a bug: the traceback is the most useful report
+        # Expected failures (bad config, missing files, a locked run, a full disk) get one line.
         print(f"occlusion-audit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return code
+
+
+EXIT_OK = 0  # every image ok (or failures within cluster.max_failures)
+EXIT_IMAGE_ERRORS = 1  # the run finished; more images failed than cluster.max_failures
+EXIT_USAGE = 2  # bad config or arguments, missing input, model that cannot load, refused folder
+EXIT_DUPLICATE_JOB = 3  # submit: Ray already has a job with this submission id
+EXIT_INCOMPLETE = 4  # infrastructure failed (disk, actors); stored shards kept: --resume
+EXIT_INTERRUPTED = 130
+
+
+def _exit_code(e: BaseException) -> int | None:
+    from pipeline.run.runner import RunIncompleteError
+
+    if isinstance(e, RunIncompleteError):
+        return EXIT_INCOMPLETE
+    if isinstance(e, ValueError | OSError | RuntimeError):
+        return EXIT_USAGE
+    return None
 
 
 if __name__ == "__main__":

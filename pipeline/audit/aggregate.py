@@ -60,10 +60,10 @@ def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:
     Args:
         record: the run record, or None (then :class:`AuditSettings` defaults apply).
         overrides: ``group_by``, ``threshold``, ``min_images``, ``confidence``, ``seed``,
-            ``n_boot``; ``None`` means "not given".
+            ``n_boot``, ``max_error_share``; ``None`` means "not given".
 
     Returns:
-        A dict with all six keys; ``group_by`` is a tuple of column names.
+        A dict with all seven keys; ``group_by`` is a tuple of column names.
 
     Raises:
         ValueError: no group columns anywhere, or a confidence outside (0, 1).
@@ -76,6 +76,7 @@ def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:
         "confidence": settings.confidence,
         "seed": settings.seed,
         "n_boot": settings.bootstrap,
+        "max_error_share": settings.max_error_share,
     }
     params: dict[str, Any] = {
         k: v if (v := overrides.get(k)) is not None else found[k] for k in found
@@ -85,7 +86,8 @@ def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:
     if isinstance(params["group_by"], str):
         params["group_by"] = [params["group_by"]]
     params["group_by"] = tuple(params["group_by"])
-    for name, kind in (("threshold", float), ("confidence", float), ("min_images", int)):
+    numbers = ("threshold", float), ("confidence", float), ("min_images", int)
+    for name, kind in (*numbers, ("max_error_share", float)):
         params[name] = kind(params[name])
     params["seed"], params["n_boot"] = int(params["seed"]), max(1, int(params["n_boot"]))
     if not 0 < params["confidence"] < 1:
@@ -208,7 +210,14 @@ def _summary_row(key: GroupKey, acc: _Acc, group_by: Sequence[str], p: Mapping[s
     row.update({f"{k}_pos": v for k, v in pos.items()})
     row["mean_fg_share_pos"] = finite_mean(acc.values("fg_share_pos"))
     row["status"] = group_status(
-        len(ratios), main["ci_low"], main["ci_high"], p["threshold"], p["min_images"]
+        len(ratios),
+        main["ci_low"],
+        main["ci_high"],
+        p["threshold"],
+        p["min_images"],
+        n=acc.n,
+        n_error=acc.n_error,
+        max_error_share=p["max_error_share"],
     )
     return row
 
@@ -236,7 +245,8 @@ def aggregate(
     with a percentile bootstrap interval (log-ratios resampled; the generator is seeded by the
     run seed and the group key, so results do not depend on group order or sharding), median,
     share below 1, mean ``fg_share``/``fg_area`` over valid rows, and the same for the ``_pos``
-    metrics. Status: ``too-few`` (n_valid < min_images), ``flagged`` (ci_high < threshold),
+    metrics. Status: ``unreliable`` (error share above ``max_error_share``), ``too-few``
+    (n_valid < min_images), ``flagged`` (ci_high < threshold),
     ``inconclusive`` (ci_low <= threshold <= ci_high), else ``ok``.
 
     Args:

@@ -4,7 +4,7 @@ For one group's per-image fg/bg ratios this computes the geometric-mean ratio wi
 bootstrap confidence interval (log-ratios resampled), the median and the share below 1; the
 resample generator is seeded by the run seed and the group key alone, so results do not depend on
 group order, sharding or batching. :func:`group_status` turns the interval into the group's
-verdict (``too-few``, ``flagged``, ``inconclusive`` or ``ok``). Pure numpy, no I/O.
+verdict (``unreliable``, ``too-few``, ``flagged``, ``inconclusive`` or ``ok``). Pure numpy, no I/O.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ GroupKey = tuple[str | None, ...]
 RATIO_STAT_NAMES = ("gmean_ratio", "ci_low", "ci_high", "median_ratio", "share_below_1")
 
 #: Sort rank of each verdict: flagged groups first, then inconclusive ones, then the rest.
-STATUS_ORDER = {"flagged": 0, "inconclusive": 1, "ok": 2, "too-few": 2}
+STATUS_ORDER = {"flagged": 0, "inconclusive": 1, "unreliable": 1, "ok": 2, "too-few": 2}
 
 _BOOT_CELLS = 4_000_000  # resample indices drawn at once; bounds bootstrap memory (~32 MB)
 
@@ -94,7 +94,15 @@ def ratio_stats(
 
 
 def group_status(
-    n_valid: int, ci_low: float, ci_high: float, threshold: float, min_images: int
+    n_valid: int,
+    ci_low: float,
+    ci_high: float,
+    threshold: float,
+    min_images: int,
+    *,
+    n: int = 0,
+    n_error: int = 0,
+    max_error_share: float = 1.0,
 ) -> str:
     """A group's verdict from its interval on the geometric-mean ratio.
 
@@ -104,12 +112,18 @@ def group_status(
         ci_high: upper end of the interval.
         threshold: ratio below which a group is flagged.
         min_images: fewest valid ratios for a verdict (at least 1 is always required).
+        n: images of the group, errors included.
+        n_error: images of the group whose maps failed.
+        max_error_share: largest share of failed images that still allows a verdict.
 
     Returns:
-        ``too-few`` (fewer than ``min_images`` valid ratios, or a non-finite interval),
-        ``flagged`` (``ci_high < threshold``), ``inconclusive`` (``ci_low <= threshold``),
-        else ``ok``.
+        ``unreliable`` (more than ``max_error_share`` of the images failed: the valid ones may
+        not represent the group), ``too-few`` (fewer than ``min_images`` valid ratios, or a
+        non-finite interval), ``flagged`` (``ci_high < threshold``), ``inconclusive``
+        (``ci_low <= threshold``), else ``ok``.
     """
+    if n > 0 and n_error / n > max_error_share:
+        return "unreliable"
     if n_valid < max(1, min_images) or not (math.isfinite(ci_low) and math.isfinite(ci_high)):
         return "too-few"
     if ci_high < threshold:

@@ -101,6 +101,10 @@ class DatasetConfig:
     group_by: tuple[str, ...] = ()  # manifest columns to aggregate by; () = one group
     image_size: tuple[int, int] = (224, 224)  # (H, W) pixels after resize
     normalize: NormalizeConfig | None = None  # None: the model takes [0, 1] RGB as is
+    # Hostile-input bounds, checked before decoding: a worker holds at most
+    # cluster.decode_threads images of max_pixels each while decoding (docs/design.md, "Data").
+    max_file_bytes: int = 64 << 20  # bytes read per image or mask file
+    max_pixels: int = 25_000_000  # pixels per image or mask (6000x4000 is 24 MP)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "manifest", resolve_local(self.manifest, None))
@@ -118,6 +122,8 @@ class DatasetConfig:
                 f"'{LABEL_GROUP}' is stored as the manifest label, which is column "
                 f"{self.columns.label!r} (columns.label); group by {self.columns.label!r}",
             )
+        _positive("max_file_bytes", self.max_file_bytes)
+        _positive("max_pixels", self.max_pixels)
         if min(self.image_size) < 1:
             fail("image_size", f"must be positive [H, W], got {list(self.image_size)!r}")
 
@@ -258,6 +264,7 @@ class AuditSettings:
     boundary_px: int = 0  # mask edge band ignored, pixels of the resized image
     bootstrap: int = 2000  # bootstrap resamples
     seed: int = 0  # bootstrap seed
+    max_error_share: float = 0.1  # more failed images than this share: verdict unreliable
 
     def __post_init__(self) -> None:
         _positive("threshold", self.threshold)
@@ -266,6 +273,8 @@ class AuditSettings:
             fail("confidence", f"must be strictly between 0 and 1, got {self.confidence}")
         _positive("boundary_px", self.boundary_px, strict=False)
         _positive("bootstrap", self.bootstrap)
+        if not 0 <= self.max_error_share <= 1:
+            fail("max_error_share", f"must lie in [0, 1], got {self.max_error_share}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.storage.uri import PathEscapeError, join_under, read_bytes
+from pipeline.storage.uri import PathEscapeError, UnreadableFileError, join_under, read_bytes
 
 __all__ = ["DataError", "load_image", "load_mask"]
 
@@ -38,25 +38,44 @@ def _item(image_id: str, path: str) -> str:
     return f"image {image_id!r} ({path})" if image_id else f"image {path}"
 
 
-def _read(path: str, root: str | None, what: str, image_id: str) -> tuple[str, bytes]:
+def _read(
+    path: str, root: str | None, what: str, image_id: str, max_bytes: int | None
+) -> tuple[str, bytes]:
     try:
         full = join_under(root, path)
     except PathEscapeError as e:
         raise DataError(f"{_item(image_id, path)}: {what} {e}") from None
     try:
-        return full, read_bytes(full)
+        return full, read_bytes(full, max_bytes)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise DataError(f"{_item(image_id, path)}: {what} file not found: {full}") from e
+    except UnreadableFileError as e:
+        hint = " (dataset.max_file_bytes)" if "limit" in str(e) else ""
+        raise DataError(f"{_item(image_id, path)}: {what} {e}{hint}") from None
 
 
-def _decode(data: bytes, full: str, what: str, label: str) -> Image.Image:
-    """Open and fully decode; PNG chunk CRCs and the end marker are checked by ``verify``."""
+def _decode(
+    data: bytes, full: str, what: str, label: str, max_pixels: int | None = None
+) -> Image.Image:
+    """Open and fully decode; PNG chunk CRCs and the end marker are checked by ``verify``.
+
+    The pixel count is checked from the header before anything is decoded: a few hundred
+    kilobytes of PNG can stand for gigabytes of pixels.
+    """
     try:
         with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise DataError(
+                    f"{label}: {what} {full} is {w}x{h} = {w * h} pixels, over the "
+                    f"{max_pixels}-pixel limit (dataset.max_pixels)"
+                )
             probe.verify()  # cheap structural check; catches a PNG cut after its pixel data
         img = Image.open(io.BytesIO(data))
         img.load()  # decode now, so truncation raises here and not later
         return img
+    except DataError:
+        raise
     except _DECODE_ERRORS as e:
         # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): noise for a user.
         reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
@@ -90,6 +109,8 @@ def load_image(
     size: Sequence[int],
     *,
     image_id: str = "",
+    max_bytes: int | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Read, decode and resize one image.
 
@@ -103,21 +124,24 @@ def load_image(
         root: local folder or URI the path must stay within; ``None`` takes ``path`` as is.
         size: ``(H, W)`` output size in pixels.
         image_id: the item's id, for messages.
+        max_bytes: refuse a file larger than this many bytes (None: no bound).
+        max_pixels: refuse an image of more pixels than this, before decoding (None: no bound).
 
     Returns:
         ``(image, (h, w))``: ``image`` float32 ``(3, H, W)`` in ``[0, 1]``; ``(h, w)`` the
         original size in pixels.
 
     Raises:
-        DataError: the path escapes ``root``, the file is missing, corrupt or truncated.
+        DataError: the path escapes ``root``; the file is missing, not a regular file (a FIFO,
+            a device), too large, corrupt or truncated; the image has too many pixels.
 
     Example:
         >>> x, (h, w) = load_image("kitchen/1.png", "data/val", (224, 224))  # doctest: +SKIP
         >>> x.shape  # doctest: +SKIP
         torch.Size([3, 224, 224])
     """
-    full, data = _read(path, root, "image", image_id)
-    img = _decode(data, full, "image", _item(image_id, path))
+    full, data = _read(path, root, "image", image_id, max_bytes)
+    img = _decode(data, full, "image", _item(image_id, path), max_pixels)
     w, h = img.size
     arr = _resized_array(img, int(size[1]), int(size[0]))  # (H, W, 3)
     tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()  # (3, H, W)
@@ -160,6 +184,8 @@ def load_mask(
     original_size: Sequence[int],
     *,
     image_id: str = "",
+    max_bytes: int | None = None,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
     """The foreground mask of one image on the resized grid.
 
@@ -174,6 +200,7 @@ def load_mask(
         size: ``(H, W)`` of the resized image.
         original_size: ``(h, w)`` of the original image, as returned by ``load_image``.
         image_id: the item's id, for messages.
+        max_bytes, max_pixels: bounds as for ``load_image``.
 
     Returns:
         ``(H, W)`` bool tensor.
@@ -195,8 +222,8 @@ def load_mask(
         if box is None:
             raise DataError(f"{label}: neither a mask nor a box is given")
         return _box_mask(box, orig, out, label)
-    full, data = _read(spec, root, "mask", image_id)
-    img = _decode(data, full, "mask", label)
+    full, data = _read(spec, root, "mask", image_id, max_bytes)
+    img = _decode(data, full, "mask", label, max_pixels)
     if img.size != (orig[1], orig[0]):
         raise DataError(
             f"{label}: mask {img.size[0]}x{img.size[1]} does not match image "

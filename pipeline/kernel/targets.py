@@ -41,6 +41,11 @@ def output_scores(out: torch.Tensor, batch: int, task: Task, score: Score) -> to
             f"the model returned shape {tuple(out.shape)} for a batch of {batch} inputs: its "
             "first dimension must follow the input batch"
         )
+    if out.dim() > 2:  # flattening (B, 2, 3) into 6 "classes" would explain a wrong output
+        raise ValueError(
+            f"the model returned shape {tuple(out.shape)}; expected (B,) scores or (B, O) "
+            "outputs (wrap the model to select or pool what should be explained)"
+        )
     out = out.reshape(batch, -1).float()  # (B, O)
     if task is Task.CLASSIFICATION and score is Score.PROBABILITY:
         return torch.sigmoid(out) if out.shape[1] == 1 else torch.softmax(out, dim=1)

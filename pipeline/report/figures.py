@@ -36,6 +36,7 @@ STATUS_COLORS = {
     "inconclusive": "#d68910",
     "ok": "#1e8449",
     "too-few": "#7f8c8d",
+    "unreliable": "#7d3c98",
 }
 #: log10 bin edges of per-image fg/bg ratios, 0.01 to 100; values beyond go to the end bins.
 HIST_EDGES = np.linspace(-2.0, 2.0, 65)

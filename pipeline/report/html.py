@@ -113,7 +113,9 @@ def summary_notes(summary: Any, group_by: Sequence[str], params: Mapping) -> lis
         f"{len(summary)} groups by {', '.join(group_by) or 'nothing'}; {n_ok} ok "
         f"(interval above threshold {t}), {int((status == 'flagged').sum())} flagged, "
         f"{int((status == 'inconclusive').sum())} inconclusive, "
-        f"{int((status == 'too-few').sum())} with too few images for a verdict."
+        f"{int((status == 'too-few').sum())} with too few images for a verdict, "
+        f"{int((status == 'unreliable').sum())} unreliable (more than "
+        f"{float(params.get('max_error_share', 1.0)):.0%} of their images failed)."
     )
     few = summary[status == "too-few"]
     if len(few):

@@ -4,6 +4,12 @@
 whose call failed with a :class:`ray.exceptions.RayActorError` (its process died, or its node
 went away) gets no work until it answers a probe again: Ray may be restarting it, or it may wait
 for resources that only a new node brings. Its shard goes back to the queue for the others.
+
+Infrastructure failures are never stored as image errors. A shard that keeps failing (actor
+deaths past ``max_retries``, or no live actor for :data:`NO_ACTOR_TIMEOUT_S`) is left unstored
+and named in :attr:`DispatchOutcome.lost`; a shard whose file cannot be written (a full disk, a
+read-only folder) stops the queue, since the next shards would fail the same way. The shards
+already stored stay, and ``--resume`` computes the rest.
 """
 
 from __future__ import annotations
@@ -14,10 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import AuditConfig
-from pipeline.run.folder import RunFolder
 from pipeline.run.progress import Progress
-from pipeline.run.shard import error_table
 
 __all__ = ["DispatchOutcome", "dispatch"]
 
@@ -34,6 +37,8 @@ class DispatchOutcome:
     retried: dict[int, int] = field(default_factory=dict)  # shard -> failed attempts
     shard_seconds: list[float] = field(default_factory=list)
     images_per_s: float = 0.0
+    lost: dict[int, str] = field(default_factory=dict)  # shard -> why it was not stored
+    stopped: str | None = None  # why the queue stopped early (a write failure), if it did
 
 
 @dataclass
@@ -50,19 +55,19 @@ def dispatch(
     shards: Sequence[Sequence[Any]],
     todo: Sequence[int],
     *,
-    cfg: AuditConfig,
-    folder: RunFolder,
     per_actor: int,
     max_retries: int,
     progress: Progress,
     info: Sequence[dict[str, Any]],
     clock: Callable[[], float] = time.monotonic,
 ) -> DispatchOutcome:
-    """Process shards ``todo`` on ``actors`` (``ShardWorker`` handles) until all are stored.
+    """Process shards ``todo`` on ``actors`` (``ShardWorker`` handles) until each is stored or
+    given up.
 
     Each actor holds up to ``per_actor`` shards. A shard whose actor died is queued again, up to
-    ``max_retries`` times; then (or after ``NO_ACTOR_TIMEOUT_S`` without any live actor) its
-    images are stored as ``error`` rows, so the run always ends with every image once.
+    ``max_retries`` times; then (or after ``NO_ACTOR_TIMEOUT_S`` without any live actor) it is
+    recorded in ``lost``. A write failure reported by a worker stops the queue: shards in flight
+    finish, the rest stay in ``lost``.
     """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -75,15 +80,19 @@ def dispatch(
     last_up = clock()
 
     def give_up(k: int, why: str) -> None:
-        folder.write_shard(k, error_table(shards[k], cfg, k, why))
-        progress.update(len(shards[k]), len(shards[k]))
+        out.lost[k] = why
+
+    def stop(why: str) -> None:
+        out.stopped = out.stopped or why
+        for k in queue:
+            out.lost[k] = f"not computed: the run stopped ({why})"
+        queue.clear()
 
     while queue or inflight:
         for i, a in sorted(enumerate(pool), key=lambda ia: ia[1].busy):
             while queue and a.up and a.busy < per_actor:
                 k = queue.popleft()
-                ref = a.handle.process.remote(k, list(shards[k]))
-                inflight[ref] = (i, k)
+                inflight[a.handle.process.remote(k, list(shards[k]))] = (i, k)
                 a.busy += 1
             if not a.up and a.probe is None and clock() >= a.next_probe:
                 a.probe = a.handle.info.remote()
@@ -91,9 +100,7 @@ def dispatch(
         if any(a.up for a in pool):
             last_up = clock()
         elif queue and clock() - last_up > NO_ACTOR_TIMEOUT_S:
-            for k in list(queue):
-                give_up(k, f"no actor could be placed for {NO_ACTOR_TIMEOUT_S:.0f}s")
-            queue.clear()
+            stop(f"no actor could be placed for {NO_ACTOR_TIMEOUT_S:.0f}s")
         ready, _ = ray.wait([*inflight, *probes], num_returns=1, timeout=PROBE_EVERY_S)
         for ref in ready:
             if ref in probes:
@@ -116,7 +123,11 @@ def dispatch(
                 pool[i].up = False  # no more work until it answers a probe
                 _retry_or_give_up(k, e, out.retried, max_retries, queue, give_up)
             except RayTaskError as e:
-                _retry_or_give_up(k, e, out.retried, max_retries, queue, give_up)
+                if isinstance(e.cause, OSError):  # the shard file could not be written
+                    give_up(k, f"shard {k} could not be stored: {_short(e.cause)}")
+                    stop(f"writing shard {k} failed: {_short(e.cause)}")
+                else:
+                    _retry_or_give_up(k, e, out.retried, max_retries, queue, give_up)
         progress.tick()
     progress.close()
     out.images_per_s = progress.rate()

@@ -31,6 +31,7 @@ from pipeline.storage.atomic import atomic_write, is_temporary
 
 __all__ = [
     "RunFolder",
+    "RunFolderError",
     "RunLock",
     "RunLockedError",
     "check_exactly_once",
@@ -176,6 +177,11 @@ def check_exactly_once(stored: Any, manifest_ids: Iterable[str]) -> None:
         )
 
 
+class RunFolderError(ValueError):
+    """``output.dir`` cannot take this run: not writable, not a run folder, another run's
+    settings."""
+
+
 class RunLockedError(RuntimeError):
     """Another process holds the output folder's lock."""
 
@@ -188,8 +194,14 @@ class RunLock:
         self._fh: Any = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # held open for the lock's lifetime
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")  # held open for the lock's lifetime
+        except OSError as e:
+            raise RunFolderError(
+                f"cannot write the output folder {self.path.parent}: {e.strerror or e}; choose "
+                "a writable output.dir"
+            ) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import AuditConfig
-from pipeline.run.dispatch import dispatch
-from pipeline.run.folder import RunFolder
+from pipeline.run.dispatch import DispatchOutcome, dispatch
+from pipeline.run.preflight import ModelCheckError
 from pipeline.run.progress import Progress
 
 __all__ = ["PoolShape", "connect", "pool_shape", "run_pool"]
@@ -62,14 +62,29 @@ def pool_shape(cfg: AuditConfig, n_shards: int, resources: dict[str, float]) -> 
     return PoolShape(actors, 0.0, num_cpus, max(1, int(num_cpus)))
 
 
+def _actor_info(actors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Each actor's ``info()``; an actor that cannot start (its model fails to load there)
+    ends the run with one line naming the reason, not a Ray traceback."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    try:
+        return list(ray.get([a.info.remote() for a in actors]))
+    except (RayActorError, RayTaskError) as e:
+        cause = getattr(e, "cause", None) or e
+        lines = [s for s in str(cause).strip().splitlines() if s.strip()]
+        raise ModelCheckError(
+            f"the workers could not start: {type(cause).__name__}: {lines[-1] if lines else ''}"
+        ) from None
+
+
 def run_pool(
     cfg: AuditConfig,
-    folder: RunFolder,
     shards: Sequence[Sequence[Any]],
     todo: Sequence[int],
     show: bool,
-) -> dict[str, Any]:
-    """Start the actor pool, run shards ``todo``, stop the pool; return the pool's facts."""
+) -> tuple[DispatchOutcome, PoolShape]:
+    """Start the actor pool, run shards ``todo``, stop the pool; return what happened."""
     import ray
 
     from pipeline.run.worker import ShardWorker
@@ -88,27 +103,12 @@ def run_pool(
             actors,
             shards,
             todo,
-            cfg=cfg,
-            folder=folder,
             per_actor=PER_ACTOR,
             max_retries=int(cfg.cluster.max_retries),
             progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
-            info=ray.get([a.info.remote() for a in actors]),
+            info=_actor_info(actors),
         )
     finally:
         for a in actors:
             ray.kill(a)
-    secs = sorted(outcome.shard_seconds)
-    return {
-        "actors": outcome.actors,
-        "actor_restarts": outcome.restarts,
-        "retried_shards": {str(k): v for k, v in outcome.retried.items()},
-        "shard_seconds_median": secs[len(secs) // 2] if secs else None,
-        "images_per_s": outcome.images_per_s,
-        "pool": {
-            "actors": shape.actors,
-            "num_gpus": shape.num_gpus,
-            "num_cpus": shape.num_cpus,
-            "threads": shape.threads,
-        },
-    }
+    return outcome, shape

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.config import AuditConfig, config_to_dict
 from pipeline.models import load_model, model_hash, resolve_model_file
-from pipeline.run.folder import RunFolder
+from pipeline.run.folder import RunFolder, RunFolderError
 from pipeline.run.record import RunRecord, RunRecordError
 
 __all__ = [
@@ -35,10 +35,6 @@ _FULL_CHECK_BYTES = 1 << 30
 
 class ModelCheckError(ValueError):
     """The configured model cannot be loaded; the message names the file or factory."""
-
-
-class RunFolderError(ValueError):
-    """``output.dir`` cannot take this run (not a run folder, or another run's settings)."""
 
 
 def check_model(cfg: AuditConfig) -> tuple[str | None, str | None]:
@@ -87,9 +83,10 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def claim_folder(folder: RunFolder, identity: dict[str, Any], resume: bool) -> RunRecord | None:
     """Check that ``folder`` may take a run with ``identity``; call with the folder's lock held.
 
-    A new run needs an empty or missing folder (or one holding only a stale lock). A resumed
-    run needs a folder whose record has the same identity; shards without a record, or a record
-    with another identity, are refused, since the maps would mix two audits.
+    A new run needs an empty or missing folder, or a run folder that holds no shard yet (a run
+    stopped before its first shard: nothing can mix). A resumed run needs a folder whose record
+    has the same identity; shards without a record, or a record with another identity, are
+    refused, since the maps would mix two audits.
 
     Returns:
         The existing record when resuming one, else None.
@@ -108,25 +105,23 @@ def claim_folder(folder: RunFolder, identity: dict[str, Any], resume: bool) -> R
         if p.name not in (RunFolder.LOCK, RunFolder.MAPS, RunFolder.RECORD, RunFolder.SUMMARY)
         and not p.name.startswith(".")
     ]
-    if before is None and (others or folder.record_path.exists()):
+    if before is None and others:
         raise RunFolderError(
             f"{folder.path} holds files but is not a run folder ({', '.join(sorted(others)[:5])}); "
             "choose another output.dir"
         )
+    if not shards:  # nothing computed yet: nothing can mix
+        return before if resume else None
     if not resume:
-        if shards or before is not None:
-            raise RunFolderError(
-                f"{folder.path} already holds a run ({len(shards)} shard file(s)); pass --resume "
-                "to continue it, or choose another output.dir"
-            )
-        return None
+        raise RunFolderError(
+            f"{folder.path} already holds a run ({len(shards)} shard file(s)); pass --resume "
+            "to continue it, or choose another output.dir"
+        )
     if before is None or not before.identity:
-        if shards:
-            raise RunFolderError(
-                f"cannot resume {folder.path}: it holds {len(shards)} shard file(s) but no record "
-                "of the settings that made them; choose another output.dir"
-            )
-        return before
+        raise RunFolderError(
+            f"cannot resume {folder.path}: it holds {len(shards)} shard file(s) but no record "
+            "of the settings that made them; choose another output.dir"
+        )
     diff = _differences(dict(before.identity), identity)
     if diff:
         raise RunFolderError(

@@ -10,19 +10,26 @@ ids equal the manifest's, exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import AuditConfig
 from pipeline.data.manifest import read_manifest, records
-from pipeline.run.folder import RunFolder, check_exactly_once
-from pipeline.run.pool import connect, run_pool
+from pipeline.run.dispatch import DispatchOutcome
+from pipeline.run.folder import RunFolder, RunFolderError, check_exactly_once
+from pipeline.run.pool import PoolShape, connect, run_pool
 from pipeline.run.preflight import check_model, claim_folder, iso_time, run_identity, versions
 from pipeline.run.record import Counts, RunRecord
 
-__all__ = ["RunResult", "run_audit"]
+__all__ = ["RunIncompleteError", "RunResult", "run_audit"]
+
+
+class RunIncompleteError(RuntimeError):
+    """Infrastructure (actors, the disk) failed: some shards are not stored. What is stored is
+    complete and correct; ``--resume`` computes the rest. The CLI exits 4."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
 
     Raises:
         ModelCheckError, RunFolderError: before any compute (the CLI exits 2).
+        RunIncompleteError: shards could not be computed or stored (the CLI exits 4).
     """
     import ray
 
@@ -76,21 +84,50 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             shards=len(shards),
             started_at=before.started_at if before is not None else iso_time(t0),
         )
-        folder.write_record(record)  # the identity is on disk before the first shard
+        try:
+            folder.write_record(record)  # the identity is on disk before the first shard
+        except OSError as e:
+            raise RunFolderError(f"cannot write {folder.record_path}: {e.strerror or e}") from None
         done = folder.complete_shards([len(s) for s in shards]) if resume else set()
         todo = [k for k in range(len(shards)) if k not in done]
         started_ray = connect(str(config.cluster.address))
         try:
-            outcome = run_pool(config, folder, shards, todo, progress)
+            outcome, shape = run_pool(config, shards, todo, progress)
         finally:
             if started_ray:
                 ray.shutdown()
+        if outcome.lost:
+            _stop(folder, record, outcome, shape)
         # one read of the stored ids and statuses serves the check and the counts
         stored = folder.read_maps(columns=["image_id", "status", "error"])
         check_exactly_once(stored["image_id"], (r.image_id for r in recs))
         result = _result(config, folder.path, stored, len(recs), time.time() - t0, len(done))
-        folder.write_record(_finished(record, result, outcome))
+        try:
+            folder.write_record(_finished(record, result, outcome, shape))
+        except OSError as e:
+            raise RunIncompleteError(
+                f"every shard is stored, but {folder.record_path} could not be written "
+                f"({e.strerror or e}); free space and run again with --resume"
+            ) from None
     return result
+
+
+def _stop(folder: RunFolder, record: RunRecord, outcome: DispatchOutcome, shape: PoolShape) -> None:
+    """Record the stopped run (when the disk allows) and raise :class:`RunIncompleteError`."""
+    with contextlib.suppress(OSError):  # the disk may be what failed
+        folder.write_record(
+            replace(
+                _with_pool(record, outcome, shape),
+                status="stopped",
+                finished_at=iso_time(time.time()),
+            )
+        )
+    why = outcome.stopped or next(iter(outcome.lost.values()))
+    raise RunIncompleteError(
+        f"{len(outcome.lost)} of {record.shards} shard(s) were not stored ({why}); the shards "
+        f"that are stored are complete. Fix the cause and run again with --resume to finish "
+        f"{folder.path}"
+    )
 
 
 def _result(
@@ -112,26 +149,35 @@ def _result(
     )
 
 
-def _finished(record: RunRecord, result: RunResult, outcome: dict[str, Any]) -> RunRecord:
-    actors = outcome.get("actors", [])
+def _with_pool(record: RunRecord, outcome: DispatchOutcome, shape: PoolShape) -> RunRecord:
+    actors = outcome.actors
     return replace(
         record,
-        status="finished",
         engine={
             "path": "/".join(sorted({a.get("engine", "generic") for a in actors})) or "none",
             "notes": sorted({a.get("engine_note", "") for a in actors} - {""}),
         },
+        retried_shards={str(k): v for k, v in outcome.retried.items()},
+        pool=asdict(shape),
+        actors=actors,
+        actor_restarts=outcome.restarts,
+    )
+
+
+def _finished(
+    record: RunRecord, result: RunResult, outcome: DispatchOutcome, shape: PoolShape
+) -> RunRecord:
+    secs = sorted(outcome.shard_seconds)
+    return replace(
+        _with_pool(record, outcome, shape),
+        status="finished",
         counts=Counts(images=result.images, ok=result.ok, error=result.errors),
         timings={
             "total_s": round(result.seconds, 3),
-            "images_per_s": round(outcome.get("images_per_s") or 0.0, 3),
-            "shard_seconds_median": outcome.get("shard_seconds_median"),
+            "images_per_s": round(outcome.images_per_s, 3),
+            "shard_seconds_median": secs[len(secs) // 2] if secs else None,
         },
         resumed_shards=result.resumed_shards,
-        retried_shards=outcome.get("retried_shards", {}),
-        pool=outcome.get("pool", {}),
-        actors=actors,
-        actor_restarts=outcome.get("actor_restarts", []),
         failures=result.failures,
         finished_at=iso_time(time.time()),
     )

@@ -24,7 +24,7 @@ from pipeline.kernel.options import ComputeOptions
 from pipeline.run.settings import kernel_keywords
 from pipeline.schema import IMAGE_METRICS, STATUS_ERROR, STATUS_OK, maps_schema
 
-__all__ = ["error_table", "load_shard", "process_shard"]
+__all__ = ["load_shard", "process_shard"]
 
 
 @dataclass
@@ -50,7 +50,10 @@ def _load(i: int, record: Any, cfg: AuditConfig) -> _Loaded:
     item = _Loaded(i)
     ds = cfg.dataset
     try:
-        img, orig = load_image(record.path, ds.root, ds.image_size, image_id=record.image_id)
+        bounds = {"max_bytes": ds.max_file_bytes, "max_pixels": ds.max_pixels}
+        img, orig = load_image(
+            record.path, ds.root, ds.image_size, image_id=record.image_id, **bounds
+        )
         if record.mask is not None or record.box is not None:
             item.mask = load_mask(
                 record.mask,
@@ -59,6 +62,7 @@ def _load(i: int, record: Any, cfg: AuditConfig) -> _Loaded:
                 ds.image_size,
                 orig,
                 image_id=record.image_id,
+                **bounds,
             )
         item.target = _label_target(record) if cfg.model.target is Target.LABEL else None
         item.image = img
@@ -224,12 +228,3 @@ def _row(
         if row[m] is None:
             row[m] = math.nan
     return row
-
-
-def error_table(records: Sequence[Any], cfg: AuditConfig, shard: int, message: str) -> pa.Table:
-    """Rows marking every image of a failed shard as ``error`` with ``message``."""
-    rows = [
-        _row(rec, _Loaded(i, error=f"image {rec.image_id!r}: {message}"), None, cfg, shard)
-        for i, rec in enumerate(records)
-    ]
-    return pa.Table.from_pylist(rows, schema=maps_schema(cfg.dataset.group_by))

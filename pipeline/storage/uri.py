@@ -27,14 +27,17 @@ import functools
 import os
 import posixpath
 import re
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 import pyarrow.fs as pafs
 
 __all__ = [
     "PathEscapeError",
+    "UnreadableFileError",
     "is_uri",
     "join_under",
     "parent",
@@ -174,17 +177,54 @@ def _gcs_filesystem() -> pafs.GcsFileSystem:
     return _gcs(os.environ.get("STORAGE_EMULATOR_HOST"))
 
 
-def read_bytes(path: str) -> bytes:
+class UnreadableFileError(ValueError):
+    """A path that must not be read as data: not a regular file, or larger than allowed."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _read_local(path: str, max_bytes: int | None) -> bytes:
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. The
+    # type is checked on the open descriptor, so a symlink swapped in between cannot slip by.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise UnreadableFileError(f"{path} is {kind}; only regular files are read")
+        return _bounded(f, path, max_bytes)
+
+
+def _bounded(f: Any, path: str, max_bytes: int | None) -> bytes:
+    data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UnreadableFileError(
+            f"{path} is larger than {max_bytes} bytes (dataset.max_file_bytes)"
+        )
+    return bytes(data)
+
+
+def read_bytes(path: str, max_bytes: int | None = None) -> bytes:
     """The whole content of a local file or supported URI.
 
     Args:
         path: local path, ``s3://``, ``gs://``, ``hf://`` or ``http(s)://`` URI.
+        max_bytes: refuse a file larger than this (None: no bound).
 
     Returns:
         The file's bytes.
 
     Raises:
         FileNotFoundError: no such file.
+        UnreadableFileError: a local path that is no regular file (a FIFO, a device, a socket),
+            or a file larger than ``max_bytes``.
         OSError: any other I/O failure (network, permissions).
 
     Example:
@@ -192,22 +232,20 @@ def read_bytes(path: str) -> bytes:
         b'PAR1'
     """
     if not is_uri(path):
-        with open(path, "rb") as f:
-            return f.read()
+        return _read_local(path, max_bytes)
     scheme, rest = split_uri(path)
     if scheme == "hf":
         from pipeline.storage.hub import hf_local_path
 
-        with open(hf_local_path(path), "rb") as f:
-            return f.read()
+        return _read_local(hf_local_path(path), max_bytes)
     if scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(path, timeout=_HTTP_TIMEOUT_S) as resp:
-                return resp.read()
+                return _bounded(resp, path, max_bytes)
         except urllib.error.HTTPError as e:
             if e.code in (403, 404, 410):
                 raise FileNotFoundError(f"{path}: HTTP {e.code}") from e
             raise OSError(f"{path}: HTTP {e.code}") from e
     fs = _s3_filesystem() if scheme == "s3" else _gcs_filesystem()
     with fs.open_input_stream(rest, compression=None) as f:  # bytes as stored, no .gz magic
-        return f.read()
+        return _bounded(f, path, max_bytes)
