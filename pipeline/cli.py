@@ -66,6 +66,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         min_images=args.min_images,
         confidence=args.confidence,
+        max_error_share=args.max_error_share,
     )
     _print_summary(summary)
     return 0
@@ -133,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--threshold", type=float)
     a.add_argument("--min-images", type=int)
     a.add_argument("--confidence", type=float)
+    a.add_argument(
+        "--max-error-share", type=float, help="more failed images than this share: unreliable"
+    )
     a.set_defaults(func=_cmd_aggregate)
 
     rep = sub.add_parser("report", help="rebuild the HTML/CSV report of a run")

@@ -237,6 +237,7 @@ def aggregate(
     seed: int | None = None,
     n_boot: int | None = None,
     write: bool = True,
+    max_error_share: float | None = None,
 ) -> pd.DataFrame:
     """Summarise the stored per-image metrics of a run per group (docs/design.md).
 
@@ -258,6 +259,8 @@ def aggregate(
         confidence: interval coverage in (0, 1); default audit config, else 0.95.
         seed: bootstrap seed; default ``audit.seed``, else ``occlusion.seed``, else 0.
         n_boot: bootstrap resamples; default ``audit.bootstrap``, else 2000.
+        max_error_share: largest share of failed images that still allows a verdict; default
+            ``audit.max_error_share``, else 0.1.
         write: also write ``RUN_DIR/summary.parquet`` (atomically).
 
     Returns:
@@ -282,6 +285,7 @@ def aggregate(
         confidence=confidence,
         seed=seed,
         n_boot=n_boot,
+        max_error_share=max_error_share,
     )
     group_by = params["group_by"]
     accs = _accumulate(folder.path, group_by)
