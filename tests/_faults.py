@@ -84,6 +84,37 @@ def save_nan_model(path: Path, threshold: float = 0.05, seed: int = 0) -> Path:
     return path
 
 
+class Picky(nn.Module):
+    """A classifier that raises on a blank input and on one marked image.
+
+    Shapes: ``(N, 3, H, W)`` -> ``(N, 2)``. The marked image has a magenta top-left pixel
+    ``(1, 0, 1)``; any batch holding it (unoccluded) raises, as does any batch holding an
+    all-zero image (what zero padding of batches used to feed models).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.flatten(1).abs().sum(dim=1) == 0).any()):
+            raise RuntimeError("blank input")
+        corner = x[:, :, 0, 0]  # (N, 3)
+        if bool(((corner[:, 0] > 0.99) & (corner[:, 1] < 0.01) & (corner[:, 2] > 0.99)).any()):
+            raise RuntimeError("the marked image")
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def save_picky_model(path: Path, seed: int = 0) -> Path:
+    """Script and save :class:`Picky`; the archive needs no test code to load."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit", category=DeprecationWarning)
+        torch.jit.save(torch.jit.script(Picky().eval()), str(path))
+    return path
+
+
 @contextlib.contextmanager
 def private_ray_tmpdir() -> Iterator[Path]:
     """Point ``RAY_TMPDIR`` at a fresh short folder for the duration.

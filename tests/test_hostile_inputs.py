@@ -98,7 +98,7 @@ def test_special_files_are_refused_by_name_without_blocking(tmp_path):
     with pytest.raises(DataError, match="character device"):
         _in_thread(lambda: load_image("zero.png", str(tmp_path), (8, 8), max_bytes=1 << 20))
     (tmp_path / "dir.png").mkdir()
-    with pytest.raises(DataError, match="dir.png"):
+    with pytest.raises(DataError, match=r"dir\.png"):
         load_image("dir.png", str(tmp_path), (8, 8))
 
 
@@ -107,18 +107,18 @@ def test_file_size_and_pixel_bombs_are_refused_before_decoding(tmp_path):
     bomb = Image.new("I;16", (8000, 8000))
     bomb.save(tmp_path / "bomb.png")
     assert (tmp_path / "bomb.png").stat().st_size < 500_000
-    with pytest.raises(DataError, match="64000000 pixels.*dataset.max_pixels"):
+    with pytest.raises(DataError, match=r"64000000 pixels.*dataset\.max_pixels"):
         load_image("bomb.png", str(tmp_path), (8, 8), max_pixels=25_000_000)
     noise = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
     (tmp_path / "ok.png").write_bytes(_png_bytes(noise))  # ~800 bytes: noise does not compress
-    with pytest.raises(DataError, match="dataset.max_file_bytes"):
+    with pytest.raises(DataError, match=r"dataset\.max_file_bytes"):
         load_image("ok.png", str(tmp_path), (8, 8), max_bytes=100)
     x, size = load_image("ok.png", str(tmp_path), (8, 8), max_bytes=10_000, max_pixels=256)
     assert x.shape == (3, 8, 8) and size == (16, 16)
 
 
 def test_spreadsheet_formulas_are_escaped_in_every_csv(tmp_path):
-    evil_group = "=HYPERLINK(\"http://x\",\"click\")"
+    evil_group = '=HYPERLINK("http://x","click")'
     rows = standard_rows()
     rows += [make_row(f"+evil{i}", {"room": evil_group}, 0.2 + 0.01 * i) for i in range(25)]
     rows.append(make_row("@bad", {"room": "-cmd"}, math.nan, error="=1+1 broke"))
@@ -157,7 +157,7 @@ def test_model_outputs_of_other_shapes_are_named():
 
 
 def test_aggregate_on_a_folder_without_maps_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no maps/part-.*not a run folder"):
+    with pytest.raises(FileNotFoundError, match=r"no maps/part-.*not a run folder"):
         aggregate(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no maps/part-"):

@@ -27,7 +27,7 @@ from pipeline.models import load_model
 from pipeline.run.folder import RunLock, RunLockedError
 from pipeline.run.preflight import RunFolderError
 from pipeline.run.settings import worker_compute
-from tests._dataset import audit_config, image_set_with_model
+from tests._dataset import audit_config, image_set_with_model, save_gap_model
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +218,18 @@ def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
     proc.wait()
     partial = len(list(maps.glob("part-*.parquet")))
     assert 2 <= partial < 5
+    kept = {p.name: p.read_bytes() for p in maps.glob("part-*.parquet")}
+
+    # the identity was on disk before the first shard: another model cannot resume this run
+    other = yaml.safe_load(paths["killed"].read_text())
+    other["model"]["weights"] = str(save_gap_model(tmp_path / "other.pt", seed=1))
+    paths["other"] = tmp_path / "other.yaml"
+    paths["other"].write_text(yaml.safe_dump(other))
+    refused = _run_cli(paths["other"], "--resume")
+    err = refused.stdout.read().decode()
+    assert refused.wait(timeout=120) == 2, err
+    assert "cannot resume" in err and "model_sha256" in err
+    assert {p.name: p.read_bytes() for p in maps.glob("part-*.parquet")} == kept
 
     resumed = _run_cli(paths["killed"], "--resume")
     out = resumed.stdout.read().decode()

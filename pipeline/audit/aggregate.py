@@ -90,6 +90,8 @@ def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:
     for name, kind in (*numbers, ("max_error_share", float)):
         params[name] = kind(params[name])
     params["seed"], params["n_boot"] = int(params["seed"]), max(1, int(params["n_boot"]))
+    if not 0 <= params["max_error_share"] <= 1:
+        raise ValueError(f"max_error_share must lie in [0, 1], got {params['max_error_share']!r}")
     if not 0 < params["confidence"] < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {params['confidence']!r}")
     return params
@@ -257,7 +259,7 @@ def aggregate(
             ``config.audit.threshold``, else 1.0.
         min_images: fewest valid images for a verdict; default audit config, else 20.
         confidence: interval coverage in (0, 1); default audit config, else 0.95.
-        seed: bootstrap seed; default ``audit.seed``, else ``occlusion.seed``, else 0.
+        seed: bootstrap seed; default ``audit.seed`` (0).
         n_boot: bootstrap resamples; default ``audit.bootstrap``, else 2000.
         max_error_share: largest share of failed images that still allows a verdict; default
             ``audit.max_error_share``, else 0.1.

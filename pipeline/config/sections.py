@@ -19,7 +19,7 @@ from pipeline.kernel.defaults import Baseline, Engine, Precision, default_draws,
 from pipeline.kernel.targets import Score, Task
 from pipeline.schema import LABEL_GROUP, maps_schema
 from pipeline.storage.hub import HubFile
-from pipeline.storage.uri import parent, resolve_local
+from pipeline.storage.uri import is_uri, parent, resolve_local
 
 __all__ = [
     "AuditSettings",
@@ -132,11 +132,11 @@ class DatasetConfig:
 class ModelConfig:
     """Where the model comes from and what score of it is explained."""
 
-    torchscript: str | None = None  # torch.jit.save archive: local path or URI
-    export: str | None = None  # torch.export program (.pt2): local path or URI
+    torchscript: str | None = None  # torch.jit.save archive: local path or hf://
+    export: str | None = None  # torch.export program (.pt2): local path or hf://
     factory: str | None = None  # "module:callable" returning an nn.Module
     kwargs: dict[str, Any] = field(default_factory=dict, hash=False)  # for factory
-    weights: str | None = None  # factory's state_dict (local/URI), loaded with weights_only=True
+    weights: str | None = None  # factory's state_dict (local or hf://), read weights_only
     hub: HubFile | None = None  # a model file on the Hub; with factory: its state_dict
     task: Task = Task.CLASSIFICATION
     score: Score = Score.LOGIT  # classification only
@@ -194,7 +194,7 @@ class OcclusionConfig:
     max_batch: int | None = (
         defaults.MAX_BATCH
     )  # copies per pass; None: 32 for CPU full passes, else 256
-    engine: Engine = defaults.ENGINE  # how occluded scores are computed (maps agree to 1e-5)
+    engine: Engine = defaults.ENGINE  # how occluded scores are computed (maps agree to 1e-4)
     channels_last: bool = defaults.CHANNELS_LAST  # channels-last model input (convnets on GPU)
 
     def __post_init__(self) -> None:
@@ -283,3 +283,9 @@ class OutputConfig:
 
     dir: str | None = None  # run directory; default runs/<name> under the working directory
     report_dir: str | None = None  # shareable report; default reports/<name>
+
+    def __post_init__(self) -> None:
+        for key in ("dir", "report_dir"):
+            value = getattr(self, key)
+            if value is not None and is_uri(value):
+                fail(key, f"must be a local folder (or a mounted volume), got {value!r}")

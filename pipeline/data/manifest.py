@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.config.sections import DatasetConfig
+from pipeline.storage.atomic import atomic_write
 from pipeline.storage.uri import read_bytes
 
 __all__ = [
@@ -288,11 +289,6 @@ def build_manifest(
             mask = masks.get(key)
             rows["mask_path"].append(None if mask is None else mask.relative_to(base).as_posix())
     table = pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    if fmt == "parquet":
-        pq.write_table(table, tmp)
-    else:
-        pacsv.write_csv(table, tmp)
-    os.replace(tmp, out_path)
+    write = pq.write_table if fmt == "parquet" else pacsv.write_csv
+    atomic_write(out_path, lambda tmp: write(table, tmp))
     return table

@@ -13,12 +13,13 @@ Memory: the padded channels-last activations of the images of one ``attribute()`
 twice one forward pass's activations per image), plus the regions of one trunk chunk.
 
 Example:
-    >>> from pipeline import attribute
+    >>> from pipeline import ComputeOptions, attribute
     >>> from pipeline.models.nets import SeedCNN
     >>> net = SeedCNN(num_classes=2, input_dim=32).eval()
     >>> x = torch.rand(2, 3, 32, 32)
     >>> engine, reason = auto_engine(net, x.shape[1:], x.device)
-    >>> attribute(net, x, window=[8, 8], stride=[4, 4], engine=engine).delta.shape
+    >>> opts = ComputeOptions(engine=engine)
+    >>> attribute(net, x, window=[8, 8], stride=[4, 4], options=opts).delta.shape
     torch.Size([2, 1, 1, 7, 7])
 """
 
@@ -68,7 +69,7 @@ class IncrementalEngine:
     """Occluded outputs of a convolutional model from its cached unoccluded activations.
 
     Build it with :meth:`build` or :func:`auto_engine` (None for models it cannot run), then
-    pass it as ``attribute(..., engine=engine)``.
+    pass it as ``attribute(..., options=ComputeOptions(engine=engine))``.
     """
 
     name = "incremental"

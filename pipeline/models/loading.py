@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig, NormalizeConfig
 from pipeline.storage.hub import HubFile, UnpinnedRevisionWarning, fetch
+from pipeline.storage.uri import is_uri
 
 __all__ = [
     "ModelLoadError",
@@ -111,6 +112,11 @@ def resolve_model_file(spec: ModelConfig) -> Path | None:
         return None
     if isinstance(ref, HubFile):
         return fetch(ref)
+    if is_uri(ref):
+        raise FileNotFoundError(
+            f"model.{field_name} {ref!r}: model files are read from local paths or hf:// "
+            "addresses; copy it to a local path (or the Hub) first"
+        )
     path = Path(ref).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.{field_name} file not found: {path.absolute()}")

@@ -8,5 +8,6 @@ for CPU workers (``heap``) and the progress bar (``progress``).
 
 May import: ``pipeline.config``, ``pipeline.data``, ``pipeline.kernel``, ``pipeline.incremental``,
 ``pipeline.models``, ``pipeline.storage``, ``pipeline.schema``. Ray is imported only by the
-driver-side modules (``runner``, ``pool``, ``dispatch``) and only inside functions.
+modules that talk to it (``runner``, ``pool``, ``dispatch``, and ``worker`` for its placement)
+and only inside functions.
 """

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.run.folder import ShardWriteError
 from pipeline.run.progress import Progress
 
 __all__ = ["DispatchOutcome", "dispatch"]
@@ -123,7 +124,7 @@ def dispatch(
                 pool[i].up = False  # no more work until it answers a probe
                 _retry_or_give_up(k, e, out.retried, max_retries, queue, give_up)
             except RayTaskError as e:
-                if isinstance(e.cause, OSError):  # the shard file could not be written
+                if isinstance(e.cause, ShardWriteError):  # the next shards would fail alike
                     give_up(k, f"shard {k} could not be stored: {_short(e.cause)}")
                     stop(f"writing shard {k} failed: {_short(e.cause)}")
                 else:

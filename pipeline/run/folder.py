@@ -34,6 +34,7 @@ __all__ = [
     "RunFolderError",
     "RunLock",
     "RunLockedError",
+    "ShardWriteError",
     "check_exactly_once",
     "read_maps",
 ]
@@ -79,10 +80,19 @@ class RunFolder:
         return sorted(self.maps_dir.glob("part-*.parquet"))
 
     def write_shard(self, shard: int, table: pa.Table) -> Path:
-        """Write shard ``shard`` atomically (zstd Parquet)."""
-        return atomic_write(
-            self.shard_path(shard), lambda p: pq.write_table(table, p, compression="zstd")
-        )
+        """Write shard ``shard`` atomically (zstd Parquet).
+
+        Raises:
+            ShardWriteError: the file could not be written; nothing is left behind.
+        """
+        try:
+            return atomic_write(
+                self.shard_path(shard), lambda p: pq.write_table(table, p, compression="zstd")
+            )
+        except OSError as e:
+            raise ShardWriteError(
+                f"cannot write {self.shard_path(shard)}: {e.strerror or e}"
+            ) from None
 
     def remove_temporary(self) -> None:
         """Delete temporary files left by a killed writer (call with the lock held)."""
@@ -175,6 +185,10 @@ def check_exactly_once(stored: Any, manifest_ids: Iterable[str]) -> None:
             f"stored maps do not match the manifest: {len(missing)} missing {missing[:5]}, "
             f"{len(extra)} unexpected {extra[:5]}, {len(dup)} duplicated {dup[:5]}"
         )
+
+
+class ShardWriteError(OSError):
+    """A shard's file could not be written (a full disk, a read-only or vanished folder)."""
 
 
 class RunFolderError(ValueError):

@@ -7,7 +7,9 @@ line and exit 2 within seconds, not in a Ray traceback after the actors have sta
 
 from __future__ import annotations
 
+import hashlib
 import platform
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -23,6 +25,7 @@ __all__ = [
     "check_model",
     "claim_folder",
     "iso_time",
+    "manifest_digest",
     "run_identity",
     "versions",
 ]
@@ -56,16 +59,29 @@ def check_model(cfg: AuditConfig) -> tuple[str | None, str | None]:
     return (None, None) if path is None else (str(path), model_hash(path))
 
 
-def run_identity(cfg: AuditConfig, model_sha256: str | None) -> dict[str, Any]:
+def manifest_digest(records: Iterable[Any]) -> str:
+    """SHA-256 of the manifest rows a run computes (ids, paths, masks, boxes, labels, groups),
+    so that a manifest edited in place cannot pass for the one a run started with."""
+    digest = hashlib.sha256()
+    for r in records:
+        fields = (r.image_id, r.path, r.mask, r.box, r.label, sorted(dict(r.groups).items()))
+        digest.update(repr(fields).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def run_identity(
+    cfg: AuditConfig, model_sha256: str | None, manifest_sha256: str | None = None
+) -> dict[str, Any]:
     """What the stored maps depend on: two runs with equal identities compute equal maps."""
     plain = config_to_dict(cfg)
     return {
         "dataset": plain["dataset"],
+        "manifest_sha256": manifest_sha256,
         "model": plain["model"],
         "model_sha256": model_sha256,
         "occlusion": plain["occlusion"],
-        "boundary_px": plain["audit"]["boundary_px"],
-        "shard_size": plain["cluster"]["shard_size"],
+        "audit.boundary_px": plain["audit"]["boundary_px"],
+        "cluster.shard_size": plain["cluster"]["shard_size"],
     }
 
 

@@ -21,7 +21,14 @@ from pipeline.data.manifest import read_manifest, records
 from pipeline.run.dispatch import DispatchOutcome
 from pipeline.run.folder import RunFolder, RunFolderError, check_exactly_once
 from pipeline.run.pool import PoolShape, connect, run_pool
-from pipeline.run.preflight import check_model, claim_folder, iso_time, run_identity, versions
+from pipeline.run.preflight import (
+    check_model,
+    claim_folder,
+    iso_time,
+    manifest_digest,
+    run_identity,
+    versions,
+)
 from pipeline.run.record import Counts, RunRecord
 
 __all__ = ["RunIncompleteError", "RunResult", "run_audit"]
@@ -69,7 +76,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
     size = int(config.cluster.shard_size)
     shards = [recs[i : i + size] for i in range(0, len(recs), size)]
     model_file, model_sha = check_model(config)
-    identity = run_identity(config, model_sha)
+    identity = run_identity(config, model_sha, manifest_digest(recs))
 
     with folder.lock():
         before = claim_folder(folder, identity, resume)

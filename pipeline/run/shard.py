@@ -68,6 +68,10 @@ def _load(i: int, record: Any, cfg: AuditConfig) -> _Loaded:
         item.image = img
     except DataError as e:
         item.error = str(e)
+    except PermissionError as e:  # the file is there but not ours to read: a data problem
+        item.error = f"image {record.image_id!r} ({record.path}): cannot read it: {e.strerror}"
+    except OSError:
+        raise  # a network or disk failure, not the image's fault: the shard is retried
     except Exception as e:  # an unexpected decoder failure still names the image
         item.error = f"image {record.image_id!r} ({record.path}): {type(e).__name__}: {e}"
     return item
@@ -155,7 +159,10 @@ def _attribute_all(
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
+    """The line of an exception's message that says what went wrong."""
+    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+    if len(lines) > 1 and "TorchScript interpreter" in lines[0]:
+        return lines[-1][:500]  # a scripted model's own exception closes its trace
     return (lines[0] if lines else "")[:500]
 
 
