@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 import torch
 
 # The test process shares two cores with Ray workers and Chromium; a second intra-op thread
@@ -17,3 +18,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh embedded 2-CPU Ray for one test module (never one another process advertised)."""
+    if ray.is_initialized():  # a Ray left by another module may have other resources
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()

@@ -19,7 +19,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
 
 from pipeline import load_config, read_maps, run_audit
@@ -85,16 +84,6 @@ def _config(root: Path, out: Path) -> dict:
     )
     cfg["model"] = {"torchscript": str(root / "model.ts")}
     return cfg
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():  # a Ray left by another module may have other resources
-        ray.shutdown()
-    # address="local": always a fresh embedded Ray, never one another process advertised.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

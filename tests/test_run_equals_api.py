@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from pipeline import attribute, load_config, read_maps, run_audit
@@ -20,13 +19,6 @@ from pipeline.run.settings import kernel_keywords, worker_compute
 from tests._dataset import audit_config, image_set_with_model
 
 BASELINES = ["random-pixel", "random-channel", "mean", "zero", "constant", "blur", "noise"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
 from PIL import Image
 
 from pipeline import load_config, read_maps, run_audit
 from tests._dataset import audit_config, image_set_with_model, save_gap_model
 from tests._faults import Background, embedded_ray_env, save_picky_model
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

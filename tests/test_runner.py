@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import yaml
 
@@ -28,13 +27,6 @@ from pipeline.run.folder import RunLock, RunLockedError
 from pipeline.run.preflight import RunFolderError
 from pipeline.run.settings import worker_compute
 from tests._dataset import audit_config, image_set_with_model, save_gap_model
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +211,7 @@ def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
     partial = len(list(maps.glob("part-*.parquet")))
     assert 2 <= partial < 5
     kept = {p.name: p.read_bytes() for p in maps.glob("part-*.parquet")}
+    record = (tmp_path / "killed" / "run.json").read_bytes()
 
     # the identity was on disk before the first shard: another model cannot resume this run
     other = yaml.safe_load(paths["killed"].read_text())
@@ -229,7 +222,10 @@ def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
     err = refused.stdout.read().decode()
     assert refused.wait(timeout=120) == 2, err
     assert "cannot resume" in err and "model_sha256" in err
-    assert {p.name: p.read_bytes() for p in maps.glob("part-*.parquet")} == kept
+    # nothing was touched (an orphaned actor of the killed driver may still add a whole shard)
+    after = {p.name: p.read_bytes() for p in maps.glob("part-*.parquet")}
+    assert kept.items() <= after.items()
+    assert (tmp_path / "killed" / "run.json").read_bytes() == record
 
     resumed = _run_cli(paths["killed"], "--resume")
     out = resumed.stdout.read().decode()
