@@ -196,9 +196,10 @@ def _child(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = run_audit(cfg, progress=False)
     secs = time.perf_counter() - t0
-    restarts = len(
-        json.loads((result.run_dir / "run.json").read_text()).get("actor_restarts") or []
-    )
+    from pipeline import RunFolder
+
+    record = RunFolder(result.run_dir).read_record()
+    restarts = len(record.actor_restarts) if record is not None else 0
     print(
         json.dumps(
             {"ok": result.ok, "errors": result.errors, "seconds": secs, "restarts": restarts}

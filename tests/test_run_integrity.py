@@ -56,16 +56,24 @@ def _one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -
     return lines[0]
 
 
-def test_a_fifo_in_the_manifest_is_one_error_row(local_ray, image_set, tmp_path):
+def test_hostile_files_are_one_error_row_each(local_ray, image_set, tmp_path):
     root = _copy(image_set, tmp_path / "data")
-    (root / "images" / "img005.png").unlink()
-    os.mkfifo(root / "images" / "img005.png")  # opening it for reading would wait forever
-    cfg = load_config(audit_config(root, tmp_path / "run", cluster={"shard_size": 4}))
-    result = Background(lambda: run_audit(cfg, progress=False)).join(timeout=120)
+    images = root / "images"
+    for name in ("img005", "img006", "img007"):
+        (images / f"{name}.png").unlink()
+    os.mkfifo(images / "img005.png")  # opening it for reading would wait forever
+    (images / "img006.png").symlink_to("/dev/zero")  # reading it would never end
+    Image.new("I;16", (8000, 8000)).save(images / "img007.png")  # ~100 KB, 64 MP decoded
+    raw = audit_config(root, tmp_path / "run", cluster={"shard_size": 4})
+    raw["dataset"]["max_pixels"] = 10_000_000
+    result = Background(lambda: run_audit(load_config(raw), progress=False)).join(timeout=120)
     maps = read_maps(tmp_path / "run")
-    bad = maps[maps["status"] != "ok"]
-    assert bad["image_id"].tolist() == ["img005"] and "FIFO" in bad["error"].iloc[0]
-    assert (result.ok, result.errors, result.exit_code) == (11, 1, 1)
+    errors = dict(zip(maps["image_id"], maps["error"], strict=True))
+    bad = sorted(k for k, s in zip(maps["image_id"], maps["status"], strict=True) if s != "ok")
+    assert bad == ["img005", "img006", "img007"]
+    assert "FIFO" in errors["img005"] and "character device" in errors["img006"]
+    assert "64000000 pixels" in errors["img007"]
+    assert (result.ok, result.errors, result.exit_code) == (9, 3, 1)
 
 
 def test_a_model_failing_on_one_image_fails_only_that_image(local_ray, image_set, tmp_path):
@@ -115,6 +123,37 @@ def test_a_broken_model_exits_2_in_one_line_before_any_run_folder(image_set, tmp
     _one_line_error(proc, 2, "model cannot be loaded")
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_model_the_workers_cannot_run_ends_in_one_line(image_set, tmp_path):
+    # loads in the driver, but a scripted model cannot be traced for the incremental engine
+    raw = audit_config(image_set, tmp_path / "run", occlusion={"engine": "incremental"})
+    raw["model"] = {"torchscript": str(save_picky_model(tmp_path / "picky.pt"))}
+    _one_line_error(_cli(raw, tmp_path), 2, "the workers could not start", "incremental")
+
+
+def test_a_hostile_config_is_refused_in_one_line(image_set, tmp_path):
+    raw = audit_config(image_set, tmp_path / "run")
+    text = yaml.safe_dump(raw)
+    bomb = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    cases = {
+        "bomb": "\n".join(bomb) + "\n" + text,
+        "duplicate": text + "name: again\n",
+    }
+    for name, body in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(body)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert ("more than" if name == "bomb" else "duplicate key") in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_folder_that_is_not_a_run_is_refused(image_set, tmp_path):
