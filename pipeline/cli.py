@@ -53,6 +53,7 @@ _HIDDEN_COLUMNS = {
     "share_below_1_pos",
     "mean_fg_share_pos",
     "n_nan",
+    "p_value",
 }
 
 
@@ -67,6 +68,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
         min_images=args.min_images,
         confidence=args.confidence,
         max_error_share=args.max_error_share,
+        fdr=args.fdr,
     )
     _print_summary(summary)
     return 0
@@ -136,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--confidence", type=float)
     a.add_argument(
         "--max-error-share", type=float, help="more failed images than this share: unreliable"
+    )
+    a.add_argument(
+        "--fdr",
+        help="false-discovery rate of the flags (default: the run's audit.fdr, 0.05); "
+        "'off': flag by each group's own interval",
     )
     a.set_defaults(func=_cmd_aggregate)
 

@@ -80,7 +80,10 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("mean_fg_area", pa.float64()),
         *(pa.field(f"{name}_pos", t) for name, t in _RATIO_STATS),
         pa.field("mean_fg_share_pos", pa.float64()),
-        pa.field("status", pa.string(), nullable=False),  # flagged|inconclusive|ok|too-few
+        pa.field("p_value", pa.float64()),  # one-sided: geometric-mean ratio < threshold
+        pa.field("q_value", pa.float64()),  # Benjamini-Hochberg across the audit's groups
+        # flagged | inconclusive | ok | too-few | unreliable
+        pa.field("status", pa.string(), nullable=False),
     ]
 )
 

@@ -70,12 +70,13 @@ def test_report_opens_with_what_was_flagged_and_why(report: Path) -> None:
     text = _text(report.read_text(encoding="utf-8"))
     flagged = re.search(
         r"Room kitchen: the model relies on background — geometric-mean fg/bg ratio 0\.50 "
-        r"\(95% CI (0\.\d\d)-(0\.\d\d)\) < threshold 1\.0 over 48 images",
+        r"\(95% CI (0\.\d\d)-(0\.\d\d)\) below the threshold 1\.0, q-value \S+ over 48 images",
         text,
     )
     assert flagged, text[:800]
     assert float(flagged.group(1)) < 0.5 < float(flagged.group(2)) < 1.0
     assert "Room hall: inconclusive" in text
+    assert "A group is flagged when its q-value (Benjamini-Hochberg" in text  # the rule, once
     # the verdicts come first: before the group table, the charts and the run facts
     findings_end = text.index("Groups")
     assert text.index("Occlusion audit: test-run") < flagged.start() < findings_end

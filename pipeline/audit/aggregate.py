@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from pipeline.audit.fdr import below_threshold_p, bh_qvalues
+from pipeline.audit.params import audit_params, read_run_record
 from pipeline.audit.statistics import (
     STATUS_ORDER,
     GroupKey,
@@ -30,9 +32,7 @@ from pipeline.audit.statistics import (
     group_status,
     ratio_stats,
 )
-from pipeline.config import AuditSettings
 from pipeline.run.folder import RunFolder
-from pipeline.run.record import RunRecord
 from pipeline.schema import IMAGE_METRICS, STATUS_OK, summary_schema
 
 __all__ = [
@@ -47,54 +47,6 @@ __all__ = [
 _METRIC_COLUMNS = ("status", *IMAGE_METRICS)
 _META_KEY = b"occlusion_audit.audit"  # summary.parquet schema metadata: parameters used
 _BATCH_ROWS = 65_536
-
-
-def read_run_record(run_dir: str | os.PathLike[str]) -> RunRecord | None:
-    """The run's record (``run.json``), or None when the run has none yet."""
-    return RunFolder(run_dir).read_record()
-
-
-def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:
-    """Audit parameters: explicit overrides, else the run's ``audit`` config, else its defaults.
-
-    Args:
-        record: the run record, or None (then :class:`AuditSettings` defaults apply).
-        overrides: ``group_by``, ``threshold``, ``min_images``, ``confidence``, ``seed``,
-            ``n_boot``, ``max_error_share``; ``None`` means "not given".
-
-    Returns:
-        A dict with all seven keys; ``group_by`` is a tuple of column names.
-
-    Raises:
-        ValueError: no group columns anywhere, or a confidence outside (0, 1).
-    """
-    settings = AuditSettings() if record is None else record.config.audit
-    found = {
-        "group_by": None if record is None else record.config.dataset.group_by,
-        "threshold": settings.threshold,
-        "min_images": settings.min_images,
-        "confidence": settings.confidence,
-        "seed": settings.seed,
-        "n_boot": settings.bootstrap,
-        "max_error_share": settings.max_error_share,
-    }
-    params: dict[str, Any] = {
-        k: v if (v := overrides.get(k)) is not None else found[k] for k in found
-    }
-    if params["group_by"] is None:
-        raise ValueError("no group columns: pass group_by=[...] or set dataset.group_by")
-    if isinstance(params["group_by"], str):
-        params["group_by"] = [params["group_by"]]
-    params["group_by"] = tuple(params["group_by"])
-    numbers = ("threshold", float), ("confidence", float), ("min_images", int)
-    for name, kind in (*numbers, ("max_error_share", float)):
-        params[name] = kind(params[name])
-    params["seed"], params["n_boot"] = int(params["seed"]), max(1, int(params["n_boot"]))
-    if not 0 <= params["max_error_share"] <= 1:
-        raise ValueError(f"max_error_share must lie in [0, 1], got {params['max_error_share']!r}")
-    if not 0 < params["confidence"] < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {params['confidence']!r}")
-    return params
 
 
 def iter_batches(
@@ -211,17 +163,31 @@ def _summary_row(key: GroupKey, acc: _Acc, group_by: Sequence[str], p: Mapping[s
     row.update({f"mean_{k}": finite_mean(acc.values(k)) for k in ("fg_share", "fg_area")})
     row.update({f"{k}_pos": v for k, v in pos.items()})
     row["mean_fg_share_pos"] = finite_mean(acc.values("fg_share_pos"))
-    row["status"] = group_status(
-        len(ratios),
-        main["ci_low"],
-        main["ci_high"],
-        p["threshold"],
-        p["min_images"],
-        n=acc.n,
-        n_error=acc.n_error,
-        max_error_share=p["max_error_share"],
+    # only groups that can get a verdict are tested: the family is what could be flagged
+    testable = len(ratios) >= max(2, p["min_images"]) and (
+        acc.n_error <= p["max_error_share"] * acc.n
     )
+    row["p_value"] = below_threshold_p(ratios, p["threshold"]) if testable else math.nan
     return row
+
+
+def _set_status(rows: list[dict[str, Any]], p: Mapping[str, Any]) -> None:
+    """q-values across the groups, then each group's verdict."""
+    q = bh_qvalues(np.array([row["p_value"] for row in rows], dtype=np.float64))
+    for row, qv in zip(rows, q.tolist(), strict=True):
+        row["q_value"] = qv
+        row["status"] = group_status(
+            row["n_valid"],
+            row["ci_low"],
+            row["ci_high"],
+            p["threshold"],
+            p["min_images"],
+            n=row["n"],
+            n_error=row["n_error"],
+            max_error_share=p["max_error_share"],
+            q_value=qv,
+            fdr=p["fdr"],
+        )
 
 
 def _sort_key(row: Mapping[str, Any], group_by: Sequence[str]) -> tuple:
@@ -240,6 +206,7 @@ def aggregate(
     n_boot: int | None = None,
     write: bool = True,
     max_error_share: float | None = None,
+    fdr: float | str | None = None,
 ) -> pd.DataFrame:
     """Summarise the stored per-image metrics of a run per group (docs/design.md).
 
@@ -248,8 +215,10 @@ def aggregate(
     with a percentile bootstrap interval (log-ratios resampled; the generator is seeded by the
     run seed and the group key, so results do not depend on group order or sharding), median,
     share below 1, mean ``fg_share``/``fg_area`` over valid rows, and the same for the ``_pos``
-    metrics. Status: ``unreliable`` (error share above ``max_error_share``), ``too-few``
-    (n_valid < min_images), ``flagged`` (ci_high < threshold),
+    metrics. A one-sided p-value per group (t-test of the log-ratios against the threshold) and
+    Benjamini-Hochberg q-values across the groups that can get a verdict.
+    Status: ``unreliable`` (error share above ``max_error_share``), ``too-few``
+    (n_valid < min_images), ``flagged`` (q_value <= fdr; with fdr off, ci_high < threshold),
     ``inconclusive`` (ci_low <= threshold <= ci_high), else ``ok``.
 
     Args:
@@ -263,6 +232,8 @@ def aggregate(
         n_boot: bootstrap resamples; default ``audit.bootstrap``, else 2000.
         max_error_share: largest share of failed images that still allows a verdict; default
             ``audit.max_error_share``, else 0.1.
+        fdr: false-discovery rate of the flags; default ``audit.fdr``, else 0.05; ``"off"``
+            flags by each group's own interval instead.
         write: also write ``RUN_DIR/summary.parquet`` (atomically).
 
     Returns:
@@ -288,10 +259,12 @@ def aggregate(
         seed=seed,
         n_boot=n_boot,
         max_error_share=max_error_share,
+        fdr=fdr,
     )
     group_by = params["group_by"]
     accs = _accumulate(folder.path, group_by)
     rows = [_summary_row(key, acc, group_by, params) for key, acc in accs.items()]
+    _set_status(rows, params)
     rows.sort(key=lambda row: _sort_key(row, group_by))
     meta = {_META_KEY: json.dumps({**params, "group_by": list(group_by)}).encode()}
     table = pa.Table.from_pylist(rows, schema=summary_schema(group_by).with_metadata(meta))

@@ -103,6 +103,8 @@ def group_status(
     n: int = 0,
     n_error: int = 0,
     max_error_share: float = 1.0,
+    q_value: float = math.nan,
+    fdr: float | None = None,
 ) -> str:
     """A group's verdict from its interval on the geometric-mean ratio.
 
@@ -115,18 +117,21 @@ def group_status(
         n: images of the group, errors included.
         n_error: images of the group whose maps failed.
         max_error_share: largest share of failed images that still allows a verdict.
+        q_value: the group's Benjamini-Hochberg q-value (:mod:`pipeline.audit.fdr`).
+        fdr: with a value, a group is flagged when ``q_value <= fdr``; None: when
+            ``ci_high < threshold``.
 
     Returns:
         ``unreliable`` (more than ``max_error_share`` of the images failed: the valid ones may
         not represent the group), ``too-few`` (fewer than ``min_images`` valid ratios, or a
-        non-finite interval), ``flagged`` (``ci_high < threshold``), ``inconclusive``
-        (``ci_low <= threshold``), else ``ok``.
+        non-finite interval), ``flagged`` (``q_value <= fdr``, or ``ci_high < threshold``
+        without ``fdr``), ``inconclusive`` (``ci_low <= threshold``), else ``ok``.
     """
     if n > 0 and n_error / n > max_error_share:
         return "unreliable"
     if n_valid < max(1, min_images) or not (math.isfinite(ci_low) and math.isfinite(ci_high)):
         return "too-few"
-    if ci_high < threshold:
+    if (q_value <= fdr) if fdr is not None else (ci_high < threshold):
         return "flagged"
     if ci_low <= threshold:
         return "inconclusive"

@@ -265,6 +265,9 @@ class AuditSettings:
     bootstrap: int = 2000  # bootstrap resamples
     seed: int = 0  # bootstrap seed
     max_error_share: float = 0.1  # more failed images than this share: verdict unreliable
+    # flag where the Benjamini-Hochberg q-value is <= fdr; null: where the group's own interval
+    # lies below the threshold (no control of false flags across many groups)
+    fdr: float | None = 0.05
 
     def __post_init__(self) -> None:
         _positive("threshold", self.threshold)
@@ -273,6 +276,8 @@ class AuditSettings:
             fail("confidence", f"must be strictly between 0 and 1, got {self.confidence}")
         _positive("boundary_px", self.boundary_px, strict=False)
         _positive("bootstrap", self.bootstrap)
+        if self.fdr is not None and not 0 < self.fdr < 1:
+            fail("fdr", f"must lie strictly between 0 and 1 (or be null), got {self.fdr}")
         if not 0 <= self.max_error_share <= 1:
             fail("max_error_share", f"must lie in [0, 1], got {self.max_error_share}")
 

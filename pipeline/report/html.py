@@ -81,8 +81,15 @@ def finding_sentence(row: Mapping[str, Any], group_by: Sequence[str], params: Ma
     if unusable:
         over += f" ({unusable} more without a usable ratio: {row['n_error']} errors, "
         over += f"{row['n_nan']} undefined)"
+    q = row.get("q_value")
+    q_text = "" if _missing(q) else f", q-value {fmt(float(q), 3)}"
     if row["status"] == "flagged":
-        text = f"the model relies on background — {stat} < threshold {t} {over}"
+        text = f"the model relies on background — {stat} below the threshold {t}{q_text} {over}"
+    elif float(row["ci_high"]) < float(params["threshold"]):
+        text = (
+            f"inconclusive — {stat} {over} lies below the threshold {t}, but not clearly enough "
+            f"among this many groups{q_text}; more images would settle it"
+        )
     else:
         text = (
             f"inconclusive — {stat} {over} includes the threshold {t}; more images would settle it"
@@ -101,7 +108,19 @@ def summary_notes(summary: Any, group_by: Sequence[str], params: Mapping) -> lis
     """
     t = fmt_threshold(float(params["threshold"]))
     status = summary["status"]
-    notes = []
+    fdr = params.get("fdr")
+    if fdr is not None:
+        rule = (
+            f"A group is flagged when its q-value (Benjamini-Hochberg, across the "
+            f"{int(summary['q_value'].notna().sum())} groups with a verdict) is at most {fdr:g}: "
+            f"on average at most {fdr:.0%} of flagged groups are false alarms."
+        )
+    else:
+        rule = (
+            f"A group is flagged when its own {float(params['confidence']):.0%} interval lies "
+            f"below the threshold {t}; over many groups some flags are chance."
+        )
+    notes = [rule]
     if not status.isin(["flagged", "inconclusive"]).any():
         notes.append(
             f"No group was flagged or inconclusive: every group with at least "
@@ -139,12 +158,13 @@ def group_table(
 ) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """Columns and ``(status, cells)`` rows of the page's group table, one row per summary row."""
     columns = [*group_by, "status", "n", "valid", "errors", "undefined", "gmean ratio"]
-    columns += ["interval", "median", "share < 1", "mean fg_share", "mean fg_area"]
+    columns += ["interval", "q-value", "median", "share < 1", "mean fg_share", "mean fg_area"]
     rows = []
     for _, s in summary.iterrows():
         cells = [_group_value(s[c]) for c in group_by]
         cells += [s["status"], str(s["n"]), str(s["n_valid"]), str(s["n_error"]), str(s["n_nan"])]
         cells += [fmt(s["gmean_ratio"]), f"{fmt(s['ci_low'])}-{fmt(s['ci_high'])}"]
+        cells += [fmt(s.get("q_value"), 3)]
         cells += [fmt(s[c]) for c in ("median_ratio", "share_below_1", "mean_fg_share")]
         rows.append((str(s["status"]), [*cells, fmt(s["mean_fg_area"])]))
     return columns, rows
