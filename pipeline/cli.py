@@ -23,6 +23,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"  error {f['image_id']}: {f['error']}", file=sys.stderr)
     if not args.no_report:
         _aggregate_and_report(result.run_dir, None)
+        if cfg.trend.runs_dir is not None or cfg.notify.webhook is not None:
+            from pipeline.report.publish import publish_run
+
+            publish_run(cfg, result.run_dir)
     return result.exit_code
 
 
@@ -161,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline.cluster.cli import add_submit_parser
 
     add_submit_parser(sub)
+
+    from pipeline.report.cli import add_runs_parsers
+
+    add_runs_parsers(sub)
 
     b = sub.add_parser("bench", help="time our kernel against Captum and the forward roofline")
     b.add_argument("--model", default="seed-cnn", help="seed-cnn | seed-cnn-gap | resnet50")

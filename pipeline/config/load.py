@@ -26,8 +26,10 @@ from pipeline.config.sections import (
     ClusterConfig,
     DatasetConfig,
     ModelConfig,
+    NotifyConfig,
     OcclusionConfig,
     OutputConfig,
+    TrendConfig,
 )
 from pipeline.config.typed import ConfigError, build, check_key, fail, to_plain
 from pipeline.config.yaml_safe import load_yaml, load_yaml_text
@@ -47,6 +49,8 @@ class AuditConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     audit: AuditSettings = field(default_factory=AuditSettings)
     output: OutputConfig = field(default_factory=OutputConfig)
+    trend: TrendConfig = field(default_factory=TrendConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -70,6 +74,7 @@ _PATH_KEYS = (
     ("model", "weights"),
     ("output", "dir"),
     ("output", "report_dir"),
+    ("trend", "runs_dir"),
 )
 
 

@@ -29,10 +29,12 @@ __all__ = [
     "HubFile",
     "ModelConfig",
     "NormalizeConfig",
+    "NotifyConfig",
     "OcclusionConfig",
     "OutputConfig",
     "Precision",
     "Target",
+    "TrendConfig",
 ]
 
 
@@ -280,6 +282,32 @@ class AuditSettings:
             fail("fdr", f"must lie strictly between 0 and 1 (or be null), got {self.fdr}")
         if not 0 <= self.max_error_share <= 1:
             fail("max_error_share", f"must lie in [0, 1], got {self.max_error_share}")
+
+
+@dataclass(frozen=True)
+class TrendConfig:
+    """Runs of one audit over time (a nightly job): compare with the last, chart them all."""
+
+    # folder holding this audit's run folders (one per night or model); after a run, the
+    # newest earlier finished run there is compared with it and the history page is rebuilt,
+    # both into output.report_dir (compare/, history/)
+    runs_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runs_dir", _local(self.runs_dir))
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Who hears about a finished run."""
+
+    webhook: str | None = None  # http(s) URL that receives the run's JSON summary by POST
+    timeout_s: float = 10.0  # a webhook that does not answer in time is reported, not retried
+
+    def __post_init__(self) -> None:
+        if self.webhook is not None and not re.match(r"https?://.", self.webhook):
+            fail("webhook", f"must be an http(s):// URL, got {self.webhook!r}")
+        _positive("timeout_s", self.timeout_s)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ __all__ = [
     "fmt_threshold",
     "gallery_figure",
     "log_histogram",
+    "png_bytes",
     "ratio_chart",
+    "set_log_x",
     "stored_row_figure",
 ]
 
@@ -42,7 +44,7 @@ STATUS_COLORS = {
 HIST_EDGES = np.linspace(-2.0, 2.0, 65)
 
 
-def _png(fig: Figure, dpi: int = 100) -> bytes:
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     FigureCanvasAgg(fig)  # attach an Agg canvas explicitly: no backend lookup, no GUI
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -54,7 +56,7 @@ def fmt_threshold(t: float) -> str:
     return f"{t:.1f}" if round(t, 1) == t else f"{t:g}"
 
 
-def _log_x(ax: Axes) -> None:
+def set_log_x(ax: Axes) -> None:
     """Logarithmic x axis labelled 0.5, 1, 2 rather than 5x10^-1."""
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -110,7 +112,7 @@ def ratio_chart(
             ax.plot([lo, hi], [yi, yi], color=color, linewidth=2.2, solid_capstyle="butt")
         ax.plot([g], [yi], "o", color=color, markersize=6)
     ax.axvline(threshold, color="#222222", linestyle="--", linewidth=1)
-    _log_x(ax)
+    set_log_x(ax)
     ax.set_yticks(y, labels)
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_xlabel(
@@ -130,7 +132,7 @@ def ratio_chart(
         fontsize=8,
         frameon=False,
     )
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def distribution_chart(
@@ -164,7 +166,7 @@ def distribution_chart(
         ax.fill_between(xs, base, ys, color=color, alpha=0.35, linewidth=0)
         ax.plot(xs, ys, color=color, linewidth=1)
     ax.axvline(threshold, color="#222222", linestyle="--", linewidth=1)
-    _log_x(ax)
+    set_log_x(ax)
     # show the occupied bins (and the threshold) rather than the whole 0.01-100 range
     total = np.sum([np.asarray(c) for c in counts], axis=0) if n else np.zeros(1)
     occupied = np.flatnonzero(total)
@@ -176,7 +178,7 @@ def distribution_chart(
     ax.set_ylim(-0.2, n)
     ax.set_xlabel("per-image fg/bg ratio (log scale; values beyond 0.01-100 drawn at the ends)")
     ax.grid(axis="x", which="major", alpha=0.25)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def gallery_figure(
@@ -224,7 +226,7 @@ def gallery_figure(
             for color, width in (("#000000", 2.4), ("#00e5ff", 1.1)):
                 ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=width)
         ax.set_axis_off()
-    return _png(fig, dpi=90)
+    return png_bytes(fig, dpi=90)
 
 
 def stored_row_figure(row: Mapping[str, Any], root: str | None) -> tuple[bytes, list[str]]:

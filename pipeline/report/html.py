@@ -33,6 +33,7 @@ __all__ = [
     "GalleryPlaceholder",
     "Page",
     "data_uri",
+    "environment",
     "facts_text",
     "finding_sentence",
     "fmt",
@@ -299,7 +300,8 @@ class Page:
 
 
 @functools.cache
-def _environment() -> Environment:
+def environment() -> Environment:
+    """The jinja2 environment of every page: autoescape on, undefined names are errors."""
     env = Environment(
         loader=PackageLoader("pipeline.report", "templates"),
         autoescape=True,
@@ -314,7 +316,7 @@ def _environment() -> Environment:
 
 def render_page(page: Page) -> str:
     """The complete, self-contained ``index.html`` text of ``page`` (template autoescaped)."""
-    text = _environment().get_template(_TEMPLATE).render(page=page, max_failures=_MAX_FAILURES)
+    text = environment().get_template(_TEMPLATE).render(page=page, max_failures=_MAX_FAILURES)
     for numeric, named in _QUOTE_ENTITIES:
         text = text.replace(numeric, named)
     return text
