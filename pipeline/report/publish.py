@@ -47,9 +47,7 @@ def run_summary(cfg: AuditConfig, run_dir: Path) -> dict[str, Any]:
         "report_dir": str(cfg.output.report_dir),
         "status": None if record is None else record.status,
         "counts": None if record is None else vars(record.counts),
-        "flagged": [
-            group_label(r, group_by) for _, r in summary.iterrows() if r["status"] == "flagged"
-        ],  # fmt: skip
+        "flagged": [group_label(r, group_by) for _, r in flagged.iterrows()],
     }
 
 
