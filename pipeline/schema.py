@@ -12,7 +12,10 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 __all__ = [
+    "COUNTERFACTUAL_METRICS",
+    "FLOAT_METRICS",
     "IMAGE_METRICS",
+    "LOCALISATION_METRICS",
     "MAPS_SCHEMA",
     "STATUS_ERROR",
     "STATUS_OK",
@@ -33,6 +36,30 @@ IMAGE_METRICS: tuple[str, ...] = (
     "fg_share_pos",
     "fg_bg_ratio_pos",
 )
+
+#: Localisation metrics of the map against the mask, named as in Quantus (docs/design.md,
+#: "Metrics"); the same names as ``pipeline.kernel.localisation.LOCALISATION_METRICS``.
+LOCALISATION_METRICS: tuple[str, ...] = (
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
+    "pointing_game",
+    "attribution_localisation",
+)
+#: Counterfactual background evidence per image (docs/design.md, "Counterfactuals").
+COUNTERFACTUAL_METRICS: tuple[str, ...] = (
+    "swap_delta",  # score(x) - mean score on same-group backgrounds
+    "nofg_delta",  # score(x) - score without the foreground
+    "rand_delta",  # score(x) - mean score on other groups' backgrounds
+    "only_fg_delta",  # score(x) - score of the foreground on grey
+    "swap_flip",  # share of same-group swaps that change the predicted class
+    "bg_reliance",  # |swap_delta| / (|swap_delta| + |nofg_delta|), in [0, 1]
+    "acc_original",  # with an integer label: prediction correct (1/0), else NaN
+    "acc_mixed_same",  # share of same-group swaps predicted correctly
+    "acc_mixed_rand",  # share of other-group swaps predicted correctly
+    "acc_only_fg",  # the foreground on grey predicted correctly
+)
+#: Every per-image float column, stored NaN (never null) where undefined.
+FLOAT_METRICS: tuple[str, ...] = (*IMAGE_METRICS, *LOCALISATION_METRICS, *COUNTERFACTUAL_METRICS)
 
 MAPS_SCHEMA = pa.schema(
     [
@@ -57,6 +84,11 @@ MAPS_SCHEMA = pa.schema(
         pa.field("delta_std", pa.list_(pa.float32())),  # population std over the K draws
         *(pa.field(m, pa.float64()) for m in IMAGE_METRICS),
         pa.field("metric_note", pa.string()),  # why a metric is NaN, else null
+        *(pa.field(m, pa.float64()) for m in LOCALISATION_METRICS),
+        *(pa.field(m, pa.float64()) for m in COUNTERFACTUAL_METRICS),
+        pa.field("swap_ids", pa.list_(pa.string())),  # the same-group bank images pasted behind
+        pa.field("swap_scores", pa.list_(pa.float32())),  # the score on each of those swaps
+        pa.field("cf_note", pa.string()),  # why the counterfactual columns are NaN, else null
         pa.field("shard", pa.int32(), nullable=False),
     ]
 )
@@ -67,6 +99,20 @@ _RATIO_STATS: tuple[tuple[str, pa.DataType], ...] = (
     ("ci_high", pa.float64()),
     ("median_ratio", pa.float64()),
     ("share_below_1", pa.float64()),  # share of valid images with ratio < 1
+)
+
+# per group: counterfactual evidence and localisation means (docs/design.md, "Counterfactuals")
+_EVIDENCE_STATS: tuple[str, ...] = (
+    "bg_reliance",
+    "bg_reliance_low",
+    "bg_reliance_high",
+    "swap_flip_rate",
+    "acc_original",
+    "acc_mixed_same",
+    "acc_mixed_rand",
+    "acc_only_fg",
+    "bg_gap",
+    *(f"mean_{m}" for m in LOCALISATION_METRICS),
 )
 
 SUMMARY_SCHEMA = pa.schema(
@@ -80,6 +126,8 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("mean_fg_area", pa.float64()),
         *(pa.field(f"{name}_pos", t) for name, t in _RATIO_STATS),
         pa.field("mean_fg_share_pos", pa.float64()),
+        *(pa.field(name, pa.float64()) for name in _EVIDENCE_STATS),
+        pa.field("confirmed", pa.bool_()),  # flagged and bg_reliance_low > 0.5
         pa.field("p_value", pa.float64()),  # one-sided: geometric-mean ratio < threshold
         pa.field("q_value", pa.float64()),  # Benjamini-Hochberg across the audit's groups
         # flagged | inconclusive | ok | too-few | unreliable

@@ -21,7 +21,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
+from pipeline.audit.evidence import EVIDENCE_COLUMNS, evidence_stats
 from pipeline.audit.fdr import below_threshold_p, bh_qvalues
 from pipeline.audit.params import audit_params, read_run_record
 from pipeline.audit.statistics import (
@@ -131,9 +133,17 @@ class _Acc:
         return np.sort(np.concatenate(parts)) if parts else np.empty(0)
 
 
+def _stored_evidence(run_dir: Path) -> list[str]:
+    """The evidence columns this run stored (runs of older versions have none)."""
+    files = RunFolder(run_dir).shard_files()
+    names = set(pq.read_schema(files[0]).names) if files else set()
+    return [c for c in EVIDENCE_COLUMNS if c in names]
+
+
 def _accumulate(run_dir: Path, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
     accs: dict[GroupKey, _Acc] = {}
-    for batch in iter_batches(run_dir, [*group_by, *_METRIC_COLUMNS]):
+    evidence = _stored_evidence(run_dir)
+    for batch in iter_batches(run_dir, [*group_by, *_METRIC_COLUMNS, *evidence]):
         ok = pc.equal(batch.column("status"), STATUS_OK).fill_null(False)
         ok = ok.to_numpy(zero_copy_only=False)  # (rows,) bool
         m = {name: _floats(batch, name) for name in IMAGE_METRICS}
@@ -151,6 +161,9 @@ def _accumulate(run_dir: Path, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
                 acc.add(name, m[name][v])
             for name in ("fg_bg_ratio_pos", "fg_share_pos"):
                 acc.add(name, m[name][vp])
+            okx = idx[ok[idx]]
+            for name in evidence:  # NaN where an image has none; the statistics skip NaN
+                acc.add(name, _floats(batch, name)[okx])
     return accs
 
 
@@ -171,8 +184,8 @@ def _summary_row(key: GroupKey, acc: _Acc, group_by: Sequence[str], p: Mapping[s
     return row
 
 
-def _set_status(rows: list[dict[str, Any]], p: Mapping[str, Any]) -> None:
-    """q-values across the groups, then each group's verdict."""
+def _set_status(rows: list[dict[str, Any]], accs: Sequence[_Acc], p: Mapping[str, Any]) -> None:
+    """q-values across the groups, then each group's verdict and evidence."""
     q = bh_qvalues(np.array([row["p_value"] for row in rows], dtype=np.float64))
     for row, qv in zip(rows, q.tolist(), strict=True):
         row["q_value"] = qv
@@ -188,6 +201,11 @@ def _set_status(rows: list[dict[str, Any]], p: Mapping[str, Any]) -> None:
             q_value=qv,
             fdr=p["fdr"],
         )
+    for row, acc in zip(rows, accs, strict=True):
+        key = tuple(row[g] for g in p["group_by"])
+        values = {name: acc.values(name) for name in EVIDENCE_COLUMNS}
+        rng = group_rng(p["seed"], key, "bg_reliance")
+        row.update(evidence_stats(values, row["status"], p["confidence"], p["n_boot"], rng))
 
 
 def _sort_key(row: Mapping[str, Any], group_by: Sequence[str]) -> tuple:
@@ -264,7 +282,7 @@ def aggregate(
     group_by = params["group_by"]
     accs = _accumulate(folder.path, group_by)
     rows = [_summary_row(key, acc, group_by, params) for key, acc in accs.items()]
-    _set_status(rows, params)
+    _set_status(rows, list(accs.values()), params)
     rows.sort(key=lambda row: _sort_key(row, group_by))
     meta = {_META_KEY: json.dumps({**params, "group_by": list(group_by)}).encode()}
     table = pa.Table.from_pylist(rows, schema=summary_schema(group_by).with_metadata(meta))

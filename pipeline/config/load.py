@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.config.sections import (
     AuditSettings,
     ClusterConfig,
+    CounterfactualConfig,
     DatasetConfig,
     ModelConfig,
     NotifyConfig,
@@ -48,6 +49,7 @@ class AuditConfig:
     occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     trend: TrendConfig = field(default_factory=TrendConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)

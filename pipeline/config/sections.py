@@ -25,7 +25,9 @@ __all__ = [
     "AuditSettings",
     "ClusterConfig",
     "ColumnsConfig",
+    "CounterfactualConfig",
     "DatasetConfig",
+    "Fill",
     "HubFile",
     "ModelConfig",
     "NormalizeConfig",
@@ -282,6 +284,29 @@ class AuditSettings:
             fail("fdr", f"must lie strictly between 0 and 1 (or be null), got {self.fdr}")
         if not 0 <= self.max_error_share <= 1:
             fail("max_error_share", f"must lie in [0, 1], got {self.max_error_share}")
+
+
+class Fill(_Option):
+    MEAN = "mean"  # the mean colour of the image's background pixels
+    BLUR = "blur"  # that colour blurred into the surrounding background
+
+
+@dataclass(frozen=True)
+class CounterfactualConfig:
+    """Background swaps (Xiao et al. 2020) beside the occlusion maps, for images with a mask."""
+
+    enabled: bool = True  # a few forward passes per image against hundreds for occlusion
+    swaps: int = 4  # backgrounds of the same group (and as many of other groups) per image
+    bank: int = 16  # images per group whose backgrounds are drawn from (chosen by seed)
+    fill: Fill = Fill.MEAN  # how an image's own foreground is removed
+    seed: int = 0  # with the image_id, picks each image's backgrounds
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fill", Fill(self.fill))
+        _positive("swaps", self.swaps)
+        _positive("bank", self.bank)
+        if self.bank < 2:
+            fail("bank", f"must be >= 2 (an image never gets its own background), got {self.bank}")
 
 
 @dataclass(frozen=True)

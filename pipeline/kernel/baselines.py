@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pipeline.kernel import defaults
 from pipeline.kernel.defaults import Baseline
 
-__all__ = ["draw_generator", "make_baselines"]
+__all__ = ["draw_generator", "gaussian_blur", "make_baselines"]
 
 
 def draw_generator(seed: int, image_id: str) -> torch.Generator:
@@ -30,7 +30,7 @@ def draw_generator(seed: int, image_id: str) -> torch.Generator:
     return g
 
 
-def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with reflect padding. ``(N, C, H, W) -> (N, C, H, W)``."""
     radius = max(1, math.ceil(3 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=images.device)
@@ -101,7 +101,7 @@ def make_baselines(
     if kind is Baseline.MEAN:
         return images.mean(dim=(2, 3)).view(n, 1, c, 1, 1)
     if kind is Baseline.BLUR:
-        return _gaussian_blur(images, blur_sigma).unsqueeze(1)
+        return gaussian_blur(images, blur_sigma).unsqueeze(1)
     gens = [draw_generator(seed, str(i)) for i in image_ids]
     if kind is Baseline.NOISE:
         noise = [torch.rand((n_draws, c, h, w), generator=g) for g in gens]

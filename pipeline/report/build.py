@@ -29,6 +29,7 @@ from pipeline.audit.aggregate import (
     read_summary,
 )
 from pipeline.report import html as rh
+from pipeline.report.evidence_section import run_evidence
 from pipeline.report.figures import (
     HIST_EDGES,
     distribution_chart,
@@ -324,6 +325,7 @@ def write_report(
         n_text_columns=len(group_by) + 1,
         charts=_charts(summary, group_by, scan, params, max_groups),
         galleries=_galleries(run_dir, scan, summary, group_by, root),
+        evidence=run_evidence(folder, summary, group_by, params, record),
         facts=rh.run_facts(record, params),
         failures=[
             rh.Failure(str(f.get("image_id", "")), str(f.get("error") or "")) for f in failures

@@ -29,6 +29,7 @@ __all__ = [
     "png_bytes",
     "ratio_chart",
     "set_log_x",
+    "stored_mask",
     "stored_row_figure",
 ]
 
@@ -251,7 +252,7 @@ def stored_row_figure(row: Mapping[str, Any], root: str | None) -> tuple[bytes, 
     image = np.asarray(tensor.permute(1, 2, 0), dtype=float)  # (H, W, 3) in [0, 1]
     notes, mask, heat = [], None, None
     try:
-        mask = _stored_mask(row, root, size, original)
+        mask = stored_mask(row, root, size, original)
     except Exception as exc:  # draw without the outline, and say why
         notes.append(f"mask: {exc}")
     try:
@@ -263,7 +264,7 @@ def stored_row_figure(row: Mapping[str, Any], root: str | None) -> tuple[bytes, 
     return gallery_figure(image, heat, mask), notes
 
 
-def _stored_mask(
+def stored_mask(
     row: Mapping[str, Any], root: str | None, size: tuple[int, int], original: tuple[int, int]
 ) -> np.ndarray | None:
     """(H, W) bool foreground of a row's ``mask``: a mask path, ``box:x0,y0,x1,y1`` or null."""

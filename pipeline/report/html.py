@@ -297,6 +297,7 @@ class Page:
     facts: list[tuple[str, str]]
     failures: list[Failure]
     files: list[str]
+    evidence: list[Any] = field(default_factory=list)  # EvidenceBlock per flagged group
 
 
 @functools.cache

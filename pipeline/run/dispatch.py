@@ -61,6 +61,7 @@ def dispatch(
     progress: Progress,
     info: Sequence[dict[str, Any]],
     clock: Callable[[], float] = time.monotonic,
+    extra: Callable[[int], Any] | None = None,
 ) -> DispatchOutcome:
     """Process shards ``todo`` on ``actors`` (``ShardWorker`` handles) until each is stored or
     given up.
@@ -68,7 +69,8 @@ def dispatch(
     Each actor holds up to ``per_actor`` shards. A shard whose actor died is queued again, up to
     ``max_retries`` times; then (or after ``NO_ACTOR_TIMEOUT_S`` without any live actor) it is
     recorded in ``lost``. A write failure reported by a worker stops the queue: shards in flight
-    finish, the rest stay in ``lost``.
+    finish, the rest stay in ``lost``. ``extra(k)``, when given, is passed with shard ``k``
+    (its counterfactual draws), computed when the shard is dispatched.
     """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -93,7 +95,8 @@ def dispatch(
         for i, a in sorted(enumerate(pool), key=lambda ia: ia[1].busy):
             while queue and a.up and a.busy < per_actor:
                 k = queue.popleft()
-                inflight[a.handle.process.remote(k, list(shards[k]))] = (i, k)
+                payload = () if extra is None else (extra(k),)
+                inflight[a.handle.process.remote(k, list(shards[k]), *payload)] = (i, k)
                 a.busy += 1
             if not a.up and a.probe is None and clock() >= a.next_probe:
                 a.probe = a.handle.info.remote()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import AuditConfig
+from pipeline.run.bank import Banks
 from pipeline.run.dispatch import DispatchOutcome, dispatch
 from pipeline.run.preflight import ModelCheckError
 from pipeline.run.progress import Progress
@@ -83,6 +84,7 @@ def run_pool(
     shards: Sequence[Sequence[Any]],
     todo: Sequence[int],
     show: bool,
+    banks: Banks | None = None,
 ) -> tuple[DispatchOutcome, PoolShape]:
     """Start the actor pool, run shards ``todo``, stop the pool; return what happened."""
     import ray
@@ -107,6 +109,7 @@ def run_pool(
             max_retries=int(cfg.cluster.max_retries),
             progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
             info=_actor_info(actors),
+            extra=None if banks is None else (lambda k: banks.for_shard(shards[k])),
         )
     finally:
         for a in actors:

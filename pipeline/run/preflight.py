@@ -82,6 +82,7 @@ def run_identity(
         "occlusion": plain["occlusion"],
         "audit.boundary_px": plain["audit"]["boundary_px"],
         "cluster.shard_size": plain["cluster"]["shard_size"],
+        "counterfactual": plain["counterfactual"],
     }
 
 

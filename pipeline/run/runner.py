@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import AuditConfig
 from pipeline.data.manifest import read_manifest, records
+from pipeline.run.bank import plan_banks
 from pipeline.run.dispatch import DispatchOutcome
 from pipeline.run.folder import RunFolder, RunFolderError, check_exactly_once
 from pipeline.run.pool import PoolShape, connect, run_pool
@@ -99,7 +100,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
         todo = [k for k in range(len(shards)) if k not in done]
         started_ray = connect(str(config.cluster.address))
         try:
-            outcome, shape = run_pool(config, shards, todo, progress)
+            outcome, shape = run_pool(config, shards, todo, progress, plan_banks(recs, config))
         finally:
             if started_ray:
                 ray.shutdown()

@@ -21,10 +21,12 @@ from pipeline.data.images import DataError, load_image, load_mask
 from pipeline.kernel.metrics import image_metrics, nan_metrics
 from pipeline.kernel.occlusion import OcclusionResult, attribute
 from pipeline.kernel.options import ComputeOptions
+from pipeline.run.bank import ShardEvidence
+from pipeline.run.evidence import evidence_rows, localisation_rows
 from pipeline.run.settings import kernel_keywords
-from pipeline.schema import IMAGE_METRICS, STATUS_ERROR, STATUS_OK, maps_schema
+from pipeline.schema import FLOAT_METRICS, IMAGE_METRICS, STATUS_ERROR, STATUS_OK, maps_schema
 
-__all__ = ["load_shard", "process_shard"]
+__all__ = ["load_bank", "load_shard", "process_shard"]
 
 
 @dataclass
@@ -100,6 +102,8 @@ def process_shard(
     shard: int,
     options: ComputeOptions,
     loaded: Sequence[_Loaded] | None = None,
+    evidence: ShardEvidence | None = None,
+    bank: dict[str, _Loaded] | None = None,
 ) -> pa.Table:
     """Compute the stored rows of one shard.
 
@@ -110,42 +114,61 @@ def process_shard(
         shard: shard index, stored with each row.
         options: how to compute (:func:`pipeline.run.settings.worker_compute`).
         loaded: the result of :func:`load_shard` for these records, if already done.
+        evidence: the shard's counterfactual draws (None: no counterfactual columns).
+        bank: the loaded bank images of ``evidence`` by id (loaded here when None).
 
     Returns:
         A table with ``maps_schema(group_by)``: one row per record, in record order, each ``ok``
         or ``error`` with a message naming the image.
     """
     items = list(loaded) if loaded is not None else load_shard(records, cfg)
+    if evidence is not None and bank is None:
+        bank = load_bank(evidence, cfg)
+    ctx = _Context(model, cfg, options, evidence, bank or {})
     good = [it for it in items if it.error is None]
     results: dict[int, dict[str, Any]] = {}
     if good:
-        results = _attribute_all(model, [records[it.index] for it in good], good, cfg, options)
+        results = _attribute_all(ctx, [records[it.index] for it in good], good)
     rows = [_row(records[it.index], it, results.get(it.index), cfg, shard) for it in items]
     return pa.Table.from_pylist(rows, schema=maps_schema(cfg.dataset.group_by))
 
 
+def load_bank(evidence: ShardEvidence, cfg: AuditConfig) -> dict[str, _Loaded]:
+    """Decode the bank images a shard's draws use (a bad one is left out of the draws)."""
+    return {
+        rec.image_id: it
+        for rec, it in zip(evidence.bank, load_shard(evidence.bank, cfg), strict=True)
+    }
+
+
+@dataclass(frozen=True)
+class _Context:
+    model: Any
+    cfg: AuditConfig
+    options: ComputeOptions
+    evidence: ShardEvidence | None
+    bank: dict[str, _Loaded]
+
+
 def _attribute_all(
-    model: Any,
-    records: Sequence[Any],
-    items: Sequence[_Loaded],
-    cfg: AuditConfig,
-    options: ComputeOptions,
+    ctx: _Context, records: Sequence[Any], items: Sequence[_Loaded]
 ) -> dict[int, dict[str, Any]]:
-    """Maps and metrics of ``items``; a batch the model fails on is retried image by image, so
-    that only the image that makes it fail gets the error row."""
+    """Maps, metrics and evidence of ``items``; a batch the model fails on is retried image by
+    image, so that only the image that makes it fail gets the error row."""
+    cfg = ctx.cfg
 
     def run(part: Sequence[_Loaded], recs: Sequence[Any]) -> OcclusionResult:
         return attribute(
-            model,
+            ctx.model,
             torch.stack([it.image for it in part]),  # type: ignore[misc]  # (N, 3, H, W)
             image_ids=[rec.image_id for rec in recs],
             target=_targets(cfg, part),
-            options=options,
+            options=ctx.options,
             **kernel_keywords(cfg),
         )
 
     try:
-        return _results(run(items, records), items, records, cfg)
+        return _results(ctx, run(items, records), items, records)
     except Exception as e:
         if len(items) == 1:
             msg = f"model failed: {type(e).__name__}: {_first_line(e)}"
@@ -154,7 +177,7 @@ def _attribute_all(
     # fixed_batch, each image's maps are bitwise those it would get in the full batch.
     out: dict[int, dict[str, Any]] = {}
     for it, rec in zip(items, records, strict=True):
-        out.update(_attribute_all(model, [rec], [it], cfg, options))
+        out.update(_attribute_all(ctx, [rec], [it]))
     return out
 
 
@@ -167,9 +190,14 @@ def _first_line(e: BaseException) -> str:
 
 
 def _results(
-    r: OcclusionResult, items: Sequence[_Loaded], records: Sequence[Any], cfg: AuditConfig
+    ctx: _Context, r: OcclusionResult, items: Sequence[_Loaded], records: Sequence[Any]
 ) -> dict[int, dict[str, Any]]:
+    cfg = ctx.cfg
     full = r.grid.expand(r.delta[:, 0])  # (N, C, H, W)
+    extra = localisation_rows(r, [it.mask for it in items])
+    if ctx.evidence is not None:
+        cf = evidence_rows(ctx.model, items, records, r, ctx.evidence, ctx.bank, cfg, ctx.options)
+        extra = [{**a, **b} for a, b in zip(extra, cf, strict=True)]
     out: dict[int, dict[str, Any]] = {}
     for j, (it, rec) in enumerate(zip(items, records, strict=True)):
         if not bool(r.finite[j]):
@@ -184,6 +212,7 @@ def _results(
             "metrics": metrics,
             "metric_note": note,
             "grid": r.grid,
+            "extra": extra[j],
         }
     return out
 
@@ -213,7 +242,7 @@ def _row(
     error = item.error or (res or {}).get("error")
     if error is not None or res is None:
         row.update(status=STATUS_ERROR, error=error or "not processed", **nan_metrics())
-        return row
+        return _nan_floats(row)
     g = res["grid"]
     row.update(
         status=STATUS_OK,
@@ -230,8 +259,13 @@ def _row(
         delta_std=res["delta_std"],
         metric_note=res["metric_note"],
         **{m: res["metrics"][m] for m in IMAGE_METRICS},
+        **res["extra"],
     )
-    for m in IMAGE_METRICS:  # store NaN (not null) so readers see a float column
-        if row[m] is None:
+    return _nan_floats(row)
+
+
+def _nan_floats(row: dict[str, Any]) -> dict[str, Any]:
+    for m in FLOAT_METRICS:  # store NaN (not null) so readers see a float column
+        if row.get(m) is None:
             row[m] = math.nan
     return row

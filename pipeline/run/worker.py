@@ -17,10 +17,11 @@ import torch
 
 from pipeline.config import AuditConfig
 from pipeline.models import load_model
+from pipeline.run.bank import ShardEvidence
 from pipeline.run.folder import RunFolder
 from pipeline.run.heap import tune_heap
 from pipeline.run.settings import worker_compute
-from pipeline.run.shard import load_shard, process_shard
+from pipeline.run.shard import load_bank, load_shard, process_shard
 
 __all__ = ["ShardWorker"]
 
@@ -79,7 +80,9 @@ class ShardWorker:
             "max_batch": self.compute.options.max_batch,
         }
 
-    def process(self, shard: int, records: Sequence[Any]) -> dict[str, Any]:
+    def process(
+        self, shard: int, records: Sequence[Any], evidence: ShardEvidence | None = None
+    ) -> dict[str, Any]:
         """Compute shard ``shard`` from its manifest ``records`` and store it in the run folder.
 
         Returns:
@@ -89,12 +92,13 @@ class ShardWorker:
         """
         t0 = time.perf_counter()
         loaded = load_shard(records, self.cfg)
+        bank = load_bank(evidence, self.cfg) if evidence is not None else None
         t_wait = time.perf_counter()
         with self._compute:
             # time spent waiting for the other call's compute is not this shard's work
             waited = time.perf_counter() - t_wait
             table = process_shard(
-                self.model, records, self.cfg, shard, self.compute.options, loaded
+                self.model, records, self.cfg, shard, self.compute.options, loaded, evidence, bank
             )
         self.folder.write_shard(shard, table)
         status = table.column("status").to_pylist()
