@@ -30,6 +30,20 @@ def test_exactly_the_planted_rooms_are_flagged(demo_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_background_swaps_confirm_exactly_the_planted_rooms(demo_dir: Path) -> None:
+    s = pd.read_parquet(demo_dir / "runs" / "demo" / "summary.parquet").set_index("room")
+    planted = s.loc[list(DEFAULT_SHORTCUT_ROOMS)]
+    clean = s.drop(index=list(DEFAULT_SHORTCUT_ROOMS))
+    assert planted["confirmed"].all() and (planted["bg_reliance_low"] > 0.5).all()
+    assert not clean["confirmed"].any()
+    assert clean["bg_reliance"].max() < planted["bg_reliance"].min()
+    # the object explains the clean rooms' scores, the lamp the planted rooms'
+    assert (
+        clean["mean_relevance_mass_accuracy"] > planted["mean_relevance_mass_accuracy"].max()
+    ).all()
+
+
+@pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.skipif(chromium() is None, reason="chromium is not installed")
 def test_the_demo_report_shows_the_flagged_rooms_with_galleries(
@@ -40,5 +54,7 @@ def test_the_demo_report_shows_the_flagged_rooms_with_galleries(
     assert attrs["data-problems"] == "[]" and attrs["data-broken"] == "[]"
     for room in DEFAULT_SHORTCUT_ROOMS:
         assert f"Room {room}: the model relies on background" in dom
+    assert dom.count('data-confirmed="yes"') == len(DEFAULT_SHORTCUT_ROOMS)
+    assert "background: score" in dom  # example swaps with the score change
     assert int(attrs["data-images"]) >= 2 + 2 * 6  # charts + a gallery per flagged room
     assert screenshot(page, tmp_path / "demo.png", tmp_path).stat().st_size > 10_000
