@@ -20,15 +20,16 @@ def test_bench_smoke(tmp_path, capsys):
     rows = {r["engine"]: r for r in facts["rows"]}
     # SeedCNNWithGAP's trunk is local: a run would pick the incremental engine, so it is "ours"
     assert facts["incremental"] == "ok" and facts["ours"] == "incremental"
-    expected = {"generic", "incremental", "captum", "captum-best", "roofline"}
+    expected = {"generic", "incremental", "captum", "captum-best", "roofline", "cf-swaps"}
     assert set(rows) == expected
     assert facts["machine"]["heap_tuned"] is True  # glibc: as a run's CPU workers
     for r in rows.values():
         assert r["median_seconds"] > 0 and r["images_per_s"] > 0 and r["peak_bytes"] > 0
         assert all(s > 0 for s in r["seconds"])
-    for name in expected - {"roofline"}:
+    for name in expected - {"roofline", "cf-swaps"}:
         assert rows[name]["max_abs_diff"] <= 1e-5, name
-    assert rows["roofline"]["max_abs_diff"] is None
+    assert rows["roofline"]["max_abs_diff"] is None and rows["cf-swaps"]["max_abs_diff"] is None
+    assert 0 < facts["counterfactual_seconds_per_image"] == rows["cf-swaps"]["median_seconds"] / 2
     # 2 images x 2 draws x 7x7 windows + the 2 unoccluded passes
     assert facts["work"]["forward_passes"] == 2 * 2 * 49 + 2
     assert facts["ok"]
@@ -57,7 +58,8 @@ def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys)
     facts = _one_window_bench(tmp_path, "vgg-small", "--engine", "generic", "--default-malloc")
     assert facts["machine"]["heap_tuned"] is False
     assert facts["ours"] == "generic" and facts["incremental"] == "--engine generic"
-    assert {r["engine"] for r in facts["rows"]} == {"generic", "captum", "captum-best", "roofline"}
+    engines = {r["engine"] for r in facts["rows"]}
+    assert engines == {"generic", "captum", "captum-best", "roofline", "cf-swaps"}
     assert facts["ratios"]["ours/roofline"] == facts["ratios"]["generic/roofline"]
     assert "incremental: n/a (--engine generic)" in capsys.readouterr().out
 
@@ -65,7 +67,7 @@ def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys)
 def test_bench_no_captum_checks_incremental_maps_against_generic(tmp_path, capsys):
     facts = _one_window_bench(tmp_path, "resnet50", "--no-captum", "--max-batch", "4")
     rows = {r["engine"]: r for r in facts["rows"]}
-    assert set(rows) == {"generic", "incremental", "roofline"}
+    assert set(rows) == {"generic", "incremental", "roofline", "cf-swaps"}
     assert rows["generic"]["max_abs_diff"] == 0.0  # the reference itself
     assert rows["incremental"]["max_abs_diff"] <= facts["tolerance"]
     assert not any("captum" in k for k in facts["ratios"])

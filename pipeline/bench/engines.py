@@ -20,6 +20,7 @@ from pipeline.config import OcclusionConfig
 from pipeline.kernel.baselines import make_baselines
 from pipeline.kernel.occlusion import OcclusionResult, attribute
 from pipeline.kernel.options import precision_context
+from pipeline.kernel.targets import Score, Task
 from pipeline.run.heap import trim_heap
 from pipeline.run.settings import WorkerCompute, occlusion_keywords, worker_compute
 
@@ -29,6 +30,7 @@ __all__ = [
     "Setup",
     "bench_occlusion",
     "captum_rows",
+    "counterfactual_row",
     "generic_row",
     "incremental_row",
     "roofline_row",
@@ -274,3 +276,27 @@ def generic_row(s: Setup) -> Row:
     """The generic kernel as a worker with ``occlusion.engine: generic`` runs it."""
     _, wc = s.worker("generic")
     return Row("generic", _setting(wc), partial(s.ours_maps, s.x.shape[0], "generic"))
+
+
+def counterfactual_row(s: Setup, swaps: int = 4) -> Row:
+    """The counterfactual pass a worker adds per image: ``swaps`` same-group and ``swaps``
+    other-group backgrounds, no-fg and only-fg, one forward pass per image (worker options)."""
+    from pipeline.kernel.counterfactual import background, counterfactual_scores
+    from pipeline.kernel.forward import Forward
+
+    _, wc = s.worker("generic")
+    o = wc.options
+    n, (_, h, w) = s.x.shape[0], s.x.shape[1:]
+    mask = torch.zeros(h, w, dtype=torch.bool, device=s.d.dev)
+    mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True  # the object: the central quarter
+    backs = [background(s.x[i], mask) for i in range(n)]
+    fwd = Forward(s.model, s.d.dev, o.precision, Task.CLASSIFICATION, Score.LOGIT, o.channels_last)
+    target = torch.zeros(1, dtype=torch.long, device=s.d.dev)
+
+    def run() -> None:
+        for i in range(n):
+            others = [backs[(i + k) % n] for k in range(1, swaps + 1)]
+            counterfactual_scores(fwd, s.x[i : i + 1], mask[None], [others], [others], target)
+
+    run()  # warm-up
+    return Row("cf-swaps", f"swaps={swaps}+{swaps},1 pass/image", run)

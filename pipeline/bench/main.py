@@ -30,6 +30,7 @@ from pipeline.bench.engines import (
     Row,
     Setup,
     captum_rows,
+    counterfactual_row,
     generic_row,
     incremental_row,
     roofline_row,
@@ -89,6 +90,7 @@ def _measure(args: argparse.Namespace, d: Device) -> tuple[list[Row], OcclusionR
     rows.append(roofline_row(s, n * args.k * p + n))
     inc = incremental_row(s) if args.engine == "auto" else "--engine generic"
     rows += [inc] if isinstance(inc, Row) else []
+    rows.append(counterfactual_row(s))
     for _ in range(max(1, int(args.repeats))):
         for r in rows:
             secs, peak, start, r.maps = d.timed(r.run)
@@ -182,6 +184,11 @@ def run_bench(args: argparse.Namespace) -> int:
                 + f"{ratios[f'{name}/roofline']:.2f}x the roofline"
             )
     print("targets: ours >= 3x Captum's fastest and >= 0.9x the roofline; incremental >= 5x it")
+    cf = next(r for r in rows if r.engine == "cf-swaps")
+    print(
+        f"counterfactual pass: {cf.median / n:.4f} s/image extra, "
+        f"{cf.median / ours.median:.0%} of ours ({ours.engine}) for the maps"
+    )
     print(f"stored: {stored:.0f} bytes/image (Parquet zstd; deltas {2 * p * 4} bytes as float32)")
     ref = "the generic kernel's" if args.no_captum else "Captum's"
     print(f"maps vs {ref}: tolerance {tol:.2g} (model score noise {noise:.2g})")
@@ -210,6 +217,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "ours": ours.engine,
             "ratios": ratios,
             "stored_bytes_per_image": stored,
+            "counterfactual_seconds_per_image": cf.median / n,
             "tolerance": tol,
             "score_noise": noise,
             "ok": not bad,
