@@ -65,9 +65,10 @@ def run_demo(out_dir: str | Path = "demo-data", *, quick: bool = False) -> int:
     flagged = summary.loc[summary["status"] == "flagged", "room"].tolist()
     print()
     for _, row in summary.iterrows():
+        swaps = f"bg_reliance {row['bg_reliance']:.2f}" + (" confirmed" if row["confirmed"] else "")
         print(
-            f"  {row['room']:<12} {row['status']:<12} fg/bg ratio {row['gmean_ratio']:.2f} "
-            f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}] over {row['n_valid']} views"
+            f"  {row['room']:<12} {row['status']:<8} fg/bg ratio {row['gmean_ratio']:.2f} "
+            f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}] over {row['n_valid']} views, {swaps}"
         )
     print(f"\ndemo: flagged rooms (the model steers by the background there): {flagged}")
     print(f"demo: {result.ok}/{result.images} views audited in {time.perf_counter() - t0:.0f}s")
