@@ -131,7 +131,10 @@ def test_unknown_top_level_key_is_named_with_suggestion() -> None:
     err = _error({**MINIMAL, "datset": {}})
     assert err.key == "datset"
     assert "did you mean 'dataset'" in str(err)
-    assert "allowed keys: name, dataset, model, occlusion, cluster, audit, output" in str(err)
+    allowed = (
+        "name, dataset, model, occlusion, cluster, audit, counterfactual, output, trend, notify"
+    )
+    assert f"allowed keys: {allowed}" in str(err)
 
 
 def test_unknown_nested_key_is_named_with_suggestion() -> None:

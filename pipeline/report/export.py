@@ -1,0 +1,146 @@
+"""``occlusion-audit export``: a run's per-image results for the tools curators use.
+
+One record per image: its file, group values, label, status, metrics, the map, and tags for its
+group's verdict, its place in ``curation.csv`` and its strategy cluster. ``--to parquet`` and
+``--to csv`` write these columns for any tool (the map as the stored window grid); ``--to
+fiftyone`` creates or updates a FiftyOne dataset with the full-resolution map as an
+``fo.Heatmap`` (FiftyOne is an optional extra: ``pip install occlusion-audit[fiftyone]``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.audit.aggregate import read_summary
+from pipeline.run.folder import RunFolder
+from pipeline.schema import FLOAT_METRICS
+from pipeline.storage.atomic import atomic_write
+from pipeline.storage.uri import join_under
+
+__all__ = ["export_records", "export_run"]
+
+_KEEP = ["image_id", "path", "label", "status", "error", "target", "score", "delta", "image_c",
+         "image_h", "image_w", "window", "stride", "grid_c", "grid_h", "grid_w"]  # fmt: skip
+
+
+def _tags(row: pd.Series, group_by: list[str], verdicts: dict, clusters: dict) -> list[str]:
+    key = tuple(None if pd.isna(row[g]) else str(row[g]) for g in group_by)
+    tags = []
+    status = verdicts.get(key)
+    if status in ("flagged", "inconclusive", "unreliable"):
+        tags.append(f"audit:{status}")
+    if verdicts.get(("confirmed", *key)):
+        tags.append("audit:confirmed")
+    if clusters.get(row["image_id"]) is not None:
+        tags.append(f"strategy:{clusters[row['image_id']]}")
+    return tags
+
+
+def export_records(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The export table: stored columns, ``filepath``, ``tags`` (list of strings)."""
+    folder = RunFolder(run_dir)
+    record = folder.read_record()
+    maps = folder.read_maps()
+    group_by = list(record.config.dataset.group_by) if record is not None else []
+    root = record.config.dataset.root if record is not None else None
+    summary = read_summary(run_dir) if folder.summary_path.exists() else None
+    verdicts: dict[Any, Any] = {}
+    if summary is not None:
+        for _, s in summary.iterrows():
+            key = tuple(None if pd.isna(s[g]) else str(s[g]) for g in group_by)
+            verdicts[key] = s["status"]
+            verdicts[("confirmed", *key)] = bool(s.get("confirmed", False))
+    clusters: dict[str, str] = {}
+    strategies = folder.path / "strategies.parquet"
+    if strategies.exists():
+        st = pd.read_parquet(strategies)
+        gcols = [c for c in st.columns if c not in _STRATEGY_COLUMNS]
+        for _, s in st.iterrows():
+            name = "/".join(str(s[g]) for g in gcols) + f"#{s['cluster']}"
+            for image_id in s["members"] if "members" in st.columns else s["nearest_ids"]:
+                clusters[image_id] = name
+    cols = [c for c in [*_KEEP[:2], *group_by, *_KEEP[2:], *FLOAT_METRICS] if c in maps.columns]
+    out = maps[list(dict.fromkeys(cols))].copy()
+    out.insert(1, "filepath", [_filepath(p, root) for p in out["path"]])
+    out["tags"] = [_tags(r, group_by, verdicts, clusters) for _, r in out.iterrows()]
+    return out
+
+
+_STRATEGY_COLUMNS = {"cluster", "n", "share", "mean_delta", "grid_h", "grid_w", "nearest_ids",
+                     "members", "peak_row", "peak_col", "concentration", "fixed_place",
+                     "gmean_ratio", "off_object"}  # fmt: skip
+
+
+def _filepath(path: str, root: str | None) -> str:
+    try:
+        return join_under(root, path)
+    except ValueError:
+        return str(path)
+
+
+def export_run(
+    run_dir: str | os.PathLike[str],
+    to: str,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    dataset_name: str | None = None,
+) -> str:
+    """Export a run; returns the file written or the FiftyOne dataset's name.
+
+    Args:
+        run_dir: the run folder.
+        to: ``parquet``, ``csv`` or ``fiftyone``.
+        out: the file for ``parquet``/``csv`` (default ``RUN_DIR/export.<to>``).
+        dataset_name: the FiftyOne dataset (default ``occlusion-audit-<run name>``); an existing
+            one is updated sample by sample (matched by ``image_id``).
+    """
+    table = export_records(run_dir)
+    if to in ("parquet", "csv"):
+        path = Path(out) if out else RunFolder(run_dir).path / f"export.{to}"
+        if to == "parquet":
+            atomic_write(path, lambda p: table.to_parquet(p, index=False))
+        else:
+            flat = table.drop(columns=["delta"]).assign(tags=table["tags"].map(";".join))
+            atomic_write(path, lambda p: flat.to_csv(p, index=False))
+        return str(path)
+    if to == "fiftyone":
+        record = RunFolder(run_dir).read_record()
+        name = dataset_name or f"occlusion-audit-{record.name if record else Path(run_dir).name}"
+        return _to_fiftyone(table, name)
+    raise ValueError(f"--to must be parquet, csv or fiftyone, got {to!r}")
+
+
+def _to_fiftyone(table: pd.DataFrame, name: str) -> str:
+    try:
+        import fiftyone as fo
+    except ImportError as e:
+        raise RuntimeError(
+            "FiftyOne is not installed: pip install 'occlusion-audit[fiftyone]'"
+        ) from e
+    from pipeline.kernel.occlusion import expand_map
+
+    dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name)
+    dataset.persistent = True
+    existing = {s["image_id"]: s for s in dataset} if len(dataset) else {}
+    samples = []
+    for row in table.to_dict("records"):
+        sample = existing.get(row["image_id"]) or fo.Sample(filepath=row["filepath"])
+        for key, value in row.items():
+            if key in ("delta", "window", "stride", "tags", "filepath", "path"):
+                continue
+            sample[key] = None if isinstance(value, float) and np.isnan(value) else value
+        sample.tags = list(row["tags"])
+        if row["status"] == "ok":
+            sample["occlusion"] = fo.Heatmap(map=np.asarray(expand_map(row), dtype=np.float32))
+        if row["image_id"] in existing:
+            sample.save()
+        else:
+            samples.append(sample)
+    if samples:
+        dataset.add_samples(samples)
+    return name
