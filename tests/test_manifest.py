@@ -97,10 +97,11 @@ def test_missing_columns_are_named_with_those_present(tmp_path: Path) -> None:
         read_manifest(_dataset(path, columns=ColumnsConfig(id="id"), group_by=("room",)))
 
 
-def test_needs_a_mask_column_or_box_columns(tmp_path: Path) -> None:
+def test_a_manifest_without_masks_gives_records_without_a_foreground(tmp_path: Path) -> None:
     path = _write(pa.table({"image_id": ["a"], "path": ["a.png"]}), tmp_path / "m.csv")
-    with pytest.raises(ManifestError, match="no mask column 'mask_path' and no box columns"):
-        read_manifest(_dataset(path))
+    cfg = _dataset(path)
+    (rec,) = records(read_manifest(cfg), cfg)
+    assert rec.mask is None and rec.box is None
 
 
 def test_box_columns_become_float_boxes(tmp_path: Path) -> None:

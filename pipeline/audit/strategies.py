@@ -28,9 +28,10 @@ import pyarrow.compute as pc
 from pipeline.audit.aggregate import iter_batches
 from pipeline.run.folder import RunFolder
 
-__all__ = ["FIXED_PLACE_SHARE", "discover", "spray_group"]
+__all__ = ["CONCENTRATED", "FIXED_PLACE_SHARE", "discover", "spray_group"]
 
 FIXED_PLACE_SHARE = 0.6  # of a cluster's maps peaking next to its mean map's peak
+CONCENTRATED = 0.6  # share of the mean map's mass in its top 10% cells
 _MAPS_PER_READ = 20_000  # maps held at once while reading groups
 
 
@@ -146,12 +147,13 @@ def _cluster_row(g: _Group, labels: np.ndarray, c: int, top: int) -> dict:
     maps = g.maps[idx]
     mean = maps.mean(axis=0)
     flat = np.abs(mean).ravel()
-    peak = np.unravel_index(int(np.argmax(mean)), mean.shape)
+    # a strategy's place: where the mean map's magnitude peaks (a map's sign follows the target)
+    peak = np.unravel_index(int(np.argmax(np.abs(mean))), mean.shape)
     # the images nearest the cluster's mean map, the cluster's most typical members
     dist = np.linalg.norm((maps - mean).reshape(len(idx), -1), axis=1)
     nearest = [g.ids[i] for i in idx[np.argsort(dist, kind="stable")[:top]]]
     # fixed place: most members peak within one cell of the mean map's peak
-    own = np.array([np.unravel_index(int(np.argmax(m)), m.shape) for m in maps])
+    own = np.array([np.unravel_index(int(np.argmax(np.abs(m))), m.shape) for m in maps])
     near = (np.abs(own - np.array(peak)) <= 1).all(axis=1).mean()
     cells = max(1, math.ceil(0.1 * flat.size))
     concentration = float(np.sort(flat)[::-1][:cells].sum() / flat.sum()) if flat.sum() else 0.0
@@ -166,10 +168,14 @@ def _cluster_row(g: _Group, labels: np.ndarray, c: int, top: int) -> dict:
         "grid_h": mean.shape[0],
         "grid_w": mean.shape[1],
         "nearest_ids": nearest,
+        "members": [g.ids[i] for i in idx],
         "peak_row": int(peak[0]),
         "peak_col": int(peak[1]),
         "concentration": concentration,
-        "fixed_place": bool(near >= FIXED_PLACE_SHARE and len(r) == 0),
+        # without masks: most maps peak in one place and the mean map is a sharp spot there
+        "fixed_place": bool(
+            near >= FIXED_PLACE_SHARE and concentration >= CONCENTRATED and len(r) == 0
+        ),
         "gmean_ratio": gmean,
         "off_object": bool(math.isfinite(gmean) and gmean < 1.0),
     }
@@ -200,7 +206,8 @@ def discover(
 
     Returns:
         One row per (group, cluster): group columns, ``cluster``, ``n``, ``share``,
-        ``mean_delta`` (row-major floats on ``grid_h x grid_w``), ``nearest_ids``, ``peak_row``,
+        ``mean_delta`` (row-major floats on ``grid_h x grid_w``), ``nearest_ids``, ``members``
+        (every image id of the cluster), ``peak_row``,
         ``peak_col``, ``concentration`` (share of the mean map's mass in its top 10% cells),
         ``fixed_place``, ``gmean_ratio`` and ``off_object``; small, concentrated clusters first
         within each group.

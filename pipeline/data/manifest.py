@@ -141,8 +141,7 @@ def read_manifest(cfg: DatasetConfig) -> pa.Table:
 
     Raises:
         ManifestError: unreadable, missing columns (the message lists those present), null or
-            empty ids/paths, duplicate ids (the first few are listed), no rows, or neither a mask
-            column nor box columns (an audit needs a foreground).
+            empty ids/paths, duplicate ids (the first few are listed), or no rows.
 
     Example:
         >>> cfg = load_config("val.yaml").dataset  # doctest: +SKIP
@@ -155,12 +154,8 @@ def read_manifest(cfg: DatasetConfig) -> pa.Table:
     _require(table, cfg.group_by, "group_by", where)
     if cols.box is not None:
         _require(table, cols.box, "columns.box", where)
-    elif cols.mask not in table.column_names:
-        raise ManifestError(
-            f"manifest {where} has no mask column {cols.mask!r} and no box columns; an audit "
-            f"needs a foreground per image. Present: {table.column_names}. Set "
-            "dataset.columns.mask or dataset.columns.box (or build it with --masks)."
-        )
+    # Without a mask column the maps, strategies and localisation-free evidence still stand;
+    # the fg/bg metrics are NaN ("no mask or box") and the report says so up front.
     if table.num_rows == 0:
         raise ManifestError(f"manifest {where} has no rows")
     for name in _text_columns(cfg):

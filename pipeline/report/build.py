@@ -37,6 +37,7 @@ from pipeline.report.figures import (
     ratio_chart,
     stored_row_figure,
 )
+from pipeline.report.strategies_section import strategy_groups
 from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
 from pipeline.schema import STATUS_OK
@@ -326,6 +327,7 @@ def write_report(
         charts=_charts(summary, group_by, scan, params, max_groups),
         galleries=_galleries(run_dir, scan, summary, group_by, root),
         evidence=run_evidence(folder, summary, group_by, params, record),
+        strategies=strategy_groups(folder, root),
         facts=rh.run_facts(record, params),
         failures=[
             rh.Failure(str(f.get("image_id", "")), str(f.get("error") or "")) for f in failures

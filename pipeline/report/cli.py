@@ -1,4 +1,5 @@
-"""The ``compare`` and ``history`` subcommands: runs against runs, for people and for CI gates."""
+"""The ``compare``, ``history``, ``discover`` and ``export`` subcommands: runs against runs, the
+strategies inside a run, and a run's results for other tools."""
 
 from __future__ import annotations
 
@@ -57,6 +58,30 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from pipeline.audit.strategies import discover
+
+    clusters: int | str = "auto" if args.clusters == "auto" else int(args.clusters)
+    group_by = [g for g in args.group_by.split(",") if g] if args.group_by else ["label"]
+    table = discover(args.run_dir, group_by, clusters, seed=args.seed)
+    marked = table[table["fixed_place"] | table["off_object"]] if len(table) else table
+    groups = len(table[group_by].drop_duplicates()) if len(table) else 0
+    print(f"{len(table)} strategies in {groups} groups -> {args.run_dir}/strategies.parquet")
+    for _, r in marked.iterrows():
+        where = ", ".join(f"{g}={r[g]}" for g in group_by)
+        kind = "fixed place" if r["fixed_place"] else "off the object"
+        print(f"  {where} cluster {r['cluster']}: {r['n']} images ({r['share']:.0%}), {kind} "
+              f"at cell ({r['peak_row']}, {r['peak_col']})")  # fmt: skip
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.report.export import export_run
+
+    print(f"export: {export_run(args.run_dir, args.to, args.out, dataset_name=args.dataset)}")
+    return 0
+
+
 def _default_out(runs: list[str]) -> str:
     from pathlib import Path
 
@@ -87,3 +112,17 @@ def add_runs_parsers(sub: Any) -> None:
     h.add_argument("runs", nargs="+", help="run folders, or one folder that holds run folders")
     h.add_argument("--out", help="output folder (default: FOLDER/history or the newest run's)")
     h.set_defaults(func=_cmd_history)
+
+    d = sub.add_parser("discover", help="cluster each group's maps into strategies (SpRAy)")
+    d.add_argument("run_dir")
+    d.add_argument("--group-by", help="comma-separated group columns (default: label)")
+    d.add_argument("--clusters", default="auto", help="auto (eigengap) or a number per group")
+    d.add_argument("--seed", type=int, default=0, help="k-means seed")
+    d.set_defaults(func=_cmd_discover)
+
+    e = sub.add_parser("export", help="per-image results for FiftyOne or any other tool")
+    e.add_argument("run_dir")
+    e.add_argument("--to", required=True, choices=("fiftyone", "csv", "parquet"))
+    e.add_argument("--out", help="file for csv/parquet (default RUN_DIR/export.<to>)")
+    e.add_argument("--dataset", help="FiftyOne dataset name (default occlusion-audit-<run>)")
+    e.set_defaults(func=_cmd_export)

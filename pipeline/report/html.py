@@ -122,6 +122,17 @@ def summary_notes(summary: Any, group_by: Sequence[str], params: Mapping) -> lis
             f"below the threshold {t}; over many groups some flags are chance."
         )
     notes = [rule]
+    if int(summary["n_valid"].sum()) == 0 and int(summary["n_error"].sum()) < int(
+        summary["n"].sum()
+    ):
+        notes.insert(
+            0,
+            (
+                "No image has a usable foreground (no mask or box, or empty ones), so the fg/bg "
+                "ratios are undefined and no group can be flagged; the Strategies section, when "
+                "present, shows what the model looks at without masks."
+            ),
+        )
     if not status.isin(["flagged", "inconclusive"]).any():
         notes.append(
             f"No group was flagged or inconclusive: every group with at least "
@@ -298,6 +309,7 @@ class Page:
     failures: list[Failure]
     files: list[str]
     evidence: list[Any] = field(default_factory=list)  # EvidenceBlock per flagged group
+    strategies: list[Any] = field(default_factory=list)  # (group label, StrategyTiles)
 
 
 @functools.cache
