@@ -91,3 +91,59 @@ def test_export_to_parquet_and_csv(run: Path, tmp_path: Path):
     assert main(["export", str(run / "run"), "--to", "csv", "--out", str(tmp_path / "e.csv")]) == 0
     csv = pd.read_csv(tmp_path / "e.csv")
     assert list(csv["image_id"]) == list(table["image_id"])
+
+
+_READ_BACK = """
+import json, sys
+import fiftyone as fo
+ds = fo.load_dataset(sys.argv[1])
+out = {s["image_id"]: {"tags": list(s.tags), "status": s["status"],
+       "map": s["occlusion"].map.tolist() if s["occlusion"] is not None else None,
+       "score": s["score"]} for s in ds}
+print(json.dumps(out))
+"""
+
+
+def test_export_to_fiftyone_and_read_it_back(run: Path, tmp_path: Path):
+    pytest.importorskip("fiftyone")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from pipeline import expand_map, read_maps
+
+    env = {
+        **os.environ,
+        "FIFTYONE_DATABASE_DIR": str(tmp_path / "db"),  # its own mongod, on loopback
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_DATABASE_VALIDATION": "false",
+    }
+    assert main(["discover", str(run / "run")]) == 0
+    cmd = [sys.executable, "-m", "pipeline", "export", str(run / "run"), "--to", "fiftyone"]
+    done = subprocess.run([*cmd, "--dataset", "wm"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    back = subprocess.run(
+        [sys.executable, "-c", _READ_BACK, "wm"], env=env, capture_output=True, text=True
+    )
+    assert back.returncode == 0, back.stderr[-3000:]
+    samples = json.loads(back.stdout.strip().splitlines()[-1])
+    maps = read_maps(run / "run")
+    ok = maps[maps["status"] == "ok"]
+    assert set(samples) == set(ok["image_id"])  # one sample per ok image
+    for _, row in ok.head(5).iterrows():
+        np.testing.assert_allclose(np.array(samples[row["image_id"]]["map"]), expand_map(row),
+                                   rtol=0, atol=1e-6)  # fmt: skip
+    strategies = pd.read_parquet(run / "run" / "strategies.parquet")
+    corner = _corner(strategies).iloc[0]
+    tag = f"strategy:0#{corner['cluster']}"
+    assert all(tag in samples[i]["tags"] for i in corner["members"])
+    # exporting again updates the same samples instead of adding new ones
+    again = subprocess.run([*cmd, "--dataset", "wm"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    back = subprocess.run(
+        [sys.executable, "-c", _READ_BACK, "wm"], env=env, capture_output=True, text=True
+    )
+    assert len(json.loads(back.stdout.strip().splitlines()[-1])) == len(ok)

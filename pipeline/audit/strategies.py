@@ -75,8 +75,14 @@ def spray_group(
         ``(n,)`` int labels, 0 for the largest cluster, then by size.
     """
     from scipy.sparse.csgraph import laplacian
-    from sklearn.cluster import KMeans
-    from sklearn.neighbors import kneighbors_graph
+
+    try:
+        from sklearn.cluster import KMeans
+        from sklearn.neighbors import kneighbors_graph
+    except ImportError as e:  # an optional extra
+        raise RuntimeError(
+            "strategy discovery needs scikit-learn: pip install 'occlusion-audit[discover]'"
+        ) from e
 
     n = maps.shape[0]
     if n < 3:

@@ -133,7 +133,9 @@ def _to_fiftyone(table: pd.DataFrame, name: str) -> str:
         for key, value in row.items():
             if key in ("delta", "window", "stride", "tags", "filepath", "path"):
                 continue
-            sample[key] = None if isinstance(value, float) and np.isnan(value) else value
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                continue  # an undefined metric is an absent field, as FiftyOne expects
+            sample[key] = value.item() if isinstance(value, np.generic) else value
         sample.tags = list(row["tags"])
         if row["status"] == "ok":
             sample["occlusion"] = fo.Heatmap(map=np.asarray(expand_map(row), dtype=np.float32))
