@@ -35,3 +35,52 @@ def test_half_precision_within_stated_tolerance(precision):
     scale = ref.score.abs().max().item()
     # the documented tolerance: about 1e-2 of the score scale
     assert (half.delta - ref.delta).abs().max().item() <= 2e-2 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_incremental_engine_on_cuda_agrees_with_full_passes(precision):
+    from pipeline.incremental import auto_engine
+
+    model, x, kw = _setup()
+    model, x = model.cuda(), x.cuda()
+    engine, why = auto_engine(model, x.shape[1:], "cuda")
+    assert engine is not None, why
+    full = attribute(model, x, options=ComputeOptions(engine="generic", precision=precision), **kw)
+    inc = attribute(model, x, options=ComputeOptions(engine=engine, precision=precision), **kw)
+    scale = max(full.score.abs().max().item(), 1.0)
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    assert (inc.delta - full.delta).abs().max().item() <= tol * scale
+
+
+def test_a_run_on_gpu_actors_with_half_a_gpu_each(tmp_path):
+    import json
+
+    import numpy as np
+    import ray
+
+    from pipeline import load_config, read_maps, run_audit
+    from tests._dataset import audit_config, image_set_with_model
+
+    root = image_set_with_model(tmp_path / "data", n=12)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
+    try:
+        cluster = {"gpus_per_actor": 0.5, "shard_size": 3, "actors": "auto"}
+        gpu = run_audit(load_config(audit_config(root, tmp_path / "gpu", cluster=cluster)),
+                        progress=False)  # fmt: skip
+        assert gpu.exit_code == 0
+    finally:
+        ray.shutdown()
+    facts = json.loads((tmp_path / "gpu" / "run.json").read_text())
+    assert facts["pool"]["actors"] == 2 and facts["pool"]["num_gpus"] == 0.5
+    assert {a["device"] for a in facts["actors"]} == {"cuda"}
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, configure_logging=False)
+    try:
+        cpu = run_audit(load_config(audit_config(root, tmp_path / "cpu")), progress=False)
+        assert cpu.exit_code == 0
+    finally:
+        ray.shutdown()
+    a = read_maps(tmp_path / "gpu").sort_values("image_id")
+    b = read_maps(tmp_path / "cpu").sort_values("image_id")
+    np.testing.assert_allclose(np.stack(a["delta"]), np.stack(b["delta"]), atol=1e-4, rtol=1e-4)
