@@ -100,6 +100,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.end_to_end:
+        from pipeline.bench.end_to_end import run_end_to_end
+
+        return run_end_to_end(args)
     from pipeline.bench.main import run_bench
 
     return run_bench(args)
@@ -186,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
         help="occluded copies per pass (default as a run: 32 for CPU full passes, else 256)",
     )
     b.add_argument("--json", help="also write the results here")
+    b.add_argument(
+        "--end-to-end",
+        type=int,
+        metavar="N",
+        help="time a whole audit of N images against the kernel and a Captum script",
+    )
     b.add_argument(
         "--engine",
         default="auto",
