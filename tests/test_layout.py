@@ -44,7 +44,7 @@ ALLOWED: dict[str, set[str]] = {
     "audit": {"config", "run", "storage", "schema"},
     "report": {"audit", "config", "data", "kernel", "run", "storage", "schema"},
     "cluster": {"config", "storage"},
-    "bench": {"config", "kernel", "incremental", "models", "run", "storage", "schema"},
+    "bench": {"config", "data", "kernel", "incremental", "models", "run", "storage", "schema"},
     "demo": set(SUBPACKAGES) | {"schema"},
 }
 # third-party packages a subpackage must never import
