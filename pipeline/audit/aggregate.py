@@ -184,7 +184,9 @@ def _summary_row(key: GroupKey, acc: _Acc, group_by: Sequence[str], p: Mapping[s
     return row
 
 
-def _set_status(rows: list[dict[str, Any]], accs: Sequence[_Acc], p: Mapping[str, Any]) -> None:
+def _set_status(
+    rows: list[dict[str, Any]], accs: Sequence[tuple[GroupKey, _Acc]], p: Mapping[str, Any]
+) -> None:
     """q-values across the groups, then each group's verdict and evidence."""
     q = bh_qvalues(np.array([row["p_value"] for row in rows], dtype=np.float64))
     for row, qv in zip(rows, q.tolist(), strict=True):
@@ -201,8 +203,7 @@ def _set_status(rows: list[dict[str, Any]], accs: Sequence[_Acc], p: Mapping[str
             q_value=qv,
             fdr=p["fdr"],
         )
-    for row, acc in zip(rows, accs, strict=True):
-        key = tuple(row[g] for g in p["group_by"])
+    for row, (key, acc) in zip(rows, accs, strict=True):
         values = {name: acc.values(name) for name in EVIDENCE_COLUMNS}
         rng = group_rng(p["seed"], key, "bg_reliance")
         row.update(evidence_stats(values, row["status"], p["confidence"], p["n_boot"], rng))
@@ -282,7 +283,7 @@ def aggregate(
     group_by = params["group_by"]
     accs = _accumulate(folder.path, group_by)
     rows = [_summary_row(key, acc, group_by, params) for key, acc in accs.items()]
-    _set_status(rows, list(accs.values()), params)
+    _set_status(rows, list(accs.items()), params)
     rows.sort(key=lambda row: _sort_key(row, group_by))
     meta = {_META_KEY: json.dumps({**params, "group_by": list(group_by)}).encode()}
     table = pa.Table.from_pylist(rows, schema=summary_schema(group_by).with_metadata(meta))

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pipeline.audit.aggregate import iter_batches
 from pipeline.run.folder import RunFolder
 
-__all__ = ["CONCENTRATED", "FIXED_PLACE_SHARE", "discover", "spray_group"]
+__all__ = ["CONCENTRATED", "FIXED_PLACE_SHARE", "discover", "spray_group", "strategy_group_columns"]
 
 FIXED_PLACE_SHARE = 0.6  # of a cluster's maps peaking next to its mean map's peak
 CONCENTRATED = 0.6  # share of the mean map's mass in its top 10% cells
@@ -108,6 +108,16 @@ def spray_group(
     return np.argsort(order)[labels]
 
 
+def strategy_group_columns(table: pd.DataFrame) -> list[str]:
+    """The group columns of a ``strategies.parquet`` table: those before ``cluster``."""
+    return list(table.columns[: list(table.columns).index("cluster")])
+
+
+def _norm(key: tuple) -> tuple[str | None, ...]:
+    """A group key as stored summaries spell it: text values, ``None`` for a missing one."""
+    return tuple(None if pd.isna(v) else str(v) for v in key)
+
+
 def _groups(run_dir: str, group_by: Sequence[str], cells: int) -> Iterator[_Group]:
     """The ``ok`` maps of each group, read a few groups at a time."""
     keys = pd.concat(
@@ -126,6 +136,7 @@ def _groups(run_dir: str, group_by: Sequence[str], cells: int) -> Iterator[_Grou
         held += n
     cols = [*group_by, "image_id", "status", "delta", "grid_c", "grid_h", "grid_w", "fg_bg_ratio"]
     for chunk in chunks:
+        keys = {_norm(k) for k in chunk}
         wanted = None
         if group_by:
             first = [k[0] for k in chunk if k[0] is not None and k[0] == k[0]]
@@ -136,9 +147,8 @@ def _groups(run_dir: str, group_by: Sequence[str], cells: int) -> Iterator[_Grou
         df = df[df["status"] == "ok"]
         parts = df.groupby(list(group_by), dropna=False, sort=True) if group_by else [((), df)]
         for key, part in parts:
-            key = key if isinstance(key, tuple) else (key,)
-            key = tuple(None if pd.isna(v) else str(v) for v in key)
-            if key not in {tuple(None if pd.isna(v) else str(v) for v in k) for k in chunk}:
+            key = _norm(key if isinstance(key, tuple) else (key,))
+            if key not in keys:  # a null-valued group read along with this chunk's
                 continue
             gc, gh, gw = (int(part[c].iloc[0]) for c in ("grid_c", "grid_h", "grid_w"))
             delta = np.stack(part["delta"].to_numpy()).astype(np.float64)

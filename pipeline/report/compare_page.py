@@ -69,10 +69,12 @@ def _root(run: str) -> str | None:
 
 def _moved(c: Comparison) -> list[_Pair]:
     pairs = []
-    frames = {}
+    ids = set(c.moved["image_id"])
+    frames, roots = {}, {}
     for run in (c.run_a, c.run_b):
-        try:
-            frames[run] = RunFolder(run).read_maps()
+        roots[run] = _root(run)
+        try:  # only the moved images' rows: their maps are drawn
+            frames[run] = RunFolder(run).read_maps(image_ids=ids)
         except FileNotFoundError:
             frames[run] = pd.DataFrame(columns=["image_id"])
     for _, m in c.moved.iterrows():
@@ -84,7 +86,7 @@ def _moved(c: Comparison) -> list[_Pair]:
             hit = frames[run][frames[run]["image_id"] == m["image_id"]]
             caption = f"run {name}"
             try:
-                png, _ = stored_row_figure(hit.iloc[0].to_dict(), _root(run))
+                png, _ = stored_row_figure(hit.iloc[0].to_dict(), roots[run])
                 pair.items.append(_Item(caption, png))
             except Exception as e:  # a missing image still leaves the rest of the page
                 pair.items.append(_Item(caption, message=f"cannot draw: {e}"))

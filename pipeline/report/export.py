@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.audit.aggregate import read_summary
+from pipeline.audit.strategies import strategy_group_columns
 from pipeline.run.folder import RunFolder
 from pipeline.schema import FLOAT_METRICS
 from pipeline.storage.atomic import atomic_write
@@ -59,21 +60,16 @@ def export_records(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     strategies = folder.path / "strategies.parquet"
     if strategies.exists():
         st = pd.read_parquet(strategies)
-        gcols = [c for c in st.columns if c not in _STRATEGY_COLUMNS]
+        gcols = strategy_group_columns(st)
         for _, s in st.iterrows():
             name = "/".join(str(s[g]) for g in gcols) + f"#{s['cluster']}"
-            for image_id in s["members"] if "members" in st.columns else s["nearest_ids"]:
+            for image_id in s["members"]:
                 clusters[image_id] = name
     cols = [c for c in [*_KEEP[:2], *group_by, *_KEEP[2:], *FLOAT_METRICS] if c in maps.columns]
     out = maps[list(dict.fromkeys(cols))].copy()
     out.insert(1, "filepath", [_filepath(p, root) for p in out["path"]])
     out["tags"] = [_tags(r, group_by, verdicts, clusters) for _, r in out.iterrows()]
     return out
-
-
-_STRATEGY_COLUMNS = {"cluster", "n", "share", "mean_delta", "grid_h", "grid_w", "nearest_ids",
-                     "members", "peak_row", "peak_col", "concentration", "fixed_place",
-                     "gmean_ratio", "off_object"}  # fmt: skip
 
 
 def _filepath(path: str, root: str | None) -> str:

@@ -20,13 +20,8 @@ from pipeline.config import AuditConfig
 __all__ = ["post_json", "publish_run", "run_summary"]
 
 
-def _previous(runs_dir: str, run_dir: Path) -> str | None:
-    from pipeline.audit.history import find_runs
-
-    try:
-        runs = find_runs([runs_dir])
-    except FileNotFoundError:
-        return None
+def _previous(runs: list[str], run_dir: Path) -> str | None:
+    """The newest of ``runs`` (oldest first) other than ``run_dir``."""
     earlier = [r for r in runs if Path(r).resolve() != run_dir.resolve()]
     return earlier[-1] if earlier else None
 
@@ -62,7 +57,8 @@ def publish_run(cfg: AuditConfig, run_dir: Path) -> dict[str, Any]:
     doc = run_summary(cfg, run_dir)
     report_dir = Path(str(cfg.output.report_dir))
     if cfg.trend.runs_dir is not None:
-        previous = _previous(cfg.trend.runs_dir, run_dir)
+        runs = find_runs([cfg.trend.runs_dir])  # one listing serves the compare and the history
+        previous = _previous(runs, run_dir)
         if previous is not None:
             try:
                 c = compare_runs(previous, run_dir)
@@ -79,7 +75,6 @@ def publish_run(cfg: AuditConfig, run_dir: Path) -> dict[str, Any]:
             except CompareError as e:  # another occlusion setting: say so, chart the rest
                 doc["compare"] = {"previous": previous, "refused": str(e)}
                 print(f"compare with {previous} refused: {e}", file=sys.stderr)
-        runs = find_runs([cfg.trend.runs_dir])
         out = write_history(run_history(runs), report_dir / "history")
         doc["history"] = {"runs": len(runs), "page": str(out / "history.html")}
         print(f"history: {len(runs)} runs -> {out / 'history.html'}")

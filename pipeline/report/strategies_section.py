@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from pipeline.audit.strategies import strategy_group_columns
 from pipeline.report.figures import png_bytes, stored_row_figure
 from pipeline.report.html import fmt
 from pipeline.run.folder import RunFolder
@@ -52,10 +53,9 @@ def strategy_groups(
     if not path.exists():
         return []
     st = pd.read_parquet(path)
-    gcols = list(st.columns[: list(st.columns).index("cluster")])
+    gcols = strategy_group_columns(st)
     wanted = {i for ids in st["nearest_ids"] for i in list(ids)[:examples]}
-    maps = folder.read_maps()
-    rows = {r["image_id"]: r for r in maps[maps["image_id"].isin(wanted)].to_dict("records")}
+    rows = {r["image_id"]: r for r in folder.read_maps(image_ids=wanted).to_dict("records")}
     out = []
     for key, part in st.groupby(gcols, sort=False, dropna=False) if gcols else [((), st)]:
         key = key if isinstance(key, tuple) else (key,)

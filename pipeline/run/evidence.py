@@ -27,9 +27,14 @@ __all__ = ["evidence_rows", "localisation_rows"]
 
 
 @torch.inference_mode()
-def localisation_rows(r: OcclusionResult, masks: Sequence[torch.Tensor | None]) -> list[dict]:
-    """The four Quantus localisation metrics of each map (positive part, channel mean)."""
-    full = r.grid.expand(r.delta[:, 0]).mean(dim=1).clamp(min=0)  # (N, H, W)
+def localisation_rows(full: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> list[dict]:
+    """The four Quantus localisation metrics of each map (positive part, channel mean).
+
+    Args:
+        full: ``(N, C, H, W)`` full-resolution maps (``r.grid.expand(r.delta[:, 0])``).
+        masks: per map, the ``(H, W)`` bool foreground or None.
+    """
+    full = full.mean(dim=1).clamp(min=0)  # (N, H, W)
     return [
         dict.fromkeys(LOCALISATION_METRICS, math.nan)
         if m is None
@@ -72,7 +77,7 @@ def evidence_rows(
     """
     cf = cfg.counterfactual
     task = cfg.model.task
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = r.target.device  # where the maps were computed: the model's device
     fwd = Forward(model, device, options.precision, task, cfg.model.score, options.channels_last)
     backs: dict[str, torch.Tensor] = {}
     out = []

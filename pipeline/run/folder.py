@@ -19,7 +19,7 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +119,14 @@ class RunFolder:
                 continue  # unreadable leftovers are recomputed and replaced
         return done
 
-    def read_maps(self, columns: Sequence[str] | None = None) -> Any:
+    def read_maps(
+        self, columns: Sequence[str] | None = None, image_ids: Collection[str] | None = None
+    ) -> Any:
         """All stored rows as a pandas DataFrame, in shard order.
 
         Args:
             columns: columns to read (default all; leave out ``delta`` to save memory).
+            image_ids: read only the rows of these images (filtered in the Parquet reader).
 
         Raises:
             FileNotFoundError: the folder holds no shard files.
@@ -137,7 +140,8 @@ class RunFolder:
         # File by file: a pyarrow dataset over thousands of shard files keeps per-file metadata
         # (~70 KiB each) alive in the driver for as long as the process runs.
         cols = None if columns is None else list(columns)
-        tables = [pq.read_table(f, columns=cols) for f in files]
+        rows = None if image_ids is None else [("image_id", "in", sorted(image_ids))]
+        tables = [pq.read_table(f, columns=cols, filters=rows) for f in files]
         return pa.concat_tables(tables, promote_options="default").to_pandas()
 
     def read_record(self) -> RunRecord | None:

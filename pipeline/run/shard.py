@@ -194,7 +194,7 @@ def _results(
 ) -> dict[int, dict[str, Any]]:
     cfg = ctx.cfg
     full = r.grid.expand(r.delta[:, 0])  # (N, C, H, W)
-    extra = localisation_rows(r, [it.mask for it in items])
+    extra = localisation_rows(full, [it.mask for it in items])
     if ctx.evidence is not None:
         cf = evidence_rows(ctx.model, items, records, r, ctx.evidence, ctx.bank, cfg, ctx.options)
         extra = [{**a, **b} for a, b in zip(extra, cf, strict=True)]
