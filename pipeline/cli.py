@@ -61,6 +61,25 @@ _HIDDEN_COLUMNS = {
 }
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.config.load import load_config
+    from pipeline.run.inspect import inspect_audit
+
+    cfg = load_config(args.config, overrides=args.set)
+    found = inspect_audit(cfg, sample=args.sample, calibrate=args.calibrate)
+    print(found.text(found.group_by))
+    if args.json:
+        from dataclasses import asdict
+
+        data = asdict(found)
+        data["groups"] = [{"group": list(k), "images": n} for k, n in found.groups.items()]
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+    return 0
+
+
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from pipeline.audit.aggregate import aggregate
 
@@ -137,6 +156,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true", help="stop after the maps")
     r.add_argument("--quiet", action="store_true", help="no progress line")
     r.set_defaults(func=_cmd_run)
+
+    ins = sub.add_parser(
+        "inspect", help="before a long audit: format, counts, foregrounds, bad files, ETA"
+    )
+    ins.add_argument("config", help="audit config (YAML)")
+    ins.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ins.add_argument("--sample", type=int, default=32, help="images decoded to check (32)")
+    ins.add_argument("--calibrate", type=int, default=4, help="images timed for the ETA (4)")
+    ins.add_argument("--json", metavar="FILE", help="also write the findings as JSON")
+    ins.set_defaults(func=_cmd_inspect)
 
     a = sub.add_parser("aggregate", help="recompute summary and flags from stored maps")
     a.add_argument("run_dir")

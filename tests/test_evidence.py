@@ -3,6 +3,7 @@ counterfactual scores that do not depend on sharding or actors."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 
@@ -12,9 +13,11 @@ import torch
 
 from pipeline import load_config, read_maps, run_audit
 from pipeline.config import AuditConfig
+from pipeline.data.detect import open_source
+from pipeline.data.plan import plan_source
 from pipeline.kernel.counterfactual import NEUTRAL, background, composite, counterfactual_scores
 from pipeline.kernel.localisation import LOCALISATION_METRICS, localisation_metrics
-from pipeline.run.bank import Banks
+from pipeline.run.bank import BankPlanner
 from pipeline.schema import COUNTERFACTUAL_METRICS
 from tests._dataset import audit_config, image_set_with_model
 
@@ -115,7 +118,23 @@ def test_localisation_metrics_equal_quantus():
 
 
 def _bank_draws(cfg: AuditConfig, records):
-    return {r.image_id: Banks(records, cfg).draw(r) for r in records}
+    """Draws of every record, from banks planned by the driver's streaming pass; the banks are
+    checked against their definition: per group, the ``bank`` images ranking first."""
+    source = open_source(cfg.dataset)
+    planner = BankPlanner(cfg)
+    plan_source(source, 5, planner.add)
+    banks = planner.finish(source)
+    by_group: dict = {}
+    for r in records:
+        by_group.setdefault((r.groups["room"],), []).append(r.image_id)
+    rank = {
+        i: hashlib.sha256(f"{cfg.counterfactual.seed}\x00bank\x00{i}".encode()).digest()
+        for ids in by_group.values()
+        for i in ids
+    }
+    expected = {k: sorted(v, key=rank.get)[: cfg.counterfactual.bank] for k, v in by_group.items()}
+    assert {k: [r.image_id for r in rs] for k, rs in banks.banks.items()} == expected
+    return {r.image_id: banks.draw(r) for r in records}
 
 
 def test_counterfactuals_do_not_depend_on_sharding_or_actors(local_ray, tmp_path):

@@ -19,6 +19,7 @@ from pipeline.data.manifest import (
     read_manifest,
     records,
 )
+from pipeline.data.records import Boxes, MaskFile
 from pipeline.storage.hub import HubFile
 from tests._data_helpers import (
     COMMIT,
@@ -66,8 +67,7 @@ def test_reads_csv_and_parquet_as_text_in_order(tmp_path: Path, suffix: str) -> 
         path="room1/001.png",
         groups={"room": "1"},
         label="1",
-        mask="masks/001.png",
-        box=None,
+        fg=MaskFile("masks/001.png"),
     )
     assert recs[0].mask is None  # an empty cell is no mask
     assert [r.image_id for r in records(table, cfg, 1, 3)] == ["001", "002"]
@@ -101,7 +101,7 @@ def test_a_manifest_without_masks_gives_records_without_a_foreground(tmp_path: P
     path = _write(pa.table({"image_id": ["a"], "path": ["a.png"]}), tmp_path / "m.csv")
     cfg = _dataset(path)
     (rec,) = records(read_manifest(cfg), cfg)
-    assert rec.mask is None and rec.box is None
+    assert rec.mask is None and rec.fg is None
 
 
 def test_box_columns_become_float_boxes(tmp_path: Path) -> None:
@@ -117,8 +117,8 @@ def test_box_columns_become_float_boxes(tmp_path: Path) -> None:
     )
     cols = ColumnsConfig(box=("x0", "y0", "x1", "y1"))
     cfg = _dataset(_write(table, tmp_path / "m.parquet"), columns=cols)
-    boxes = [r.box for r in records(read_manifest(cfg), cfg)]
-    assert boxes == [(1.0, 2.0, 10.0, 20.0), None, None]  # NaN or null: no box
+    boxes = [r.fg for r in records(read_manifest(cfg), cfg)]
+    assert boxes == [Boxes(((1.0, 2.0, 10.0, 20.0),)), None, None]  # NaN or null: no box
     with pytest.raises(ManifestError, match=r"\['y1'\]"):
         read_manifest(_dataset(_write(table.drop(["y1"]), tmp_path / "n.parquet"), columns=cols))
 

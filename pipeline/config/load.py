@@ -71,6 +71,9 @@ class AuditConfig:
 _PATH_KEYS = (
     ("dataset", "manifest"),
     ("dataset", "root"),
+    ("dataset", "static_mask"),
+    ("dataset", "masks_dir"),
+    ("dataset", "boxes"),
     ("model", "torchscript"),
     ("model", "export"),
     ("model", "weights"),

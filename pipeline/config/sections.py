@@ -13,19 +13,27 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.config.dataset import (
+    ColumnsConfig,
+    DataFormat,
+    DatasetConfig,
+    NormalizeConfig,
+    _local,
+    _positive,
+)
 from pipeline.config.typed import fail
 from pipeline.kernel import defaults
 from pipeline.kernel.defaults import Baseline, Engine, Precision, default_draws, default_stride
 from pipeline.kernel.targets import Score, Task
-from pipeline.schema import LABEL_GROUP, maps_schema
 from pipeline.storage.hub import HubFile
-from pipeline.storage.uri import is_uri, parent, resolve_local
+from pipeline.storage.uri import is_uri
 
 __all__ = [
     "AuditSettings",
     "ClusterConfig",
     "ColumnsConfig",
     "CounterfactualConfig",
+    "DataFormat",
     "DatasetConfig",
     "Fill",
     "HubFile",
@@ -52,84 +60,6 @@ class _Option(str, enum.Enum):
 class Target(_Option):
     PREDICTED = "predicted"  # the unoccluded argmax
     LABEL = "label"  # the manifest label, as a class index
-
-
-def _local(path: str | None) -> str | None:
-    return None if path is None else resolve_local(path, None)
-
-
-def _positive(key: str, value: float, *, strict: bool = True) -> None:
-    if value < 0 or (strict and value == 0):
-        fail(key, f"must be {'> 0' if strict else '>= 0'}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ColumnsConfig:
-    """Manifest column names."""
-
-    id: str = "image_id"  # unique image key, stored with every result row
-    path: str = "path"  # image path, relative to dataset.root
-    label: str = "label"  # optional; a missing column means no labels
-    mask: str = "mask_path"  # optional foreground-mask image path (non-zero = foreground)
-    box: tuple[str, str, str, str] | None = None  # optional x0,y0,x1,y1 columns, original pixels
-
-    def __post_init__(self) -> None:
-        if self.id == self.path:
-            fail("path", f"must differ from columns.id, both are {self.id!r}")
-
-
-@dataclass(frozen=True)
-class NormalizeConfig:
-    """Per-channel ``(x - mean) / std`` applied inside the model wrapper, after occlusion."""
-
-    mean: tuple[float, ...]  # 1 or 3 values, in [0, 1] pixel units
-    std: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        for key in ("mean", "std"):
-            if len(getattr(self, key)) not in (1, 3):
-                fail(key, f"must have 1 or 3 values, got {list(getattr(self, key))!r}")
-        if len(self.std) != len(self.mean):
-            fail("std", f"must have as many values as mean ({len(self.mean)})")
-        if any(s <= 0 for s in self.std):
-            fail("std", f"must be > 0, got {list(self.std)!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DatasetConfig:
-    """The manifest and how its images become model inputs."""
-
-    manifest: str  # Parquet/CSV: local path, s3://, gs://, hf://datasets/...
-    root: str | None = None  # image/mask paths resolve against it; default: the manifest's folder
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    group_by: tuple[str, ...] = ()  # manifest columns to aggregate by; () = one group
-    image_size: tuple[int, int] = (224, 224)  # (H, W) pixels after resize
-    normalize: NormalizeConfig | None = None  # None: the model takes [0, 1] RGB as is
-    # Hostile-input bounds, checked before decoding: a worker holds at most
-    # cluster.decode_threads images of max_pixels each while decoding (docs/design.md, "Data").
-    max_file_bytes: int = 64 << 20  # bytes read per image or mask file
-    max_pixels: int = 25_000_000  # pixels per image or mask (6000x4000 is 24 MP)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "manifest", resolve_local(self.manifest, None))
-        root = parent(self.manifest) if self.root is None else self.root
-        object.__setattr__(self, "root", resolve_local(root, None))
-        if len(set(self.group_by)) != len(self.group_by):
-            fail("group_by", f"has duplicates: {list(self.group_by)!r}")
-        try:
-            maps_schema(self.group_by)  # group columns are stored beside the result columns
-        except ValueError as e:
-            fail("group_by", f"{e}; rename the manifest column")
-        if LABEL_GROUP in self.group_by and self.columns.label != LABEL_GROUP:
-            fail(
-                "group_by",
-                f"'{LABEL_GROUP}' is stored as the manifest label, which is column "
-                f"{self.columns.label!r} (columns.label); group by {self.columns.label!r}",
-            )
-        _positive("max_file_bytes", self.max_file_bytes)
-        _positive("max_pixels", self.max_pixels)
-        if min(self.image_size) < 1:
-            fail("image_size", f"must be positive [H, W], got {list(self.image_size)!r}")
 
 
 @dataclass(frozen=True)

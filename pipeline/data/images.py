@@ -23,7 +23,16 @@ from PIL import Image
 
 from pipeline.storage.uri import PathEscapeError, UnreadableFileError, join_under, read_bytes
 
-__all__ = ["DataError", "load_image", "load_mask"]
+__all__ = [
+    "DataError",
+    "binary_foreground",
+    "box_mask",
+    "decode_bytes",
+    "decode_image",
+    "load_image",
+    "load_mask",
+    "read_file",
+]
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # more than 8 bits per sample
@@ -38,9 +47,11 @@ def _item(image_id: str, path: str) -> str:
     return f"image {image_id!r} ({path})" if image_id else f"image {path}"
 
 
-def _read(
+def read_file(
     path: str, root: str | None, what: str, image_id: str, max_bytes: int | None
 ) -> tuple[str, bytes]:
+    """``(full path, bytes)`` of a data file under ``root``; every problem is a ``DataError``
+    naming the item, except transient I/O failures (``OSError``)."""
     try:
         full = join_under(root, path)
     except PathEscapeError as e:
@@ -54,7 +65,7 @@ def _read(
         raise DataError(f"{_item(image_id, path)}: {what} {e}{hint}") from None
 
 
-def _decode(
+def decode_bytes(
     data: bytes, full: str, what: str, label: str, max_pixels: int | None = None
 ) -> Image.Image:
     """Open and fully decode; PNG chunk CRCs and the end marker are checked by ``verify``.
@@ -140,15 +151,38 @@ def load_image(
         >>> x.shape  # doctest: +SKIP
         torch.Size([3, 224, 224])
     """
-    full, data = _read(path, root, "image", image_id, max_bytes)
-    img = _decode(data, full, "image", _item(image_id, path), max_pixels)
+    full, data = read_file(path, root, "image", image_id, max_bytes)
+    return decode_image(data, full, size, image_id=image_id, max_pixels=max_pixels, name=path)
+
+
+def decode_image(
+    data: bytes,
+    where: str,
+    size: Sequence[int],
+    *,
+    image_id: str = "",
+    max_pixels: int | None = None,
+    name: str | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode and resize one encoded image held in memory, as :func:`load_image` does a file.
+
+    Args:
+        data: the encoded bytes (PNG, JPEG, ...).
+        where: where they came from (a full path or locator), for messages.
+        size, image_id, max_pixels: as for :func:`load_image`.
+        name: the item's path as the source writes it (default ``where``), for messages.
+
+    Returns:
+        ``(image, (h, w))`` as for :func:`load_image`.
+    """
+    img = decode_bytes(data, where, "image", _item(image_id, name or where), max_pixels)
     w, h = img.size
     arr = _resized_array(img, int(size[1]), int(size[0]))  # (H, W, 3)
     tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()  # (3, H, W)
     return tensor.clamp_(0.0, 1.0), (h, w)
 
 
-def _mask_foreground(img: Image.Image) -> np.ndarray:
+def binary_foreground(img: Image.Image) -> np.ndarray:
     """``(h, w)`` bool: any non-zero channel; with alpha, transparent pixels are background."""
     mode = img.mode
     if mode in ("YCbCr", "LAB", "HSV"):  # black is not all-zero in these spaces
@@ -161,7 +195,7 @@ def _mask_foreground(img: Image.Image) -> np.ndarray:
     return (arr != 0).any(axis=-1)
 
 
-def _box_mask(
+def box_mask(
     box: Sequence[float], original: tuple[int, int], out: tuple[int, int], label: str
 ) -> torch.Tensor:
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -221,15 +255,15 @@ def load_mask(
     if spec is None:
         if box is None:
             raise DataError(f"{label}: neither a mask nor a box is given")
-        return _box_mask(box, orig, out, label)
-    full, data = _read(spec, root, "mask", image_id, max_bytes)
-    img = _decode(data, full, "mask", label, max_pixels)
+        return box_mask(box, orig, out, label)
+    full, data = read_file(spec, root, "mask", image_id, max_bytes)
+    img = decode_bytes(data, full, "mask", label, max_pixels)
     if img.size != (orig[1], orig[0]):
         raise DataError(
             f"{label}: mask {img.size[0]}x{img.size[1]} does not match image "
             f"{orig[1]}x{orig[0]} (width x height)"
         )
-    fg = Image.fromarray(_mask_foreground(img).astype(np.uint8) * 255)  # mode L
+    fg = Image.fromarray(binary_foreground(img).astype(np.uint8) * 255)  # mode L
     if fg.size != (out[1], out[0]):
         fg = fg.resize((out[1], out[0]), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(fg) > 127)  # (H, W) bool

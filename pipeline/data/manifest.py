@@ -1,4 +1,8 @@
-"""The manifest: one row per image (id, path, group columns, optional label, mask or box).
+"""The manifest table: reading one whole (``read_manifest``) and writing one from a folder tree.
+
+Runs stream manifests through :class:`pipeline.data.table.TableSource`; this module serves the
+Python API and ``occlusion-audit manifest``. One row per image (id, path, group columns, optional
+label, mask or box).
 
 ``read_manifest`` returns a ``pyarrow.Table`` rather than a pandas frame: shards are zero-copy
 slices of it (shard ``k`` = rows ``[k*S, (k+1)*S)`` in manifest order), and column types stay
@@ -9,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config.sections import DatasetConfig
+from pipeline.config.dataset import DatasetConfig
+from pipeline.data.records import ImageRecord
+from pipeline.data.table import records_of
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.uri import read_bytes
 
@@ -40,27 +45,6 @@ _SHOW = 5  # offending values quoted in an error message
 
 class ManifestError(ValueError):
     """The manifest cannot be read or breaks its contract (columns, unique non-null ids)."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One manifest row, as the workers need it.
-
-    Attributes:
-        image_id: unique key, stored with every result row.
-        path: image path as written in the manifest (relative to ``dataset.root``).
-        groups: group column -> value (``None`` where null), in ``group_by`` order.
-        label: ground-truth label as text, or ``None``.
-        mask: mask image path (relative to ``dataset.root``), or ``None``.
-        box: ``(x0, y0, x1, y1)`` foreground box in original-image pixels, or ``None``.
-    """
-
-    image_id: str
-    path: str
-    groups: dict[str, str | None] = field(default_factory=dict, hash=False)
-    label: str | None = None
-    mask: str | None = None
-    box: tuple[float, float, float, float] | None = None
 
 
 def _format(path: str) -> str:
@@ -183,34 +167,7 @@ def records(
         >>> records(table, cfg, 64, 128)  # shard 1 with shard_size 64  # doctest: +SKIP
     """
     stop = table.num_rows if stop is None else min(stop, table.num_rows)
-    part = table.slice(start, max(0, stop - start))
-    cols = cfg.columns
-
-    def column(name: str | None) -> list:
-        if name is None or name not in part.column_names:
-            return [None] * part.num_rows
-        return part.column(name).to_pylist()
-
-    groups = {g: column(g) for g in cfg.group_by}
-    boxes = list(zip(*(column(c) for c in cols.box), strict=True)) if cols.box else None
-    out = []
-    for i, (image_id, path, label, mask) in enumerate(
-        zip(column(cols.id), column(cols.path), column(cols.label), column(cols.mask), strict=True)
-    ):
-        box = boxes[i] if boxes else None
-        if box is not None and any(v is None or v != v for v in box):  # v != v: NaN
-            box = None
-        out.append(
-            ImageRecord(
-                image_id=image_id,
-                path=path,
-                groups={g: values[i] for g, values in groups.items()},
-                label=label or None,
-                mask=mask or None,
-                box=box,
-            )
-        )
-    return out
+    return records_of(table.slice(start, max(0, stop - start)), cfg)
 
 
 def _files(folder: Path, skip: Path | None) -> dict[str, Path]:

@@ -43,7 +43,10 @@ def _share_ratio(imp: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> tuple
 
 
 def image_metrics(
-    attribution: torch.Tensor, mask: torch.Tensor | None, boundary_px: int = 0
+    attribution: torch.Tensor,
+    mask: torch.Tensor | None,
+    boundary_px: int = 0,
+    ignore: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], str | None]:
     """Foreground/background metrics of one map.
 
@@ -51,6 +54,8 @@ def image_metrics(
         attribution: ``(H, W)`` or ``(C, H, W)`` occlusion map (score units).
         mask: ``(H, W)`` bool foreground mask, or None when the image has none.
         boundary_px: width in pixels of the edge band ignored on both sides of the mask edge.
+        ignore: ``(H, W)`` bool pixels that are neither foreground nor background (a VOC
+            border), or None.
 
     Returns:
         ``(metrics, note)``: the five metrics (NaN where undefined) and the reason they are NaN,
@@ -68,6 +73,9 @@ def image_metrics(
     if boundary_px > 0:
         fg = ~_grow(~mask, boundary_px)  # erosion = complement of the dilated complement
         bg = ~_grow(mask, boundary_px)
+    if ignore is not None:
+        keep = ~ignore.to(device=imp.device, dtype=torch.bool)
+        fg, bg = fg & keep, bg & keep
     out = nan_metrics()
     out["fg_area"] = float(mask.float().mean())
     if not bool(mask.any()):

@@ -28,6 +28,7 @@ from pipeline.audit.aggregate import (
     iter_groups,
     read_summary,
 )
+from pipeline.data.stored import StoredImages
 from pipeline.report import html as rh
 from pipeline.report.evidence_section import run_evidence
 from pipeline.report.figures import (
@@ -139,9 +140,7 @@ def _curation(scan: _Scan, group_by: Sequence[str], threshold: float) -> pd.Data
     return df[[*columns, "reason"]].reset_index(drop=True)
 
 
-def _gallery_item(
-    row: Mapping[str, Any], root: str | None
-) -> rh.GalleryImage | rh.GalleryPlaceholder:
+def _gallery_item(row: Mapping[str, Any], root: Any) -> rh.GalleryImage | rh.GalleryPlaceholder:
     """One gallery figure, or a placeholder that says why it could not be drawn."""
     image_id = str(row["image_id"])
     caption = f"{image_id}: fg/bg ratio {rh.fmt(row['fg_bg_ratio'], 3)}, "
@@ -154,7 +153,7 @@ def _gallery_item(
 
 
 def _galleries(
-    run_dir: Path, scan: _Scan, summary: pd.DataFrame, group_by: Sequence[str], root: str | None
+    run_dir: Path, scan: _Scan, summary: pd.DataFrame, group_by: Sequence[str], root: Any
 ) -> list[rh.Gallery]:
     ids = sorted({image_id for worst in scan.worst.values() for _, image_id in worst})
     rows: dict[str, dict[str, Any]] = {}
@@ -315,7 +314,7 @@ def write_report(
     scan = _scan(run_dir, group_by, statuses, t, gallery_size, curation_limit)
     findings = _write_tables(out, summary, scan, group_by, params)
     columns, rows = rh.group_table(summary, group_by)
-    root = record.config.dataset.root if record is not None else None
+    root = StoredImages(record.config.dataset) if record is not None else None
     failures = [] if record is None else record.failures
     page = rh.Page(
         title=f"Occlusion audit: {record.name if record is not None else run_dir.name}",

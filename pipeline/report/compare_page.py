@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.audit.compare import Comparison, group_label
+from pipeline.data.stored import StoredImages
 from pipeline.report.figures import stored_row_figure
 from pipeline.report.html import environment, fmt
 from pipeline.report.run_charts import VERDICT_COLORS, dumbbell_chart
@@ -64,7 +65,7 @@ def _findings(c: Comparison) -> list[tuple[str, str]]:
 
 def _root(run: str) -> str | None:
     record = RunFolder(run).read_record()
-    return None if record is None else record.config.dataset.root
+    return None if record is None else StoredImages(record.config.dataset)
 
 
 def _moved(c: Comparison) -> list[_Pair]:

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 from matplotlib.figure import Figure
 
+from pipeline.data.stored import StoredImages
 from pipeline.report.figures import fmt_threshold, png_bytes
 from pipeline.report.html import fmt, group_label
 from pipeline.run.folder import RunFolder
@@ -74,23 +74,24 @@ def _swap_figure(original: np.ndarray, swapped: np.ndarray) -> bytes:
     return png_bytes(fig, dpi=90)
 
 
-def _example(row: Mapping[str, Any], rows_by_id: Mapping[str, Any], root: str | None, fill: str):
+def _example(row: Mapping[str, Any], rows_by_id: Mapping[str, Any], root: Any, fill: str):
     """(PNG, caption) of each stored swap of one image, rebuilt from the stored rows."""
-    from pipeline.data.images import load_image
     from pipeline.kernel.counterfactual import background, composite
-    from pipeline.report.figures import stored_mask
+    from pipeline.report.figures import stored_item
 
-    size = (int(row["image_h"]), int(row["image_w"]))
-    x, orig = load_image(row["path"], root, size, image_id=str(row["image_id"]))
-    m = torch.as_tensor(np.asarray(stored_mask(row, root, size, orig), dtype=bool))  # (H, W)
+    item = stored_item(row, root)
+    x, m = item.image, item.fg
+    if m is None:
+        return []
     out = []
     for bank_id, score in zip(row["swap_ids"], row["swap_scores"], strict=True):
         b = rows_by_id.get(bank_id)
         if b is None:
             continue
-        bx, borig = load_image(b["path"], root, size, image_id=str(bank_id))
-        bm = torch.as_tensor(np.asarray(stored_mask(b, root, size, borig), dtype=bool))
-        swapped = composite(x, m, background(bx, bm, fill))
+        bank = stored_item(b, root)
+        if bank.fg is None:
+            continue
+        swapped = composite(x, m, background(bank.image, bank.fg, fill))
         png = _swap_figure(x.permute(1, 2, 0).numpy(), swapped.permute(1, 2, 0).numpy())
         moved = f"score {fmt(float(row['score']))} -> {fmt(float(score))}"
         caption = f"{row['image_id']} on {bank_id}'s background: {moved}"
@@ -103,7 +104,7 @@ def evidence_blocks(
     summary: pd.DataFrame,
     group_by: Sequence[str],
     params: Mapping[str, Any],
-    root: str | None,
+    root: Any,
     fill: str = "mean",
     per_group: int = 2,
 ) -> list[EvidenceBlock]:
@@ -115,7 +116,8 @@ def evidence_blocks(
         summary: the per-group summary.
         group_by: its group columns.
         params: audit parameters (``threshold``).
-        root: where image paths resolve.
+        root: a :class:`pipeline.data.stored.StoredImages` for the run's dataset, or the
+            folder image paths resolve against.
         fill: the run's ``counterfactual.fill``.
         per_group: images whose swaps are shown (largest ``|swap_delta|`` first).
     """
@@ -156,5 +158,5 @@ def run_evidence(
         maps = folder.read_maps([*dict.fromkeys(cols), "swap_ids", "swap_scores"])
     except (KeyError, ValueError, pa.ArrowInvalid):  # a run stored before swaps existed
         return []
-    root, fill = record.config.dataset.root, record.config.counterfactual.fill.value
+    root, fill = StoredImages(record.config.dataset), record.config.counterfactual.fill.value
     return evidence_blocks(maps, summary, group_by, params, root, fill)

@@ -29,7 +29,7 @@ __all__ = [
     "png_bytes",
     "ratio_chart",
     "set_log_x",
-    "stored_mask",
+    "stored_item",
     "stored_row_figure",
 ]
 
@@ -230,12 +230,13 @@ def gallery_figure(
     return png_bytes(fig, dpi=90)
 
 
-def stored_row_figure(row: Mapping[str, Any], root: str | None) -> tuple[bytes, list[str]]:
+def stored_row_figure(row: Mapping[str, Any], images: Any) -> tuple[bytes, list[str]]:
     """:func:`gallery_figure` of one stored maps row: its image, mask and expanded map.
 
     Args:
         row: a stored row as a dict (``path``, ``mask``, ``image_h``/``image_w``, ``delta``...).
-        root: folder or URI that relative image and mask paths resolve against.
+        images: a :class:`pipeline.data.stored.StoredImages` for the run's dataset (or the
+            root folder or URI that relative image and mask paths resolve against).
 
     Returns:
         ``(png, notes)``; ``notes`` say why the mask or the map could not be drawn, if so.
@@ -244,17 +245,10 @@ def stored_row_figure(row: Mapping[str, Any], root: str | None) -> tuple[bytes, 
         Exception: whatever loading the image raised (``pipeline.data.images.DataError`` for a
             missing or corrupt file); the caller decides how to show it.
     """
-    from pipeline.data.images import load_image  # imported here: plotting alone needs no image I/O
-
-    image_id = str(row["image_id"])
-    size = (int(row["image_h"]), int(row["image_w"]))
-    tensor, original = load_image(row["path"], root, size, image_id=image_id)
-    image = np.asarray(tensor.permute(1, 2, 0), dtype=float)  # (H, W, 3) in [0, 1]
-    notes, mask, heat = [], None, None
-    try:
-        mask = stored_mask(row, root, size, original)
-    except Exception as exc:  # draw without the outline, and say why
-        notes.append(f"mask: {exc}")
+    item = stored_item(row, images)
+    image = np.asarray(item.image.permute(1, 2, 0), dtype=float)  # (H, W, 3) in [0, 1]
+    notes, heat = [], None
+    mask = None if item.fg is None else np.asarray(item.fg)
     try:
         from pipeline.kernel.occlusion import expand_map
 
@@ -264,16 +258,10 @@ def stored_row_figure(row: Mapping[str, Any], root: str | None) -> tuple[bytes, 
     return gallery_figure(image, heat, mask), notes
 
 
-def stored_mask(
-    row: Mapping[str, Any], root: str | None, size: tuple[int, int], original: tuple[int, int]
-) -> np.ndarray | None:
-    """(H, W) bool foreground of a row's ``mask``: a mask path, ``box:x0,y0,x1,y1`` or null."""
-    spec = row.get("mask")
-    if not spec:
-        return None
-    from pipeline.data.images import load_mask
+def stored_item(row: Mapping[str, Any], images: Any) -> Any:
+    """The row's decoded image and foreground (:class:`pipeline.data.foreground.Item`)."""
+    from pipeline.data.stored import StoredImages  # here: plotting alone needs no image I/O
 
-    box = None
-    if spec.startswith("box:"):
-        box, spec = tuple(float(v) for v in spec[4:].split(",")), None
-    return np.asarray(load_mask(spec, box, root, size, original, image_id=str(row["image_id"])))
+    if not isinstance(images, StoredImages):
+        images = StoredImages(images)
+    return images.load(row)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,7 @@ def _mean_png(values: Sequence[float], h: int, w: int) -> bytes:
 
 
 def strategy_groups(
-    folder: RunFolder, root: str | None, max_groups: int = 20, examples: int = 3
+    folder: RunFolder, root: Any, max_groups: int = 20, examples: int = 3
 ) -> list[tuple[str, list[StrategyTile]]]:
     """``(group label, tiles)`` for the first ``max_groups`` groups; empty without
     ``strategies.parquet``."""

@@ -1,16 +1,17 @@
 """Which backgrounds each image is pasted onto: per-group banks and per-image draws.
 
-Planned in the driver from the whole manifest, so a draw never depends on sharding, batching or
-actors. A group's bank is its ``counterfactual.bank`` images with a foreground (a mask or a
-box) that rank first by ``sha256(seed, image_id)``. An image draws ``swaps`` bank images of its
-own group (never itself) and ``swaps`` of the other groups, with a generator seeded by
-``(seed, image_id)``. A shard's job carries the draws of its images and the records of just the
-bank images they use, so a worker decodes only those.
+Planned in the driver from its one streaming pass over the source, so a draw never depends on
+sharding, batching or actors. A group's bank is its ``counterfactual.bank`` images with a
+foreground that rank first by ``sha256(seed, image_id)``. An image draws ``swaps`` bank images
+of its own group (never itself) and ``swaps`` of the other groups, with a generator seeded by
+``(seed, image_id)``. The banks travel to every worker once; a worker draws for its shard's
+images and decodes just the bank images those draws use.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 from pipeline.config import AuditConfig
 
-__all__ = ["Banks", "Draws", "ShardEvidence", "plan_banks"]
+__all__ = ["BankPlanner", "Banks", "Draws", "ShardEvidence"]
 
 GroupKey = tuple[str | None, ...]
 
@@ -54,19 +55,18 @@ class ShardEvidence:
 
 
 class Banks:
-    """The per-group banks of one run and the draws of its images."""
+    """The per-group banks of one run and the draws of its images.
 
-    def __init__(self, records: Sequence[Any], cfg: AuditConfig) -> None:
+    Args:
+        banks: group key -> its bank records, best rank first.
+        cfg: the run's config.
+    """
+
+    def __init__(self, banks: dict[GroupKey, list[Any]], cfg: AuditConfig) -> None:
         self.cfg = cfg.counterfactual
         self.group_by = tuple(cfg.dataset.group_by)
-        by_group: dict[GroupKey, list[Any]] = {}
-        for r in records:
-            if r.mask is not None or r.box is not None:
-                by_group.setdefault(group_key(r, self.group_by), []).append(r)
-        self.banks = {
-            key: sorted(rs, key=lambda r: _rank(self.cfg.seed, r.image_id))[: self.cfg.bank]
-            for key, rs in sorted(by_group.items(), key=lambda kv: [str(v) for v in kv[0]])
-        }
+        self.static = cfg.dataset.static
+        self.banks = dict(sorted(banks.items(), key=lambda kv: [str(v) for v in kv[0]]))
         # one flat list, group by group: another group's bank is everything outside a range
         self.flat = [r for rs in self.banks.values() for r in rs]
         self.span: dict[GroupKey, tuple[int, int]] = {}
@@ -74,6 +74,9 @@ class Banks:
         for key, rs in self.banks.items():
             self.span[key] = (start, start + len(rs))
             start += len(rs)
+
+    def has_fg(self, record: Any) -> bool:
+        return record.fg is not None or self.static
 
     def draw(self, record: Any) -> Draws:
         """The draws of one image (deterministic in ``(seed, image_id)`` and the banks)."""
@@ -89,9 +92,7 @@ class Banks:
 
     def for_shard(self, records: Sequence[Any]) -> ShardEvidence:
         """The draws of a shard's images with a foreground, and the bank records they use."""
-        draws = {
-            r.image_id: self.draw(r) for r in records if r.mask is not None or r.box is not None
-        }
+        draws = {r.image_id: self.draw(r) for r in records if self.has_fg(r) and r.error is None}
         needed = {i for d in draws.values() for i in (*d.same, *d.rand)}
         return ShardEvidence(draws, [r for r in self.flat if r.image_id in needed])
 
@@ -103,6 +104,41 @@ def _pick(rng: random.Random, pool: list[Any], k: int) -> list[Any]:
     return rng.sample(pool, k) if len(pool) >= k else rng.choices(pool, k=k)
 
 
-def plan_banks(records: Sequence[Any], cfg: AuditConfig) -> Banks | None:
-    """The run's banks, or None when counterfactuals are off."""
-    return Banks(records, cfg) if cfg.counterfactual.enabled else None
+class BankPlanner:
+    """Builds the banks from the driver's streaming pass: per group, the ``bank`` rows with a
+    foreground that rank first, kept in a heap (memory: groups x bank)."""
+
+    def __init__(self, cfg: AuditConfig) -> None:
+        self.cfg = cfg
+        self.size = int(cfg.counterfactual.bank)
+        self.seed = cfg.counterfactual.seed
+        self.static = cfg.dataset.static
+        self.heaps: dict[GroupKey, list[tuple[bytes, int]]] = {}
+
+    def add(self, first: int, batch: Any) -> None:
+        """One light batch (``pipeline.data.source.light_schema``) whose first row is ``first``."""
+        cols = [batch.column(f"group:{g}").to_pylist() for g in self.cfg.dataset.group_by]
+        has = batch.column("has_fg").to_pylist()
+        for j, image_id in enumerate(batch.column("image_id").to_pylist()):
+            if not (has[j] or self.static):
+                continue
+            key = tuple(None if c[j] is None else str(c[j]) for c in cols)
+            heap = self.heaps.setdefault(key, [])
+            # a max-heap of the best `size` ranks: negated so that heap[0] is the worst kept
+            item = (bytes(255 - b for b in _rank(self.seed, image_id)), -(first + j))
+            if len(heap) < self.size:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+
+    def finish(self, source: Any) -> Banks:
+        """The banks, with their records read from ``source``."""
+        rows = {
+            key: [-row for _, row in sorted(heap, reverse=True)] for key, heap in self.heaps.items()
+        }
+        flat = [r for rs in rows.values() for r in rs]
+        records = dict(zip(flat, source.take(flat), strict=True)) if flat else {}
+        banks = {
+            key: [records[r] for r in rs if records[r].error is None] for key, rs in rows.items()
+        }
+        return Banks(banks, self.cfg)

@@ -53,7 +53,7 @@ class _Actor:
 
 def dispatch(
     actors: Sequence[Any],
-    shards: Sequence[Sequence[Any]],
+    shards: Sequence[Any],
     todo: Sequence[int],
     *,
     per_actor: int,
@@ -70,7 +70,7 @@ def dispatch(
     ``max_retries`` times; then (or after ``NO_ACTOR_TIMEOUT_S`` without any live actor) it is
     recorded in ``lost``. A write failure reported by a worker stops the queue: shards in flight
     finish, the rest stay in ``lost``. ``extra(k)``, when given, is passed with shard ``k``
-    (its counterfactual draws), computed when the shard is dispatched.
+    (the counterfactual banks).
     """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -96,7 +96,7 @@ def dispatch(
             while queue and a.up and a.busy < per_actor:
                 k = queue.popleft()
                 payload = () if extra is None else (extra(k),)
-                inflight[a.handle.process.remote(k, list(shards[k]), *payload)] = (i, k)
+                inflight[a.handle.process.remote(k, shards[k], *payload)] = (i, k)
                 a.busy += 1
             if not a.up and a.probe is None and clock() >= a.next_probe:
                 a.probe = a.handle.info.remote()

@@ -27,20 +27,31 @@ __all__ = ["evidence_rows", "localisation_rows"]
 
 
 @torch.inference_mode()
-def localisation_rows(full: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> list[dict]:
+def localisation_rows(
+    full: torch.Tensor,
+    masks: Sequence[torch.Tensor | None],
+    ignores: Sequence[torch.Tensor | None] | None = None,
+) -> list[dict]:
     """The four Quantus localisation metrics of each map (positive part, channel mean).
 
     Args:
         full: ``(N, C, H, W)`` full-resolution maps (``r.grid.expand(r.delta[:, 0])``).
         masks: per map, the ``(H, W)`` bool foreground or None.
+        ignores: per map, the ``(H, W)`` bool pixels that are neither foreground nor
+            background, or None; their relevance is set to zero, so they count for neither.
     """
     full = full.mean(dim=1).clamp(min=0)  # (N, H, W)
-    return [
-        dict.fromkeys(LOCALISATION_METRICS, math.nan)
-        if m is None
-        else localisation_metrics(full[j], m)
-        for j, m in enumerate(masks)
-    ]
+    out = []
+    for j, m in enumerate(masks):
+        if m is None:
+            out.append(dict.fromkeys(LOCALISATION_METRICS, math.nan))
+            continue
+        rel = full[j]
+        ign = None if ignores is None else ignores[j]
+        if ign is not None:
+            rel = rel.masked_fill(ign.to(rel.device), 0.0)
+        out.append(localisation_metrics(rel, m))
+    return out
 
 
 def _label(record: Any, task: Task) -> int | None:

@@ -19,7 +19,7 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "ShardWriteError",
-    "check_exactly_once",
     "read_maps",
 ]
 
@@ -172,23 +171,6 @@ def read_maps(run_dir: str | os.PathLike[str], columns: Sequence[str] | None = N
         >>> row = read_maps("runs/val").iloc[0]  # doctest: +SKIP
     """
     return RunFolder(run_dir).read_maps(columns)
-
-
-def check_exactly_once(stored: Any, manifest_ids: Iterable[str]) -> None:
-    """Check that stored image ids (a pandas Series) equal the manifest's, each exactly once.
-
-    Raises:
-        RuntimeError: naming missing, unexpected and duplicated ids.
-    """
-    expected = list(manifest_ids)
-    dup = stored[stored.duplicated()].unique().tolist()
-    missing = sorted(set(expected) - set(stored))
-    extra = sorted(set(stored) - set(expected))
-    if dup or missing or extra:
-        raise RuntimeError(
-            f"stored maps do not match the manifest: {len(missing)} missing {missing[:5]}, "
-            f"{len(extra)} unexpected {extra[:5]}, {len(dup)} duplicated {dup[:5]}"
-        )
 
 
 class ShardWriteError(OSError):

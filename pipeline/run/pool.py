@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import AuditConfig
+from pipeline.data.source import ShardRef
 from pipeline.run.bank import Banks
 from pipeline.run.dispatch import DispatchOutcome, dispatch
 from pipeline.run.preflight import ModelCheckError
@@ -81,7 +82,7 @@ def _actor_info(actors: Sequence[Any]) -> list[dict[str, Any]]:
 
 def run_pool(
     cfg: AuditConfig,
-    shards: Sequence[Sequence[Any]],
+    shards: Sequence[ShardRef],
     todo: Sequence[int],
     show: bool,
     banks: Banks | None = None,
@@ -100,6 +101,7 @@ def run_pool(
         max_concurrency=PER_ACTOR,
     )
     actors = [remote.remote(cfg, shape.threads) for _ in range(shape.actors)] if todo else []
+    banks_ref = None if banks is None else ray.put(banks)  # sent once, shared by all shards
     try:
         outcome = dispatch(
             actors,
@@ -109,7 +111,7 @@ def run_pool(
             max_retries=int(cfg.cluster.max_retries),
             progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
             info=_actor_info(actors),
-            extra=None if banks is None else (lambda k: banks.for_shard(shards[k])),
+            extra=None if banks_ref is None else (lambda k: banks_ref),
         )
     finally:
         for a in actors:

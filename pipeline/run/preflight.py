@@ -7,9 +7,7 @@ line and exit 2 within seconds, not in a Ray traceback after the actors have sta
 
 from __future__ import annotations
 
-import hashlib
 import platform
-from collections.abc import Iterable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -25,7 +23,6 @@ __all__ = [
     "check_model",
     "claim_folder",
     "iso_time",
-    "manifest_digest",
     "run_identity",
     "versions",
 ]
@@ -57,16 +54,6 @@ def check_model(cfg: AuditConfig) -> tuple[str | None, str | None]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelCheckError(f"model cannot be loaded: {first}") from e
     return (None, None) if path is None else (str(path), model_hash(path))
-
-
-def manifest_digest(records: Iterable[Any]) -> str:
-    """SHA-256 of the manifest rows a run computes (ids, paths, masks, boxes, labels, groups),
-    so that a manifest edited in place cannot pass for the one a run started with."""
-    digest = hashlib.sha256()
-    for r in records:
-        fields = (r.image_id, r.path, r.mask, r.box, r.label, sorted(dict(r.groups).items()))
-        digest.update(repr(fields).encode() + b"\n")
-    return digest.hexdigest()
 
 
 def run_identity(

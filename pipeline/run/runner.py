@@ -1,8 +1,10 @@
-"""The batch audit driver: shards of the manifest through a pool of Ray actors, exactly once.
+"""The batch audit driver: shards of the source through a pool of Ray actors, exactly once.
 
-Shard ``k`` is manifest rows ``[k*S, (k+1)*S)``. Before any compute the driver loads the model
-once (a broken model ends in one line, exit 2) and claims the output folder: it writes the run's
-identity into ``run.json``, and a resume with other settings is refused. The pool
+Shard ``k`` is source rows ``[k*S, (k+1)*S)`` (a tar shard's samples are split likewise); the
+driver streams the source once (:func:`pipeline.data.plan.plan_source`) and each worker reads its
+own shards' rows. Before any compute the driver loads the model once (a broken model ends in
+one line, exit 2) and claims the output folder: it writes the run's identity into ``run.json``,
+and a resume with other settings is refused. The pool
 (:mod:`pipeline.run.pool`) gives shards to whichever actor is free; shard files are written
 atomically, ``resume`` skips complete ones, and the run ends by checking that the stored image
 ids equal the manifest's, exactly once.
@@ -17,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import AuditConfig
-from pipeline.data.manifest import read_manifest, records
-from pipeline.run.bank import plan_banks
+from pipeline.data.detect import open_source
+from pipeline.data.plan import check_stored_ids, plan_source
+from pipeline.run.bank import BankPlanner
 from pipeline.run.dispatch import DispatchOutcome
-from pipeline.run.folder import RunFolder, RunFolderError, check_exactly_once
+from pipeline.run.folder import RunFolder, RunFolderError
 from pipeline.run.pool import PoolShape, connect, run_pool
 from pipeline.run.preflight import (
     check_model,
     claim_folder,
     iso_time,
-    manifest_digest,
     run_identity,
     versions,
 )
@@ -73,11 +75,16 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
 
     t0 = time.time()
     folder = RunFolder(str(config.output.dir))
-    recs = records(read_manifest(config.dataset), config.dataset)
-    size = int(config.cluster.shard_size)
-    shards = [recs[i : i + size] for i in range(0, len(recs), size)]
+    source = open_source(config.dataset)
+    config = replace(config, dataset=source.cfg)  # workers open the format found here
     model_file, model_sha = check_model(config)
-    identity = run_identity(config, model_sha, manifest_digest(recs))
+    planner = BankPlanner(config) if config.counterfactual.enabled else None
+    plan = plan_source(
+        source, int(config.cluster.shard_size), planner.add if planner is not None else None
+    )
+    banks = planner.finish(source) if planner is not None else None
+    shards = plan.shards
+    identity = run_identity(config, model_sha, plan.digest)
 
     with folder.lock():
         before = claim_folder(folder, identity, resume)
@@ -96,11 +103,11 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             folder.write_record(record)  # the identity is on disk before the first shard
         except OSError as e:
             raise RunFolderError(f"cannot write {folder.record_path}: {e.strerror or e}") from None
-        done = folder.complete_shards([len(s) for s in shards]) if resume else set()
+        done = folder.complete_shards([len(ref) for ref in shards]) if resume else set()
         todo = [k for k in range(len(shards)) if k not in done]
         started_ray = connect(str(config.cluster.address))
         try:
-            outcome, shape = run_pool(config, shards, todo, progress, plan_banks(recs, config))
+            outcome, shape = run_pool(config, shards, todo, progress, banks)
         finally:
             if started_ray:
                 ray.shutdown()
@@ -108,8 +115,8 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             _stop(folder, record, outcome, shape)
         # one read of the stored ids and statuses serves the check and the counts
         stored = folder.read_maps(columns=["image_id", "status", "error"])
-        check_exactly_once(stored["image_id"], (r.image_id for r in recs))
-        result = _result(config, folder.path, stored, len(recs), time.time() - t0, len(done))
+        check_stored_ids(stored["image_id"].tolist(), plan)
+        result = _result(config, folder.path, stored, plan.images, time.time() - t0, len(done))
         try:
             folder.write_record(_finished(record, result, outcome, shape))
         except OSError as e:

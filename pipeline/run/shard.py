@@ -17,7 +17,8 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import AuditConfig, Target
-from pipeline.data.images import DataError, load_image, load_mask
+from pipeline.data.foreground import load_item
+from pipeline.data.images import DataError
 from pipeline.kernel.metrics import image_metrics, nan_metrics
 from pipeline.kernel.occlusion import OcclusionResult, attribute
 from pipeline.kernel.options import ComputeOptions
@@ -33,7 +34,8 @@ __all__ = ["load_bank", "load_shard", "process_shard"]
 class _Loaded:
     index: int
     image: torch.Tensor | None = None  # (3, H, W)
-    mask: torch.Tensor | None = None  # (H, W) bool
+    mask: torch.Tensor | None = None  # (H, W) bool foreground
+    ignore: torch.Tensor | None = None  # (H, W) bool: neither foreground nor background
     target: int | None = None
     error: str | None = None
 
@@ -50,24 +52,14 @@ def _label_target(record: Any) -> int:
 
 def _load(i: int, record: Any, cfg: AuditConfig) -> _Loaded:
     item = _Loaded(i)
-    ds = cfg.dataset
+    if record.error is not None:  # the source already found this item bad
+        item.error = record.error
+        return item
     try:
-        bounds = {"max_bytes": ds.max_file_bytes, "max_pixels": ds.max_pixels}
-        img, orig = load_image(
-            record.path, ds.root, ds.image_size, image_id=record.image_id, **bounds
-        )
-        if record.mask is not None or record.box is not None:
-            item.mask = load_mask(
-                record.mask,
-                record.box,
-                ds.root,
-                ds.image_size,
-                orig,
-                image_id=record.image_id,
-                **bounds,
-            )
+        loaded = load_item(record, cfg.dataset)
+        item.mask, item.ignore = loaded.fg, loaded.ignore
         item.target = _label_target(record) if cfg.model.target is Target.LABEL else None
-        item.image = img
+        item.image = loaded.image
     except DataError as e:
         item.error = str(e)
     except PermissionError as e:  # the file is there but not ours to read: a data problem
@@ -109,7 +101,7 @@ def process_shard(
 
     Args:
         model: pixel-space model (normalisation inside), already on its device.
-        records: manifest records (``image_id, path, groups, label, mask, box``) in order.
+        records: the shard's :class:`~pipeline.data.records.ImageRecord`s, in order.
         cfg: the run's config.
         shard: shard index, stored with each row.
         options: how to compute (:func:`pipeline.run.settings.worker_compute`).
@@ -194,7 +186,7 @@ def _results(
 ) -> dict[int, dict[str, Any]]:
     cfg = ctx.cfg
     full = r.grid.expand(r.delta[:, 0])  # (N, C, H, W)
-    extra = localisation_rows(full, [it.mask for it in items])
+    extra = localisation_rows(full, [it.mask for it in items], [it.ignore for it in items])
     if ctx.evidence is not None:
         cf = evidence_rows(ctx.model, items, records, r, ctx.evidence, ctx.bank, cfg, ctx.options)
         extra = [{**a, **b} for a, b in zip(extra, cf, strict=True)]
@@ -203,7 +195,7 @@ def _results(
         if not bool(r.finite[j]):
             out[it.index] = {"error": f"image {rec.image_id!r}: the model returned a NaN/Inf score"}
             continue
-        metrics, note = image_metrics(full[j], it.mask, cfg.audit.boundary_px)
+        metrics, note = image_metrics(full[j], it.mask, cfg.audit.boundary_px, it.ignore)
         out[it.index] = {
             "target": int(r.target[j, 0]),
             "score": float(r.score[j, 0]),
@@ -217,14 +209,6 @@ def _results(
     return out
 
 
-def _mask_text(record: Any) -> str | None:
-    if record.mask is not None:
-        return str(record.mask)
-    if record.box is not None:
-        return "box:" + ",".join(f"{v:g}" for v in record.box)
-    return None
-
-
 def _row(
     record: Any, item: _Loaded, res: dict[str, Any] | None, cfg: AuditConfig, shard: int
 ) -> dict[str, Any]:
@@ -233,7 +217,7 @@ def _row(
         "image_id": record.image_id,
         **{g: None if groups.get(g) is None else str(groups[g]) for g in cfg.dataset.group_by},
         "path": str(record.path),
-        "mask": _mask_text(record),
+        "mask": record.mask,
         "label": None if record.label is None else str(record.label),
         "shard": shard,
         "image_h": cfg.dataset.image_size[0],

@@ -10,14 +10,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from pipeline.config import AuditConfig
+from pipeline.data.detect import open_source
+from pipeline.data.source import ShardRef, Source
 from pipeline.models import load_model
-from pipeline.run.bank import ShardEvidence
+from pipeline.run.bank import Banks
 from pipeline.run.folder import RunFolder
 from pipeline.run.heap import tune_heap
 from pipeline.run.settings import worker_compute
@@ -64,6 +65,7 @@ class ShardWorker:
         shape = (3, *cfg.dataset.image_size)
         self.compute = worker_compute(cfg.occlusion, self.model, shape, self.device)
         self._compute = threading.Lock()
+        self.source: Source | None = None
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs: pid, host, Ray node id, assigned GPU ids, torch device."""
@@ -80,10 +82,9 @@ class ShardWorker:
             "max_batch": self.compute.options.max_batch,
         }
 
-    def process(
-        self, shard: int, records: Sequence[Any], evidence: ShardEvidence | None = None
-    ) -> dict[str, Any]:
-        """Compute shard ``shard`` from its manifest ``records`` and store it in the run folder.
+    def process(self, shard: int, ref: ShardRef, banks: Banks | None = None) -> dict[str, Any]:
+        """Read shard ``shard``'s rows (``ref``) from the source, compute them and store the
+        shard in the run folder. ``banks``: the run's counterfactual banks, or None.
 
         Returns:
             counts and timing: ``{"shard", "images", "ok", "error", "failures", "seconds",
@@ -91,6 +92,10 @@ class ShardWorker:
             time, without ``waited_seconds`` spent waiting for the other shard's compute.
         """
         t0 = time.perf_counter()
+        if self.source is None:  # opened on first use: actors start without reading data
+            self.source = open_source(self.cfg.dataset)
+        records = self.source.read(ref)
+        evidence = banks.for_shard(records) if banks is not None else None
         loaded = load_shard(records, self.cfg)
         bank = load_bank(evidence, self.cfg) if evidence is not None else None
         t_wait = time.perf_counter()

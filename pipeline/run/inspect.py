@@ -1,0 +1,192 @@
+"""``occlusion-audit inspect``: what an audit will read and how long it will take, before it runs.
+
+It opens the source as a run would (format detection included), makes the driver's one streaming
+pass (counts per group, foregrounds), decodes an evenly spaced sample (missing or undecodable
+files, mean foreground area), and times a few sample images through the same per-shard code a
+worker runs, with the worker's settings and threads, to give an ETA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pipeline.config import AuditConfig
+from pipeline.data.detect import open_source
+from pipeline.data.foreground import load_item
+from pipeline.data.images import DataError
+from pipeline.data.plan import plan_source
+from pipeline.kernel.geometry import WindowGrid
+
+__all__ = ["Inspection", "inspect_audit"]
+
+# Starting an embedded Ray, its actors and their models, measured at 8-15 s on a 2-core
+# machine; joining a running cluster skips Ray's own start.
+STARTUP_LOCAL_S = 10.0
+STARTUP_CLUSTER_S = 4.0
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What :func:`inspect_audit` found."""
+
+    format: str
+    detected: str
+    group_by: tuple[str, ...]
+    found: str
+    images: int
+    shards: int
+    groups: dict[tuple[str | None, ...], int]
+    with_fg: int
+    sampled: int
+    sample_errors: list[str] = field(default_factory=list)
+    mean_fg_area: float = math.nan  # fraction of the image, over sampled images with one
+    windows: int = 0  # per image
+    draws: int = 0
+    forward_passes: int = 0  # images x windows x draws, plus one clean pass per image
+    seconds_per_image: float = math.nan  # one worker, calibrated
+    actors: int = 1
+    startup_s: float = 0.0
+    eta_s: float = math.nan
+
+    def text(self, group_by: tuple[str, ...]) -> str:
+        """The report ``inspect`` prints."""
+        lines = [
+            f"format: {self.format} ({self.detected})",
+            f"  {self.found}",
+            f"images: {self.images} in {self.shards} shard(s)",
+            f"groups ({', '.join(group_by) or 'one group'}):",
+        ]
+        for key, n in sorted(self.groups.items(), key=lambda kv: [str(v) for v in kv[0]]):
+            lines.append(f"  {', '.join('-' if v is None else str(v) for v in key) or 'all'}: {n}")
+        area = "n/a" if math.isnan(self.mean_fg_area) else f"{self.mean_fg_area:.3f}"
+        lines += [
+            f"foreground: {self.with_fg} of {self.images} images; mean area {area} "
+            f"(sample of {self.sampled})",
+            f"sample: {len(self.sample_errors)} of {self.sampled} unreadable",
+            *[f"  {e}" for e in self.sample_errors[:10]],
+            f"forward passes: {self.forward_passes} ({self.images} images x {self.windows} "
+            f"windows x {self.draws} draws, + {self.images} clean)",
+            f"calibration: {self.seconds_per_image:.3f} s/image per actor, {self.actors} actor(s)",
+            f"ETA: {_duration(self.eta_s)} (start-up {self.startup_s:.0f}s included)",
+        ]
+        return "\n".join(lines)
+
+
+def _duration(s: float) -> str:
+    if math.isnan(s):
+        return "unknown"
+    h, rest = divmod(round(s), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _sample_rows(n: int, k: int) -> list[int]:
+    """``k`` evenly spaced rows of ``n`` (all of them when ``n <= k``)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({int(i * n / k) for i in range(k)})
+
+
+def inspect_audit(config: AuditConfig, sample: int = 32, calibrate: int = 4) -> Inspection:
+    """Inspect the source and cost of ``config``'s audit without writing anything.
+
+    Args:
+        config: the audit config.
+        sample: images decoded to look for bad files and measure foreground areas.
+        calibrate: sample images timed through the worker's per-shard code (after one warm-up).
+
+    Raises:
+        SourceError: the source cannot be opened (the CLI exits 2).
+    """
+    source = open_source(config.dataset)
+    config = replace(config, dataset=source.cfg)
+    plan = plan_source(source, int(config.cluster.shard_size))
+    rows = _sample_rows(plan.images, sample)
+    records = source.take(rows)
+    errors, areas, good = [], [], []
+    for rec in records:
+        try:
+            if rec.error is not None:
+                raise DataError(rec.error)
+            item = load_item(rec, config.dataset)
+        except (DataError, OSError) as e:
+            errors.append(str(e))
+            continue
+        good.append(rec)
+        if item.fg is not None:
+            areas.append(float(item.fg.float().mean()))
+    occ = config.occlusion
+    grid = WindowGrid.create((3, *config.dataset.image_size), occ.window, occ.stride)
+    windows = math.prod(grid.counts)
+    draws = int(occ.n_baselines or 1)
+    per_image, actors = _calibrate(config, good[: calibrate + 1], len(plan.shards))
+    local = str(config.cluster.address) == "local"
+    startup = STARTUP_LOCAL_S if local else STARTUP_CLUSTER_S
+    eta = startup + per_image * plan.images / max(1, actors)
+    return Inspection(
+        format=plan.format,
+        detected=plan.detected,
+        group_by=tuple(config.dataset.group_by),
+        found=plan.found,
+        images=plan.images,
+        shards=len(plan.shards),
+        groups=plan.groups,
+        with_fg=plan.with_fg,
+        sampled=len(records),
+        sample_errors=errors,
+        mean_fg_area=sum(areas) / len(areas) if areas else math.nan,
+        windows=windows,
+        draws=draws,
+        forward_passes=plan.images * (windows * draws + 1),
+        seconds_per_image=per_image,
+        actors=actors,
+        startup_s=startup,
+        eta_s=eta,
+    )
+
+
+def _calibrate(config: AuditConfig, records: list[Any], n_shards: int) -> tuple[float, int]:
+    """Seconds per image of one worker on ``records`` (the first is a warm-up), and the pool's
+    actors on this machine."""
+    import torch
+
+    from pipeline.models import load_model
+    from pipeline.run.bank import Banks
+    from pipeline.run.pool import pool_shape
+    from pipeline.run.settings import worker_compute
+    from pipeline.run.shard import process_shard
+
+    resources = {"CPU": float(os.cpu_count() or 1)}
+    if torch.cuda.is_available():
+        resources["GPU"] = float(torch.cuda.device_count())
+    shape = pool_shape(config, max(1, n_shards), resources)
+    if len(records) < 2:
+        return math.nan, shape.actors
+    before = torch.get_num_threads()
+    torch.set_num_threads(shape.threads)
+    try:
+        device = torch.device("cuda" if shape.num_gpus > 0 else "cpu")
+        model = load_model(config.model, config.dataset.normalize, device)
+        compute = worker_compute(config.occlusion, model, (3, *config.dataset.image_size), device)
+        banks = None
+        if config.counterfactual.enabled:
+            with_fg = [r for r in records if r.fg is not None or config.dataset.static]
+            by_group: dict = {}
+            for r in with_fg:
+                key = tuple(r.groups.get(g) for g in config.dataset.group_by)
+                by_group.setdefault(key, []).append(r)
+            banks = Banks(by_group, config)
+
+        def once(part: list[Any]) -> float:
+            t0 = time.perf_counter()
+            evidence = banks.for_shard(part) if banks is not None else None
+            process_shard(model, part, config, 0, compute.options, None, evidence)
+            return time.perf_counter() - t0
+
+        once(records[:1])  # warm-up: first-call allocations, the engine's plan
+        return once(records[1:]) / len(records[1:]), shape.actors
+    finally:
+        torch.set_num_threads(before)
