@@ -241,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep glibc's default heap thresholds (a run's workers tune them: pipeline.run.heap)",
     )
+    from pipeline.bench.approximate import add_approx_argument
+
+    add_approx_argument(b)
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -82,6 +82,9 @@ MAPS_SCHEMA = pa.schema(
         # score drop per window position, mean over the K baselines, row-major (c, h, w)
         pa.field("delta", pa.list_(pa.float32())),
         pa.field("delta_std", pa.list_(pa.float32())),  # population std over the K draws
+        # engine approximate: the largest |approximate - exact| score drop over the image's
+        # sampled check windows (a lower bound on its error); null for exact engines
+        pa.field("approx_error", pa.float32()),
         *(pa.field(m, pa.float64()) for m in IMAGE_METRICS),
         pa.field("metric_note", pa.string()),  # why a metric is NaN, else null
         *(pa.field(m, pa.float64()) for m in LOCALISATION_METRICS),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 import torch
 
+from pipeline.bench.approximate import add_approx_argument
+from pipeline.bench.engines import bench_threshold
 from pipeline.bench.nets import BENCH_MODELS, build_bench_model
 from pipeline.cli import main
 
@@ -21,7 +24,7 @@ def test_bench_smoke(tmp_path, capsys):
     # SeedCNNWithGAP's trunk is local: a run would pick the incremental engine, so it is "ours"
     assert facts["incremental"] == "ok" and facts["ours"] == "incremental"
     expected = {"generic", "incremental", "captum", "captum-best", "roofline", "cf-swaps"}
-    assert set(rows) == expected
+    assert set(rows) == expected | {"approximate"}
     assert facts["machine"]["heap_tuned"] is True  # glibc: as a run's CPU workers
     for r in rows.values():
         assert r["median_seconds"] > 0 and r["images_per_s"] > 0 and r["peak_bytes"] > 0
@@ -29,11 +32,17 @@ def test_bench_smoke(tmp_path, capsys):
     for name in expected - {"roofline", "cf-swaps"}:
         assert rows[name]["max_abs_diff"] <= 1e-5, name
     assert rows["roofline"]["max_abs_diff"] is None and rows["cf-swaps"]["max_abs_diff"] is None
+    # approximate maps are not held to the tolerance; the row reports its measured error
+    approx = rows["approximate"]
+    assert approx["approx_threshold"] == 0.4 and approx["approx_check_windows"] == 4
+    assert approx["approx_error"] >= 0 and approx["max_abs_diff"] is not None
+    assert approx["recomputed_elements"] <= approx["exact_recomputed_elements"]
+    assert approx["conv_macs"] < approx["full_pass_conv_macs"]
     assert 0 < facts["counterfactual_seconds_per_image"] == rows["cf-swaps"]["median_seconds"] / 2
     # 2 images x 2 draws x 7x7 windows + the 2 unoccluded passes
     assert facts["work"]["forward_passes"] == 2 * 2 * 49 + 2
     assert facts["ok"]
-    for name in ("ours", "generic", "incremental"):
+    for name in ("ours", "generic", "incremental", "approximate"):
         for ref in ("captum-best", "roofline"):
             assert facts["ratios"][f"{name}/{ref}"] > 0
     ratio = rows["roofline"]["median_seconds"] / rows["generic"]["median_seconds"]
@@ -43,6 +52,7 @@ def test_bench_smoke(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "captum-best" in text and "roofline" in text and "incremental" in text
     assert "ours (occlusion.engine auto: incremental)" in text
+    assert "approximate (tau=0.4)" in text and "measured error" in text
 
 
 def _one_window_bench(tmp_path, model: str, *extra: str) -> dict:
@@ -67,12 +77,22 @@ def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys)
 def test_bench_no_captum_checks_incremental_maps_against_generic(tmp_path, capsys):
     facts = _one_window_bench(tmp_path, "resnet50", "--no-captum", "--max-batch", "4")
     rows = {r["engine"]: r for r in facts["rows"]}
-    assert set(rows) == {"generic", "incremental", "roofline", "cf-swaps"}
+    assert set(rows) == {"generic", "incremental", "approximate", "roofline", "cf-swaps"}
     assert rows["generic"]["max_abs_diff"] == 0.0  # the reference itself
     assert rows["incremental"]["max_abs_diff"] <= facts["tolerance"]
+    assert rows["approximate"]["approx_error"] >= 0
     assert not any("captum" in k for k in facts["ratios"])
     assert facts["ratios"]["incremental/roofline"] > 0
     assert "maps vs the generic kernel's" in capsys.readouterr().out
+
+
+def test_approx_threshold_flag():
+    parser = argparse.ArgumentParser()
+    add_approx_argument(parser)
+    assert parser.parse_args([]).approx_threshold == 0.4
+    args = parser.parse_args(["--approx-threshold", "0.6"])
+    assert args.approx_threshold == 0.6 and bench_threshold(args) == 0.6
+    assert bench_threshold(argparse.Namespace()) == 0.4  # a namespace without the flag
 
 
 @pytest.mark.parametrize("name", sorted(BENCH_MODELS))

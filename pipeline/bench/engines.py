@@ -1,6 +1,6 @@
-"""The engines ``occlusion-audit bench`` times: our kernel (generic and incremental), Captum's
-``Occlusion`` and the forward-pass roofline, each as a :class:`Row` whose ``run()`` does the
-work of one timed run, plus the timer and peak-memory probe of the device they run on.
+"""The engines ``occlusion-audit bench`` times: our kernel (generic, incremental, approximate),
+Captum's ``Occlusion`` and the forward-pass roofline, each as a :class:`Row` whose ``run()``
+does the work of one timed run, plus the timer and peak-memory probe of the device they run on.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.config import OcclusionConfig
+from pipeline.kernel import defaults
 from pipeline.kernel.baselines import make_baselines
 from pipeline.kernel.occlusion import OcclusionResult, attribute
 from pipeline.kernel.options import precision_context
@@ -29,11 +30,13 @@ __all__ = [
     "Row",
     "Setup",
     "bench_occlusion",
+    "bench_threshold",
     "captum_rows",
     "counterfactual_row",
     "generic_row",
     "incremental_row",
     "roofline_row",
+    "worker_setting",
 ]
 
 _PPE = (1, 8, 16, 32, 64, 128)  # Captum perturbations_per_eval candidates
@@ -125,6 +128,12 @@ def bench_occlusion(args: argparse.Namespace, engine: str) -> OcclusionConfig:
     )
 
 
+def bench_threshold(args: argparse.Namespace) -> float:
+    """``--approx-threshold``: tau of the approximate row (the default where not given)."""
+    tau = getattr(args, "approx_threshold", None)
+    return defaults.APPROX_THRESHOLD if tau is None else float(tau)
+
+
 @dataclass
 class Setup:
     model: torch.nn.Module
@@ -140,7 +149,9 @@ class Setup:
         if engine not in self._compute:
             occ = bench_occlusion(self.args, engine)
             shape = (int(self.x.shape[1]), int(self.x.shape[2]), int(self.x.shape[3]))
-            self._compute[engine] = (occ, worker_compute(occ, self.model, shape, self.d.dev))
+            tau = bench_threshold(self.args)
+            wc = worker_compute(occ, self.model, shape, self.d.dev, approx_threshold=tau)
+            self._compute[engine] = (occ, wc)
         return self._compute[engine]
 
     def ours(self, n: int, engine: str = "generic") -> OcclusionResult:
@@ -264,10 +275,11 @@ def incremental_row(s: Setup) -> Row | str:
         return f"no incremental engine for {s.args.model}: {wc.engine_note}"
     s.ours(1, "auto")  # warm-up
     n = s.x.shape[0]
-    return Row("incremental", _setting(wc), partial(s.ours_maps, n, "auto"))
+    return Row("incremental", worker_setting(wc), partial(s.ours_maps, n, "auto"))
 
 
-def _setting(wc: WorkerCompute) -> str:
+def worker_setting(wc: WorkerCompute) -> str:
+    """The table's setting column of a row computed with a worker's options."""
     o = wc.options
     return f"max_batch={o.max_batch},cl={int(o.channels_last)},fixed"
 
@@ -275,7 +287,7 @@ def _setting(wc: WorkerCompute) -> str:
 def generic_row(s: Setup) -> Row:
     """The generic kernel as a worker with ``occlusion.engine: generic`` runs it."""
     _, wc = s.worker("generic")
-    return Row("generic", _setting(wc), partial(s.ours_maps, s.x.shape[0], "generic"))
+    return Row("generic", worker_setting(wc), partial(s.ours_maps, s.x.shape[0], "generic"))
 
 
 def counterfactual_row(s: Setup, swaps: int = 4) -> Row:

@@ -8,8 +8,10 @@ up first; then the timed runs are interleaved (one run of each engine per round,
 rounds) so that a burst of load on a shared machine slows all engines alike, and each reported
 time is the median. The roofline is the same number of plain forward passes (``N*K*P + N``) at
 the best batch size and memory format on pre-built inputs: an engine that runs the whole model on
-every occluded copy cannot beat it. An engine whose maps differ from Captum's fails the benchmark.
-The engines themselves are in :mod:`pipeline.bench.engines`.
+every occluded copy cannot beat it. An engine whose maps differ from Captum's fails the benchmark,
+except the ``approximate`` row (projective fields capped at ``--approx-threshold``), whose maps are
+approximate by design: it reports the error it measured on its check windows instead. The
+engines themselves are in :mod:`pipeline.bench.engines` and :mod:`pipeline.bench.approximate`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from pipeline.bench.approximate import approximate_row
 from pipeline.bench.engines import (
     Device,
     Row,
@@ -89,7 +92,7 @@ def _measure(args: argparse.Namespace, d: Device) -> tuple[list[Row], OcclusionR
         rows += captum_rows(s, res.target[:, 0], p)
     rows.append(roofline_row(s, n * args.k * p + n))
     inc = incremental_row(s) if args.engine == "auto" else "--engine generic"
-    rows += [inc] if isinstance(inc, Row) else []
+    rows += [inc, approximate_row(s)] if isinstance(inc, Row) else []
     rows.append(counterfactual_row(s))
     for _ in range(max(1, int(args.repeats))):
         for r in rows:
@@ -106,26 +109,51 @@ def _measure(args: argparse.Namespace, d: Device) -> tuple[list[Row], OcclusionR
 
 def _table(rows: list[Row], ours: Row, n: int) -> Iterator[str]:
     yield (
-        f"{'engine':<12} {'setting':<28} {'s/image':>9} {'images/s':>9} {'x ours':>7} "
+        f"{'engine':<12} {'setting':<32} {'s/image':>9} {'images/s':>9} {'x ours':>7} "
         f"{'peak MiB':>9} {'added':>6} {'max|diff|':>9}"
     )
     for r in rows:
         diff = "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
         yield (
-            f"{r.engine:<12} {r.setting:<28} {r.median / n:>9.4f} {n / r.median:>9.3f} "
+            f"{r.engine:<12} {r.setting:<32} {r.median / n:>9.4f} {n / r.median:>9.3f} "
             f"{r.median / ours.median:>7.2f} {r.peak_bytes / 2**20:>9.0f} "
             f"{r.added_bytes / 2**20:>6.0f} {diff:>9}"
         )
 
 
+def _approx_lines(r: Row, ours: Row) -> Iterator[str]:
+    """What the approximate row saved and what it measured (``r.extra``)."""
+    e = r.extra
+
+    def share(key: str, of: str) -> str:
+        return f"{e[key] / e[of]:.0%}" if e[of] else "-"
+
+    err, diff = e["approx_error"], r.max_abs_diff
+    elements = share("recomputed_elements", "exact_recomputed_elements")
+    macs, full = share("conv_macs", "exact_conv_macs"), share("conv_macs", "full_pass_conv_macs")
+    yield (
+        f"approximate (tau={e['approx_threshold']:g}): {ours.median / r.median:.2f}x ours "
+        f"({ours.engine}); per copy it recomputes {elements} of the exact engine's elements, "
+        f"{macs} of its conv MACs ({full} of a full pass's)"
+    )
+    yield (
+        f"approximate: measured error {'-' if err is None else f'{err:.3g}'} (largest "
+        f"|approximate - exact| score drop on {e['approx_check_windows']} check windows x K "
+        f"draws per image); its full maps differ by {'-' if diff is None else f'{diff:.3g}'} "
+        "(all windows)"
+    )
+
+
 def _ratios(rows: list[Row], ours: Row) -> dict[str, float]:
-    """Speed-ups (time of the other over time of ours) of ours, generic and incremental."""
+    """Speed-ups (time of the other over time of ours) of ours, generic, incremental and
+    approximate."""
     # Captum's fastest timed setting: the default can beat the searched one on a noisy machine.
     captum = [r for r in rows if r.engine.startswith("captum")]
     refs = {"roofline": next(r for r in rows if r.engine == "roofline")}
     if captum:
         refs["captum-best"] = min(captum, key=lambda r: r.median)
-    named = {"ours": ours, **{r.engine: r for r in rows if r.engine in ("generic", "incremental")}}
+    kinds = ("generic", "incremental", "approximate")
+    named = {"ours": ours, **{r.engine: r for r in rows if r.engine in kinds}}
     return {
         f"{name}/{ref}": other.median / r.median
         for name, r in named.items()
@@ -155,7 +183,9 @@ def run_bench(args: argparse.Namespace) -> int:
     rows, res, no_inc, noise = _measure(args, d)
     scale = max(1.0, float(res.score.abs().max()))
     tol = max((1e-5 if args.precision == "fp32" else 3e-2) * scale, 4 * noise)
-    bad = [r for r in rows if r.max_abs_diff is not None and not r.max_abs_diff <= tol]
+    # approximate maps are not exact by design: their measured error is reported instead
+    exact = [r for r in rows if r.engine != "approximate"]
+    bad = [r for r in exact if r.max_abs_diff is not None and not r.max_abs_diff <= tol]
     generic = rows[0]
     ours = next((r for r in rows if r.engine == "incremental"), generic)
     ratios = _ratios(rows, ours)
@@ -174,6 +204,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "ours": f"ours (occlusion.engine auto: {ours.engine})",
         "generic": "generic (full forward passes)",
         "incremental": "incremental",
+        "approximate": "approximate",
     }
     for name, label in labels.items():
         if f"{name}/roofline" in ratios and not (name == "incremental" and ours.engine == name):
@@ -184,6 +215,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 + f"{ratios[f'{name}/roofline']:.2f}x the roofline"
             )
     print("targets: ours >= 3x Captum's fastest and >= 0.9x the roofline; incremental >= 5x it")
+    approx = next((r for r in rows if r.engine == "approximate"), None)
+    if approx is not None:
+        print("\n".join(_approx_lines(approx, ours)))
     cf = next(r for r in rows if r.engine == "cf-swaps")
     print(
         f"counterfactual pass: {cf.median / n:.4f} s/image extra, "

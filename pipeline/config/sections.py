@@ -24,6 +24,7 @@ from pipeline.config.dataset import (
 from pipeline.config.typed import fail
 from pipeline.kernel import defaults
 from pipeline.kernel.defaults import Baseline, Engine, Precision, default_draws, default_stride
+from pipeline.kernel.options import check_threshold
 from pipeline.kernel.targets import Score, Task
 from pipeline.storage.hub import HubFile
 from pipeline.storage.uri import is_uri
@@ -130,6 +131,9 @@ class OcclusionConfig:
     )  # copies per pass; None: 32 for CPU full passes, else 256
     engine: Engine = defaults.ENGINE  # how occluded scores are computed (maps agree to 1e-4)
     channels_last: bool = defaults.CHANNELS_LAST  # channels-last model input (convnets on GPU)
+    # engine approximate: each layer's changed box is capped at this fraction of its side
+    approx_threshold: float = defaults.APPROX_THRESHOLD
+    approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS  # per image, also scored exactly
 
     def __post_init__(self) -> None:
         # a section built in code may spell options as strings, like the YAML does
@@ -161,6 +165,11 @@ class OcclusionConfig:
             fail("n_baselines", f"must be 1 for the fixed baseline {self.baseline.value}, got {k}")
         if self.max_batch is not None:
             _positive("max_batch", self.max_batch)
+        try:
+            check_threshold(self.approx_threshold)
+        except ValueError as e:
+            fail("approx_threshold", str(e))
+        _positive("approx_check_windows", self.approx_check_windows, strict=False)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ from pipeline.data.source import Source
 
 __all__ = ["StoredImages"]
 
-_PATH_FORMATS = (DataFormat.TABLE, DataFormat.IMAGEFOLDER)
+# A run records the format it found; ``auto`` is left only in records of runs made before
+# there were other formats, whose rows hold paths.
+_PATH_FORMATS = (DataFormat.AUTO, DataFormat.TABLE, DataFormat.IMAGEFOLDER)
 
 
 class StoredImages:

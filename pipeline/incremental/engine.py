@@ -81,7 +81,7 @@ class IncrementalEngine:
         self._input = traced.steps[0].name
         self._runner = Runner.create(traced)
         self._pads = self._padding()
-        self._plans: dict[tuple[WindowGrid, torch.device], Plan] = {}
+        self._plans: dict[tuple[WindowGrid, torch.device, float], Plan] = {}
         self._cache: _Cache | None = None
         self._fill_cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
 
@@ -137,16 +137,19 @@ class IncrementalEngine:
 
     # ---- caches ----------------------------------------------------------------------------
 
-    def _plan(self, grid: WindowGrid, device: torch.device) -> Plan:
+    def plan(self, grid: WindowGrid, device: torch.device, threshold: float = 1.0) -> Plan:
+        """The regions of every node for the windows of ``grid`` (cached), with changed boxes
+        capped at ``threshold`` (tau in (0, 1]; 1: exact)."""
         if grid.image != self.image_shape:
             raise ValueError(
                 f"this engine was built for images of shape {self.image_shape}, got windows over "
                 f"{grid.image}; build one per image size"
             )
-        key = (grid, device)
+        key = (grid, torch.device(device), float(threshold))
         if key not in self._plans:
             t = self.traced
-            self._plans[key] = make_plan(t.steps, t.entries, self._runner.head_reads, grid, device)
+            heads = self._runner.head_reads
+            self._plans[key] = make_plan(t.steps, t.entries, heads, grid, key[1], key[2])
         return self._plans[key]
 
     def _activations(self, x: torch.Tensor) -> _Cache:
@@ -205,6 +208,7 @@ class IncrementalEngine:
         img: torch.Tensor,
         draw: torch.Tensor,
         win: torch.Tensor,
+        threshold: float = 1.0,
     ) -> torch.Tensor:
         """Raw model outputs of occluded copies, as ``model(occluded_copy)`` would return them.
 
@@ -213,6 +217,9 @@ class IncrementalEngine:
             fill: ``(N, K, C, 1|H, 1|W)`` baseline fill of every image and draw.
             grid: the window geometry.
             img, draw, win: ``(B,)`` int64 image, draw and window of each copy.
+            threshold: tau in (0, 1]: each layer's changed region is capped to this fraction
+                of its side, the rest keeps unoccluded values (1: exact; below 1 the outputs
+                are approximate, see :class:`~pipeline.incremental.approximate.ApproximateEngine`).
 
         Returns:
             ``(B, ...)`` outputs of image ``img`` with window ``win`` filled from
@@ -224,7 +231,7 @@ class IncrementalEngine:
                 f"{tuple(x.shape[1:])}; build one per image size"
             )
         cache = self._activations(x)
-        plan = self._plan(grid, x.device)
+        plan = self.plan(grid, x.device, threshold)
         fills = self._fill(fill, x)
         # The trunk runs in chunks, which bounds its peak memory whatever max_batch is; chunks
         # stay large because every op costs a thread synchronisation, which dominates small ops

@@ -9,11 +9,13 @@ graph as the model would.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+import torch.nn.functional as F
+from torch import fx
 
 from pipeline.incremental.graph import Step, Traced
 from pipeline.incremental.head import linear_update
@@ -40,15 +42,16 @@ class Runner:
         splices: trunk nodes the head reads in full.
         last: index of the last trunk step that reads each region (``len(steps)`` when the head
             reads it), so that regions are freed early.
-        inplace: in-place twins of activation modules, used when their input region has no
-            other reader (saves a write pass and an allocation per layer).
+        inplace: in-place twins of activation modules and of ``torch.relu`` calls (as after
+            a residual add), used when their input region has no other reader (saves a
+            write pass and an allocation per layer).
     """
 
     traced: Traced
     head: list[fx.Node]
     splices: set[str]
     last: dict[str, int]
-    inplace: dict[str, nn.Module]
+    inplace: dict[str, Callable[[torch.Tensor], torch.Tensor]]
 
     @classmethod
     def create(cls, traced: Traced) -> Runner:
@@ -75,7 +78,7 @@ class Runner:
                 last[u] = i
         for name in splices | {e.source for e in traced.entries.values()}:
             last[name] = len(traced.steps)
-        inplace = {}
+        inplace: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         for st in traced.steps:
             module = (
                 traced.modules.get(str(st.node.target)) if st.node.op == "call_module" else None
@@ -83,8 +86,10 @@ class Runner:
             if st.kind == "pointwise" and hasattr(module, "inplace"):
                 twin = copy.copy(module)
                 twin.inplace = True  # type: ignore[union-attr]
-                inplace[st.name] = twin
-        return cls(traced, head, splices, last, inplace)  # type: ignore[arg-type]
+                inplace[st.name] = twin  # type: ignore[assignment]
+            elif st.kind == "pointwise" and _plain_relu(st.node):
+                inplace[st.name] = torch.relu_
+        return cls(traced, head, splices, last, inplace)
 
     @property
     def head_reads(self) -> set[str]:
@@ -223,3 +228,12 @@ class Runner:
 
     def _shape(self, name: str) -> tuple[int, int, int]:
         return next(st.shape for st in self.traced.steps if st.name == name)
+
+
+def _plain_relu(node: fx.Node) -> bool:
+    """``torch.relu(x)``, ``F.relu(x)`` or ``x.relu()`` with no other argument."""
+    if len(node.args) != 1 or set(node.kwargs) - {"inplace"}:
+        return False
+    if node.op == "call_function":
+        return node.target in (torch.relu, F.relu)
+    return node.op == "call_method" and node.target in ("relu", "relu_")

@@ -11,6 +11,12 @@ larger than the input's region, the input's region is grown to exactly that crop
 layer then reads the region as is, with no gather from the cache. This pays off after a conv
 feeding a pool (the pool's crop is the conv's region rounded to the pool grid); elsewhere the
 crop is cut from the cache and the region written into it ("merge").
+
+With a threshold ``tau < 1`` (Krypton's projective-field thresholding, the approximate engine)
+each changed box is capped after it is propagated: a side longer than ``floor(tau * side)`` of
+its layer is cut to that length, centred on the window's centre projected onto that layer.
+Activations outside the capped box keep their unoccluded values, so the change stops spreading
+there; ``tau = 1`` caps nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pipeline.incremental.graph import Entry, Step
 from pipeline.incremental.head import Tiles, make_tiles
 from pipeline.kernel.geometry import WindowGrid
 
-__all__ = ["Plan", "Region", "make_plan"]
+__all__ = ["Plan", "Region", "cap_side", "make_plan"]
 
 _COVER_GROWTH = 1.35  # largest area growth of a region to save a merge (a gather + a write)
 
@@ -68,21 +74,60 @@ class Plan:
     tiles: dict[str, Tiles]
 
 
-def _changed_boxes(steps: list[Step], grid: WindowGrid) -> dict[str, torch.Tensor]:
-    """``(P, 4)`` changed box ``[y0, y1, x0, x1)`` of every trunk node, for every window."""
+def cap_side(threshold: float, side: int) -> int:
+    """Longest side of a changed box along an axis of ``side`` activations under threshold
+    ``tau``: ``floor(tau * side)``, at least 1 (``side`` itself for ``tau = 1``)."""
+    return max(1, min(side, int(threshold * side + 1e-9)))
+
+
+def _cap(
+    box: torch.Tensor, centre: torch.Tensor, shape: tuple[int, int, int], threshold: float
+) -> torch.Tensor:
+    """``(P, 4)`` boxes with every side longer than :func:`cap_side` cut to that length around
+    the window's projected centre ``(P, 2)`` (continuous coordinates), kept inside the box.
+
+    The projected centre, not the box's middle: a box clipped at the map's edge is off-centre,
+    and cutting around its middle would drop the rows next to the window, where the change is
+    largest.
+    """
+    out = box.clone()
+    for axis, dim in ((0, shape[1]), (1, shape[2])):
+        cap = cap_side(threshold, dim)
+        lo, hi = box[:, 2 * axis], box[:, 2 * axis + 1]
+        start = torch.floor(centre[:, axis] - cap / 2 + 0.5).to(torch.int64)
+        start = torch.minimum(torch.maximum(start, lo), hi - cap)
+        over = hi - lo > cap
+        out[:, 2 * axis] = torch.where(over, start, lo)
+        out[:, 2 * axis + 1] = torch.where(over, start + cap, hi)
+    return out
+
+
+def _changed_boxes(
+    steps: list[Step], grid: WindowGrid, threshold: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """``(P, 4)`` changed box ``[y0, y1, x0, x1)`` of every trunk node, for every window; every
+    node but the input (the window itself) capped at ``threshold`` (see the module docstring)."""
     out: dict[str, torch.Tensor] = {}
+    centres: dict[str, torch.Tensor] = {}  # (P, 2) window centre projected onto each node
     for st in steps:
         if st.kind == "input":
             out[st.name] = grid.boxes()[:, 2:]
-        elif st.kind == "window" and st.axes is not None:
-            src = out[st.inputs[0]]
+            b = out[st.name].double()
+            centres[st.name] = torch.stack([b[:, 0] + b[:, 1], b[:, 2] + b[:, 3]], dim=1) / 2
+            continue
+        if st.kind == "window" and st.axes is not None:
+            src, c = out[st.inputs[0]], centres[st.inputs[0]]
             y0, y1 = st.axes[0].out_box(src[:, 0], src[:, 1], st.shape[1])
             x0, x1 = st.axes[1].out_box(src[:, 2], src[:, 3], st.shape[2])
-            out[st.name] = torch.stack([y0, y1, x0, x1], dim=1)
+            box = torch.stack([y0, y1, x0, x1], dim=1)
+            centre = torch.stack([ax.out_centre(c[:, j]) for j, ax in enumerate(st.axes)], 1)
         else:
             b = torch.stack([out[u] for u in st.inputs])  # (inputs, P, 4)
             lo, hi = b[..., 0::2].amin(dim=0), b[..., 1::2].amax(dim=0)  # union
-            out[st.name] = torch.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], dim=1)
+            box = torch.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], dim=1)
+            centre = torch.stack([centres[u] for u in st.inputs]).mean(dim=0)
+        centres[st.name] = centre
+        out[st.name] = box if threshold >= 1.0 else _cap(box, centre, st.shape, threshold)
     return out
 
 
@@ -144,7 +189,11 @@ def _merge_edges(
     steps: list[Step], regions: dict[str, Region], covered: set[tuple[str, str]]
 ) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
     """Edges whose reader merges the input region into a crop of the cache, and those of them
-    where every window's region lies inside its crop."""
+    where every window's region lies inside its crop. A window step whose crop is exactly its
+    input's region for every window is added to ``covered`` instead (it reads the region as
+    is): a 1x1 conv reading a node that has other readers too, as the first conv of a
+    bottleneck block does, would otherwise cut a crop from the cache only to overwrite all of
+    it, on the widest activations of the net."""
     merges, contained = set(), set()
     for st in steps:
         for u in st.inputs:
@@ -154,8 +203,10 @@ def _merge_edges(
                 start, size = _crop_box(st, regions[st.name])
             else:
                 start, size = regions[st.name].origin, regions[st.name].size
-                if regions[u].size == size and torch.equal(regions[u].origin, start):
-                    continue
+            if regions[u].size == size and torch.equal(regions[u].origin, start):
+                if st.kind == "window":
+                    covered.add((st.name, u))
+                continue
             merges.add((st.name, u))
             rel = regions[u].origin - start  # (P, 2) region origin within the crop
             ends = [int(rel[:, j].max()) + regions[u].size[j] for j in range(2)]
@@ -184,6 +235,7 @@ def make_plan(
     head_reads: set[str],
     grid: WindowGrid,
     device: torch.device,
+    threshold: float = 1.0,
 ) -> Plan:
     """Regions, crops and head tilings of every node for the windows of ``grid``.
 
@@ -193,12 +245,14 @@ def make_plan(
         head_reads: spatial nodes the head reads (entry sources and spliced nodes).
         grid: the windows.
         device: where the plan's index tensors live.
+        threshold: tau in (0, 1], the cap on each changed box's side as a fraction of its
+            layer's side (1: exact; see the module docstring).
     """
     readers = {st.name: int(st.name in head_reads) for st in steps}
     for st in steps:
         for u in st.inputs:
             readers[u] += 1
-    boxes = _changed_boxes(steps, grid)
+    boxes = _changed_boxes(steps, grid, threshold)
     regions, covered = _regions(steps, boxes, readers)
     merges, contained = _merge_edges(steps, regions, covered)
     by_name = {st.name: st for st in steps}

@@ -72,6 +72,11 @@ class Axis:
         first = first.clamp(0, n_out)
         return first, torch.maximum(last.clamp(0, n_out), first)
 
+    def out_centre(self, centre: torch.Tensor) -> torch.Tensor:
+        """Where an input position maps to in the output, in continuous coordinates (index
+        ``i`` spans ``[i, i + 1)``): the output whose window is centred on ``centre``."""
+        return (centre + self.pad - self.extent / 2) / self.stride + 0.5
+
     def reads(self, n: int) -> int:
         """Input pixels that ``n`` consecutive outputs read."""
         return (n - 1) * self.stride + self.extent

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from enum import Enum
 
 __all__ = [
+    "APPROX_CHECK_WINDOWS",
+    "APPROX_THRESHOLD",
     "BASELINE",
     "BLUR_SIGMA",
     "CHANNELS_LAST",
@@ -65,6 +67,9 @@ class Engine(_Option):
     AUTO = "auto"  # incremental where the model allows it, else generic
     GENERIC = "generic"  # a full forward pass per occluded copy
     INCREMENTAL = "incremental"  # recompute only what a window changes; error if unsupported
+    # incremental with each layer's changed region capped (Krypton's projective-field
+    # thresholding): faster on deep nets, maps approximate, error measured per image
+    APPROXIMATE = "approximate"
 
 
 WINDOW: tuple[int, ...] = (32, 32)  # [h, w] across all channels, pixels
@@ -80,6 +85,12 @@ MAX_BATCH: int | None = None  # None: pipeline.kernel.options.default_max_batch
 # .view() on a conv output fails with it, so it stays opt-in.
 CHANNELS_LAST = False
 ENGINE = Engine.AUTO
+# Engine.APPROXIMATE: the side of each layer's recomputed region is at most this fraction of
+# that layer's output side (tau in (0, 1]; 1 is exact; smaller is faster and less accurate).
+APPROX_THRESHOLD = 0.4
+# Engine.APPROXIMATE: windows per image (seeded by seed and image id) whose exact score is also
+# computed, to measure the approximation's error on that image (0: not measured).
+APPROX_CHECK_WINDOWS = 4
 
 
 def default_draws(kind: Baseline | str) -> int:

@@ -9,6 +9,7 @@ The kernel is plain torch: no Ray, pandas or plotting here.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,14 +18,14 @@ import numpy as np
 import torch
 
 from pipeline.kernel import defaults
-from pipeline.kernel.baselines import make_baselines
+from pipeline.kernel.baselines import draw_generator, make_baselines
 from pipeline.kernel.defaults import Baseline, default_draws
 from pipeline.kernel.forward import Forward, OccludedBatch
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import ComputeOptions, default_max_batch, resolve_engine
 from pipeline.kernel.targets import Score, TargetSpec, Task, resolve_targets
 
-__all__ = ["OcclusionResult", "attribute", "expand_map"]
+__all__ = ["OcclusionResult", "attribute", "check_windows", "expand_map"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class OcclusionResult:
         finite: ``(N,)`` False where a score was NaN/Inf (that image's maps are NaN).
         grid: the window geometry (use :meth:`full` or :func:`expand_map` for pixels).
         attributions: ``(N, T, C, H, W)`` full-resolution maps when requested, else None.
+        approx_error: ``(N,)`` float32, approximate engines only (else None, as when
+            ``approx_check_windows`` is 0): the largest ``|approximate - exact|`` score drop,
+            in the units of ``delta`` (score units), over the image's check windows
+            (:func:`check_windows`), its ``K`` draws and its ``T`` targets. A lower bound of
+            the error over all windows. Never NaN: NaN/Inf scores count as no difference
+            (``finite`` flags those images, whose maps are NaN).
     """
 
     delta: torch.Tensor
@@ -49,6 +56,7 @@ class OcclusionResult:
     finite: torch.Tensor
     grid: WindowGrid
     attributions: torch.Tensor | None = None
+    approx_error: torch.Tensor | None = None
 
     def full(self) -> torch.Tensor:
         """``(N, T, C, H, W)`` full-resolution maps (computed exactly from ``delta``)."""
@@ -141,7 +149,7 @@ def attribute(
     kind, value = _resolve_baseline(baseline, value)
     k = default_draws(kind) if n_baselines is None else int(n_baselines)
     device = _model_device(model, images)
-    engine, _ = resolve_engine(opts.engine, model, images.shape[1:], device)
+    engine, _ = resolve_engine(opts.engine, model, images.shape[1:], device, opts.approx_threshold)
     max_batch = default_max_batch(device, engine) if opts.max_batch is None else opts.max_batch
     fwd = Forward(
         model,
@@ -166,6 +174,12 @@ def attribute(
     score0 = scores0.gather(1, tgt)  # (N, T)
 
     deltas = _occluded_deltas(fwd, x, base, grid, tgt, score0, max_batch)  # (N, K, T, P)
+    approx_error = None
+    if getattr(engine, "exact", None) is not None and opts.approx_check_windows > 0:
+        wins = check_windows(grid.n_windows, opts.approx_check_windows, ids, seed).to(device)
+        exact = copy.copy(fwd)  # same precision and batching, the exact engine
+        exact.engine = engine.exact  # type: ignore[union-attr]
+        approx_error = _approx_error(exact, x, base, grid, tgt, score0, deltas, wins, max_batch)
     bad = ~torch.isfinite(deltas).flatten(1).all(dim=1)
     _check_finite(~bad, ids, opts.on_nonfinite, "occluded")
     finite = finite & ~bad
@@ -182,6 +196,7 @@ def attribute(
         finite=finite,
         grid=grid,
         attributions=grid.expand(delta) if return_full else None,
+        approx_error=approx_error,
     )
 
 
@@ -222,6 +237,67 @@ def _occluded_deltas(
         s = fwd.occluded(x, base, grid, batch, img, draw, win).gather(1, tgt[img])  # (B, T)
         out[q0 : q0 + q.numel()] = score0[img] - s
     return out.view(n, k, p_count, -1).permute(0, 1, 3, 2)  # (N, K, T, P)
+
+
+def check_windows(n_windows: int, count: int, image_ids: Sequence[str], seed: int) -> torch.Tensor:
+    """Windows of each image whose exact score measures an approximate engine's error.
+
+    Drawn without replacement from a generator seeded by ``(seed, image_id)`` alone (apart from
+    the baseline draws'), so they do not depend on batching, sharding or the other images.
+
+    Args:
+        n_windows: ``P``, windows per image.
+        count: windows wanted per image; all ``P`` when ``count >= P``.
+        image_ids: the ``N`` image ids.
+        seed: the ``seed`` of :func:`attribute`.
+
+    Returns:
+        ``(N, min(count, P))`` int64 window indices (row-major grid order), ascending per row.
+    """
+    s = min(int(count), int(n_windows))
+    rows = [
+        torch.randperm(n_windows, generator=draw_generator(seed, f"{i}\x00approx-check"))[:s]
+        for i in image_ids
+    ]
+    if not rows:
+        return torch.zeros((0, s), dtype=torch.int64)
+    return torch.stack(rows).sort(dim=1).values
+
+
+def _approx_error(
+    exact: Forward,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    grid: WindowGrid,
+    tgt: torch.Tensor,
+    score0: torch.Tensor,
+    deltas: torch.Tensor,
+    wins: torch.Tensor,
+    max_batch: int,
+) -> torch.Tensor:
+    """``(N,)`` largest ``|deltas - exact deltas|`` over the windows ``wins`` ``(N, S)``, the
+    draws and the targets; ``exact`` runs the exact engine, ``deltas`` is ``(N, K, T, P)``."""
+    n, k, t = deltas.shape[:3]
+    s = wins.shape[1]
+    # Each image's K * S copies run on their own, in passes of one size (padded to it under
+    # fixed_batch): no pass mixes images, and a few check copies are not padded to max_batch
+    # rows (a full pass of the exact engine for 4 windows would cost as much as the map).
+    rows = min(max_batch, k * s)
+    if exact.fixed_batch is not None:
+        exact.fixed_batch = rows
+    q = torch.arange(k * s, device=x.device)  # (draw, check window) of one image's copies
+    draw = q // s
+    got = torch.empty((n, k * s, t), dtype=torch.float32, device=x.device)
+    for i in range(n):
+        img, win = torch.full_like(q, i), wins[i, q % s]
+        for q0 in range(0, k * s, rows):
+            b = slice(q0, q0 + rows)
+            out = exact.occluded(x, base, grid, None, img[b], draw[b], win[b])  # (B, O)
+            got[i, b] = score0[i] - out.gather(1, tgt[img[b]])
+    ref = got.view(n, k, s, t).permute(0, 1, 3, 2)  # (N, K, T, S)
+    approx = deltas.gather(3, wins[:, None, None, :].expand(n, k, t, s))
+    diff = torch.nan_to_num((approx - ref).abs(), nan=0.0, posinf=0.0, neginf=0.0)
+    return diff.flatten(1).amax(dim=1) if diff.numel() else diff.new_zeros(n)
 
 
 def expand_map(row: Mapping[str, Any], channels: bool = False) -> np.ndarray:

@@ -9,6 +9,7 @@ the same maps, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from pipeline.kernel.defaults import Engine, Precision
 __all__ = [
     "ComputeOptions",
     "OccludedEngine",
+    "check_threshold",
     "default_max_batch",
     "precision_context",
     "resolve_engine",
@@ -47,7 +49,9 @@ class OccludedEngine(Protocol):
 
 @dataclass(frozen=True)
 class ComputeOptions:
-    """How :func:`pipeline.attribute` computes; none of these change a map beyond rounding.
+    """How :func:`pipeline.attribute` computes. None of these change a map beyond rounding,
+    except ``engine="approximate"``, whose maps are approximate (its error is measured and
+    returned as :attr:`~pipeline.kernel.occlusion.OcclusionResult.approx_error`).
 
     Example:
         >>> ComputeOptions(max_batch=64, engine="generic").engine
@@ -62,6 +66,12 @@ class ComputeOptions:
     # images) so that maps are bitwise identical however images are grouped into calls.
     fixed_batch: bool = False
     on_nonfinite: str = "raise"  # "raise" on a NaN/Inf score, or "nan": NaN maps, finite=False
+    # engine="approximate": largest side of each layer's recomputed region, as a fraction of
+    # that layer's output side, in (0, 1] (1: exact). An engine object carries its own.
+    approx_threshold: float = defaults.APPROX_THRESHOLD
+    # approximate engines: windows per image whose exact score is also computed to measure the
+    # error (0: not measured, approx_error is None)
+    approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -71,6 +81,33 @@ class ComputeOptions:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.on_nonfinite not in ("raise", "nan"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'nan', got {self.on_nonfinite!r}")
+        check_threshold(self.approx_threshold)
+        try:
+            checks = operator.index(self.approx_check_windows)  # ints only, not 1.5 or "4"
+        except TypeError:
+            checks = -1
+        if isinstance(self.approx_check_windows, bool) or checks < 0:
+            raise ValueError(
+                f"approx_check_windows must be an integer >= 0, got {self.approx_check_windows!r}"
+            )
+        object.__setattr__(self, "approx_check_windows", checks)
+
+
+def check_threshold(tau: float) -> float:
+    """``tau`` as a float when it is a valid ``approx_threshold`` (in (0, 1]).
+
+    Raises:
+        ValueError: naming ``approx_threshold``, for anything else (NaN included).
+    """
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(tau, bool) or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"approx_threshold must be in (0, 1] (a fraction of each layer's side), got {tau!r}"
+        )
+    return value
 
 
 def precision_context(
@@ -97,22 +134,28 @@ def resolve_engine(
     model: Any,
     image_shape: Sequence[int],
     device: torch.device | str,
+    threshold: float = defaults.APPROX_THRESHOLD,
 ) -> tuple[OccludedEngine | None, str]:
     """The engine object for ``choice``, and a note saying which path was taken and why.
 
     Args:
         choice: ``auto`` (incremental where the model allows it), ``generic`` (full forward
-            passes), ``incremental`` (an error when the model does not allow it), or an engine
-            object, returned as it is.
+            passes), ``incremental`` (an error when the model does not allow it),
+            ``approximate`` (incremental with projective fields capped at ``threshold``; an
+            error when the model does not allow incremental inference), or an engine object,
+            returned as it is.
         model: the pixel-space model.
         image_shape: ``(C, H, W)`` of the images, pixels.
         device: where the model runs.
+        threshold: ``approximate`` only: tau in (0, 1], the largest side of each layer's
+            recomputed region as a fraction of that layer's output side.
 
     Returns:
         ``(engine, note)``; ``engine`` is None for full forward passes.
 
     Raises:
-        ValueError: ``incremental`` was asked for and the model does not allow it.
+        ValueError: ``incremental`` or ``approximate`` was asked for and the model does not
+            allow incremental inference, or ``threshold`` is not in (0, 1].
     """
     if isinstance(choice, str):
         choice = Engine(choice)
@@ -120,13 +163,19 @@ def resolve_engine(
         return None, "generic engine requested"
     if not isinstance(choice, Engine):
         return choice, f"engine object {type(choice).__name__}"
+    tau = check_threshold(threshold) if choice is Engine.APPROXIMATE else threshold
     # The incremental engine builds on this kernel's window geometry, so it is imported here,
     # when it is asked for, not when the kernel is.
-    from pipeline.incremental import auto_engine
+    from pipeline.incremental import ApproximateEngine, auto_engine
 
     engine, reason = auto_engine(model, tuple(image_shape), device)
-    if engine is None and choice is Engine.INCREMENTAL:
+    if engine is None and choice in (Engine.INCREMENTAL, Engine.APPROXIMATE):
         raise ValueError(
-            f"engine 'incremental' was asked for but the model does not allow it: {reason}"
+            f"engine '{choice}' was asked for but the model does not allow incremental "
+            f"inference: {reason}"
         )
+    if choice is Engine.APPROXIMATE:
+        assert engine is not None
+        note = f"approximate: projective fields capped at tau={tau:g}"
+        return ApproximateEngine(engine, tau), note
     return engine, reason or "incremental: the model's trunk is local"

@@ -37,6 +37,8 @@ class DispatchOutcome:
     restarts: list[dict[str, Any]] = field(default_factory=list)  # info() after each comeback
     retried: dict[int, int] = field(default_factory=dict)  # shard -> failed attempts
     shard_seconds: list[float] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # summed over shards
+    ready_at: float = 0.0  # time.time() when every actor had started
     images_per_s: float = 0.0
     lost: dict[int, str] = field(default_factory=dict)  # shard -> why it was not stored
     stopped: str | None = None  # why the queue stopped early (a write failure), if it did
@@ -122,6 +124,8 @@ def dispatch(
             try:
                 rep = ray.get(ref)
                 out.shard_seconds.append(rep["seconds"])
+                for name, secs in rep.get("phases", {}).items():
+                    out.phase_seconds[name] = out.phase_seconds.get(name, 0.0) + secs
                 progress.update(rep["images"], rep["error"])
             except RayActorError as e:
                 pool[i].up = False  # no more work until it answers a probe

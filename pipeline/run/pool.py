@@ -5,6 +5,7 @@ Ray is imported inside the functions: importing :mod:`pipeline.run` starts nothi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,10 @@ def run_pool(
     actors = [remote.remote(cfg, shape.threads) for _ in range(shape.actors)] if todo else []
     banks_ref = None if banks is None else ray.put(banks)  # sent once, shared by all shards
     try:
+        # actors start (and load their models) before the clock of the rate starts: start-up
+        # is reported on its own (run.json timings.startup_s)
+        info = _actor_info(actors)
+        ready = time.time()
         outcome = dispatch(
             actors,
             shards,
@@ -110,9 +115,10 @@ def run_pool(
             per_actor=PER_ACTOR,
             max_retries=int(cfg.cluster.max_retries),
             progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
-            info=_actor_info(actors),
+            info=info,
             extra=None if banks_ref is None else (lambda k: banks_ref),
         )
+        outcome.ready_at = ready
     finally:
         for a in actors:
             ray.kill(a)

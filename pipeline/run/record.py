@@ -50,7 +50,10 @@ class RunRecord:
         model_hash, model_file: SHA-256 and path of the model file (None for a bare factory).
         engine: ``{"path": "incremental" | "generic" | ..., "notes": [...]}`` of the workers.
         counts: images, ok, error over the whole manifest (after the run).
-        timings: ``total_s``, ``images_per_s``, ``shard_seconds_median``.
+        timings: ``total_s``, ``images_per_s`` (from the moment every actor had started),
+            ``shard_seconds_median``, ``startup_s`` (run start until every actor answered),
+            ``phases_s`` (workers' seconds summed over shards: ``read_decode_s``,
+            ``kernel_s``, ``evidence_s``, ``metrics_s``, ``table_s``, ``write_s``).
         shards, resumed_shards, retried_shards: shard counts; retried maps shard -> attempts.
         pool, actors, actor_restarts: the Ray actor pool and where each actor ran.
         failures: ``{"image_id", "error"}`` of every image with status ``error``.

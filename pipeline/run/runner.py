@@ -118,7 +118,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
         check_stored_ids(stored["image_id"].tolist(), plan)
         result = _result(config, folder.path, stored, plan.images, time.time() - t0, len(done))
         try:
-            folder.write_record(_finished(record, result, outcome, shape))
+            folder.write_record(_finished(record, result, outcome, shape, t0))
         except OSError as e:
             raise RunIncompleteError(
                 f"every shard is stored, but {folder.record_path} could not be written "
@@ -180,7 +180,11 @@ def _with_pool(record: RunRecord, outcome: DispatchOutcome, shape: PoolShape) ->
 
 
 def _finished(
-    record: RunRecord, result: RunResult, outcome: DispatchOutcome, shape: PoolShape
+    record: RunRecord,
+    result: RunResult,
+    outcome: DispatchOutcome,
+    shape: PoolShape,
+    started: float,
 ) -> RunRecord:
     secs = sorted(outcome.shard_seconds)
     return replace(
@@ -191,6 +195,10 @@ def _finished(
             "total_s": round(result.seconds, 3),
             "images_per_s": round(outcome.images_per_s, 3),
             "shard_seconds_median": secs[len(secs) // 2] if secs else None,
+            # where the workers' time went, summed over shards (docs/design.md, "Run folder")
+            "phases_s": {k: round(v, 3) for k, v in sorted(outcome.phase_seconds.items())},
+            # from the start of the run until every actor answered (plan, model check, Ray)
+            "startup_s": round(outcome.ready_at - started, 3) if outcome.ready_at else None,
         },
         resumed_shards=result.resumed_shards,
         failures=result.failures,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.config import AuditConfig, OcclusionConfig
+from pipeline.kernel import defaults
 from pipeline.kernel.defaults import Engine
 from pipeline.kernel.options import (
     ComputeOptions,
@@ -28,7 +29,7 @@ class WorkerCompute:
     """How a worker computes: the engine it resolved and the options it passes the kernel."""
 
     options: ComputeOptions  # with the engine object (or GENERIC) resolved
-    engine_name: str  # "incremental" | "generic"
+    engine_name: str  # "incremental" | "approximate" | "generic"
     engine_note: str  # why that engine
 
 
@@ -58,6 +59,9 @@ def worker_compute(
     model: Any,
     image_shape: tuple[int, int, int],
     device: torch.device,
+    *,
+    approx_threshold: float | None = None,
+    approx_check_windows: int | None = None,
 ) -> WorkerCompute:
     """Resolve the engine once and build the options every shard of a worker uses.
 
@@ -65,11 +69,26 @@ def worker_compute(
     whichever shard, batch or actor computed it, and keep going past a NaN score (the image gets
     an error row).
 
+    Args:
+        occ: the ``occlusion`` section.
+        model: the pixel-space model.
+        image_shape: ``(C, H, W)`` of the images, pixels.
+        device: where the model runs.
+        approx_threshold, approx_check_windows: ``occlusion.engine: approximate`` settings
+            (see :class:`~pipeline.kernel.options.ComputeOptions`); None: the section's
+            ``approx_threshold`` / ``approx_check_windows``, or the defaults where the section
+            has no such key.
+
     Raises:
-        ValueError: ``occlusion.engine: incremental`` and the model does not allow it.
+        ValueError: ``occlusion.engine: incremental`` or ``approximate`` and the model does
+            not allow incremental inference, or an approximate setting out of range.
     """
+    tau = _setting(approx_threshold, occ, "approx_threshold", defaults.APPROX_THRESHOLD)
+    checks = _setting(
+        approx_check_windows, occ, "approx_check_windows", defaults.APPROX_CHECK_WINDOWS
+    )
     engine: OccludedEngine | None
-    engine, note = resolve_engine(occ.engine, model, image_shape, device)
+    engine, note = resolve_engine(occ.engine, model, image_shape, device, tau)
     options = ComputeOptions(
         max_batch=occ.max_batch or default_max_batch(device, engine),
         precision=occ.precision,
@@ -77,5 +96,13 @@ def worker_compute(
         engine=engine if engine is not None else Engine.GENERIC,
         fixed_batch=True,
         on_nonfinite="nan",
+        approx_threshold=tau,
+        approx_check_windows=checks,
     )
-    return WorkerCompute(options, "generic" if engine is None else "incremental", note)
+    name = "generic" if engine is None else str(getattr(engine, "name", "incremental"))
+    return WorkerCompute(options, name, note)
+
+
+def _setting(given: Any, occ: OcclusionConfig, key: str, default: Any) -> Any:
+    """``given``, else the section's ``key``, else ``default``."""
+    return given if given is not None else getattr(occ, key, default)

@@ -7,8 +7,10 @@ frozen config as it is: there is no second shape of the settings.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +98,7 @@ def process_shard(
     loaded: Sequence[_Loaded] | None = None,
     evidence: ShardEvidence | None = None,
     bank: dict[str, _Loaded] | None = None,
+    phases: dict[str, float] | None = None,
 ) -> pa.Table:
     """Compute the stored rows of one shard.
 
@@ -108,6 +111,9 @@ def process_shard(
         loaded: the result of :func:`load_shard` for these records, if already done.
         evidence: the shard's counterfactual draws (None: no counterfactual columns).
         bank: the loaded bank images of ``evidence`` by id (loaded here when None).
+        phases: when given, seconds spent are added under ``kernel_s`` (occlusion maps),
+            ``evidence_s`` (counterfactual swaps), ``metrics_s`` (fg/bg and localisation
+            metrics) and ``table_s`` (building the Arrow table).
 
     Returns:
         A table with ``maps_schema(group_by)``: one row per record, in record order, each ``ok``
@@ -116,13 +122,23 @@ def process_shard(
     items = list(loaded) if loaded is not None else load_shard(records, cfg)
     if evidence is not None and bank is None:
         bank = load_bank(evidence, cfg)
-    ctx = _Context(model, cfg, options, evidence, bank or {})
+    ctx = _Context(model, cfg, options, evidence, bank or {}, phases if phases is not None else {})
     good = [it for it in items if it.error is None]
     results: dict[int, dict[str, Any]] = {}
     if good:
         results = _attribute_all(ctx, [records[it.index] for it in good], good)
-    rows = [_row(records[it.index], it, results.get(it.index), cfg, shard) for it in items]
-    return pa.Table.from_pylist(rows, schema=maps_schema(cfg.dataset.group_by))
+    with _timed(ctx.phases, "table_s"):
+        rows = [_row(records[it.index], it, results.get(it.index), cfg, shard) for it in items]
+        return pa.Table.from_pylist(rows, schema=maps_schema(cfg.dataset.group_by))
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[key] = phases.get(key, 0.0) + time.perf_counter() - t0
 
 
 def load_bank(evidence: ShardEvidence, cfg: AuditConfig) -> dict[str, _Loaded]:
@@ -140,6 +156,7 @@ class _Context:
     options: ComputeOptions
     evidence: ShardEvidence | None
     bank: dict[str, _Loaded]
+    phases: dict[str, float]  # seconds per phase, added to as the shard is computed
 
 
 def _attribute_all(
@@ -150,14 +167,15 @@ def _attribute_all(
     cfg = ctx.cfg
 
     def run(part: Sequence[_Loaded], recs: Sequence[Any]) -> OcclusionResult:
-        return attribute(
-            ctx.model,
-            torch.stack([it.image for it in part]),  # type: ignore[misc]  # (N, 3, H, W)
-            image_ids=[rec.image_id for rec in recs],
-            target=_targets(cfg, part),
-            options=ctx.options,
-            **kernel_keywords(cfg),
-        )
+        with _timed(ctx.phases, "kernel_s"):
+            return attribute(
+                ctx.model,
+                torch.stack([it.image for it in part]),  # type: ignore[misc]  # (N, 3, H, W)
+                image_ids=[rec.image_id for rec in recs],
+                target=_targets(cfg, part),
+                options=ctx.options,
+                **kernel_keywords(cfg),
+            )
 
     try:
         return _results(ctx, run(items, records), items, records)
@@ -185,10 +203,14 @@ def _results(
     ctx: _Context, r: OcclusionResult, items: Sequence[_Loaded], records: Sequence[Any]
 ) -> dict[int, dict[str, Any]]:
     cfg = ctx.cfg
+    t0, evidence_before = time.perf_counter(), ctx.phases.get("evidence_s", 0.0)
     full = r.grid.expand(r.delta[:, 0])  # (N, C, H, W)
     extra = localisation_rows(full, [it.mask for it in items], [it.ignore for it in items])
     if ctx.evidence is not None:
-        cf = evidence_rows(ctx.model, items, records, r, ctx.evidence, ctx.bank, cfg, ctx.options)
+        with _timed(ctx.phases, "evidence_s"):
+            cf = evidence_rows(
+                ctx.model, items, records, r, ctx.evidence, ctx.bank, cfg, ctx.options
+            )
         extra = [{**a, **b} for a, b in zip(extra, cf, strict=True)]
     out: dict[int, dict[str, Any]] = {}
     for j, (it, rec) in enumerate(zip(items, records, strict=True)):
@@ -201,11 +223,16 @@ def _results(
             "score": float(r.score[j, 0]),
             "delta": r.delta[j, 0].flatten().cpu().tolist(),
             "delta_std": r.delta_std[j, 0].flatten().cpu().tolist(),
+            "approx_error": None if r.approx_error is None else float(r.approx_error[j]),
             "metrics": metrics,
             "metric_note": note,
             "grid": r.grid,
             "extra": extra[j],
         }
+    evidence_s = ctx.phases.get("evidence_s", 0.0) - evidence_before
+    ctx.phases["metrics_s"] = (
+        ctx.phases.get("metrics_s", 0.0) + time.perf_counter() - t0 - evidence_s
+    )
     return out
 
 
@@ -241,6 +268,7 @@ def _row(
         grid_w=g.counts[2],
         delta=res["delta"],
         delta_std=res["delta_std"],
+        approx_error=res["approx_error"],
         metric_note=res["metric_note"],
         **{m: res["metrics"][m] for m in IMAGE_METRICS},
         **res["extra"],

@@ -88,10 +88,13 @@ class ShardWorker:
 
         Returns:
             counts and timing: ``{"shard", "images", "ok", "error", "failures", "seconds",
-            "waited_seconds", "pid"}``; ``seconds`` is this shard's decode, compute and write
-            time, without ``waited_seconds`` spent waiting for the other shard's compute.
+            "waited_seconds", "phases", "pid"}``; ``seconds`` is this shard's decode, compute
+            and write time, without ``waited_seconds`` spent waiting for the other shard's
+            compute; ``phases`` splits it (``read_decode_s``, ``kernel_s``, ``evidence_s``,
+            ``metrics_s``, ``table_s``, ``write_s``).
         """
         t0 = time.perf_counter()
+        phases: dict[str, float] = {}
         if self.source is None:  # opened on first use: actors start without reading data
             self.source = open_source(self.cfg.dataset)
         records = self.source.read(ref)
@@ -99,13 +102,24 @@ class ShardWorker:
         loaded = load_shard(records, self.cfg)
         bank = load_bank(evidence, self.cfg) if evidence is not None else None
         t_wait = time.perf_counter()
+        phases["read_decode_s"] = t_wait - t0
         with self._compute:
             # time spent waiting for the other call's compute is not this shard's work
             waited = time.perf_counter() - t_wait
             table = process_shard(
-                self.model, records, self.cfg, shard, self.compute.options, loaded, evidence, bank
+                self.model,
+                records,
+                self.cfg,
+                shard,
+                self.compute.options,
+                loaded,
+                evidence,
+                bank,
+                phases,
             )
+        t_write = time.perf_counter()
         self.folder.write_shard(shard, table)
+        phases["write_s"] = time.perf_counter() - t_write
         status = table.column("status").to_pylist()
         errors = table.column("error").to_pylist()
         ids = table.column("image_id").to_pylist()
@@ -122,5 +136,6 @@ class ShardWorker:
             "failures": failures,
             "seconds": time.perf_counter() - t0 - waited,
             "waited_seconds": waited,
+            "phases": phases,
             "pid": os.getpid(),
         }

@@ -1,0 +1,134 @@
+"""Approximate incremental inference: Krypton's projective-field thresholding.
+
+The exact engine recomputes, per layer, the whole projective field of a window (plus halo); in a
+deep net that field grows until it covers most of the map, and the saving shrinks. Thresholding
+(Nakandala, Kumar and Papakonstantinou, "Incremental and Approximate Inference for Faster
+Occlusion-based Deep CNN Explanations", SIGMOD 2019) caps the side of each layer's changed
+region at ``tau`` times that layer's side, centred on the window's projection, and keeps the
+unoccluded activations outside it: the change is cut off at the edges of the projective field,
+where a trained net's effective receptive field gives it the least weight. ``tau = 1`` is the
+exact engine.
+
+The maps are approximate, so the error is measured, not assumed: :func:`pipeline.attribute`
+also computes the exact score of a few seeded windows per image with :attr:`exact` (the same
+cached activations, so the check costs a handful of exact windows) and returns the largest
+difference as ``OcclusionResult.approx_error``.
+
+Example:
+    >>> from pipeline import ComputeOptions, attribute
+    >>> from pipeline.models.nets import SeedCNN
+    >>> net = SeedCNN(num_classes=2, input_dim=32).eval()
+    >>> opts = ComputeOptions(engine="approximate", approx_threshold=0.5)
+    >>> r = attribute(net, torch.rand(2, 3, 32, 32), window=[8, 8], options=opts)
+    >>> r.approx_error.shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.incremental.engine import IncrementalEngine
+from pipeline.kernel.geometry import WindowGrid
+from pipeline.kernel.options import check_threshold
+
+__all__ = ["ApproximateEngine", "Cost"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Work of one occluded copy, counted from a plan's region sizes (deterministic).
+
+    Attributes:
+        elements: activation elements recomputed per copy: ``C * h * w`` of the region of
+            every trunk node but the input, summed.
+        conv_macs: multiply-accumulates of the convolutions on their regions, per copy.
+        full_elements: the same sum over whole activations (one full forward pass's trunk).
+        full_conv_macs: multiply-accumulates of the convolutions in one full forward pass.
+    """
+
+    elements: int
+    conv_macs: int
+    full_elements: int
+    full_conv_macs: int
+
+
+class ApproximateEngine:
+    """The incremental engine with each layer's changed region capped at ``tau`` of its side.
+
+    Args:
+        exact: the exact engine of the model; its cached activations are shared, and it
+            computes the exact scores of the check windows.
+        threshold: tau in (0, 1], the largest side of a layer's recomputed region as a
+            fraction of that layer's output side (1: exact).
+
+    Raises:
+        ValueError: ``threshold`` is not in (0, 1] (the message names ``approx_threshold``).
+    """
+
+    name = "approximate"
+
+    def __init__(self, exact: IncrementalEngine, threshold: float) -> None:
+        self.exact = exact
+        self.threshold = check_threshold(threshold)
+
+    @classmethod
+    def build_or_reason(
+        cls,
+        model: nn.Module | Any,
+        image_shape: Sequence[int],
+        device: torch.device | str,
+        threshold: float,
+    ) -> tuple[ApproximateEngine | None, str]:
+        """An approximate engine for ``model`` on ``(C, H, W)`` images, or None and why the
+        model does not allow incremental inference."""
+        check_threshold(threshold)
+        exact, reason = IncrementalEngine.build_or_reason(model, image_shape, device)
+        return (None, reason) if exact is None else (cls(exact, threshold), "")
+
+    @torch.inference_mode()
+    def forward_occluded(
+        self,
+        x: torch.Tensor,
+        fill: torch.Tensor,
+        grid: WindowGrid,
+        img: torch.Tensor,
+        draw: torch.Tensor,
+        win: torch.Tensor,
+    ) -> torch.Tensor:
+        """Approximate raw outputs ``(B, ...)`` of occluded copies (arguments as
+        :meth:`IncrementalEngine.forward_occluded`)."""
+        return self.exact.forward_occluded(x, fill, grid, img, draw, win, self.threshold)
+
+    def cost(self, grid: WindowGrid, threshold: float | None = None) -> Cost:
+        """Work per occluded copy on ``grid`` at ``threshold`` (default: this engine's).
+
+        The region of a node is the same size for every window, so the count is exact for
+        every copy (the exact engine's is ``threshold=1``).
+        """
+        tau = self.threshold if threshold is None else check_threshold(threshold)
+        plan = self.exact.plan(grid, torch.device("cpu"), tau)
+        t = self.exact.traced
+        by_name = {st.name: st for st in t.steps}
+        elements = conv_macs = full_elements = full_macs = 0
+        for st in t.steps[1:]:
+            c, h, w = st.shape
+            rh, rw = plan.regions[st.name].size
+            elements += c * rh * rw
+            full_elements += c * h * w
+            module = t.modules.get(str(st.node.target)) if st.node.op == "call_module" else None
+            if isinstance(module, nn.Conv2d):
+                c_in = by_name[st.inputs[0]].shape[0]
+                per_output = c_in // module.groups * module.kernel_size[0] * module.kernel_size[1]
+                conv_macs += c * rh * rw * per_output
+                full_macs += c * h * w * per_output
+        return Cost(elements, conv_macs, full_elements, full_macs)
+
+    def clear(self) -> None:
+        """Release the cached activations."""
+        self.exact.clear()
