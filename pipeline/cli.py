@@ -226,6 +226,12 @@ def _parser() -> argparse.ArgumentParser:
         help="time a whole audit of N images against the kernel and a Captum script",
     )
     b.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--end-to-end: interleaved rounds; rows report the median (default 1)",
+    )
+    b.add_argument(
         "--engine",
         default="auto",
         choices=("auto", "generic"),

@@ -117,12 +117,15 @@ def test_unknown_model_is_an_error(capsys):
 def test_bench_end_to_end_times_a_real_run_the_kernel_and_a_captum_script(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     argv = ["bench", "--end-to-end", "8", "--image-size", "32", "--window", "8", "--stride", "8"]
-    assert main([*argv, "--k", "1", "--json", str(out)]) == 0
+    assert main([*argv, "--k", "1", "--rounds", "2", "--json", str(out)]) == 0
     facts = json.loads(out.read_text())
     assert set(facts["rows"]) == {"run", "kernel", "captum-script"}
     assert facts["rows"]["run"]["ok"] == 8
     for name, row in facts["rows"].items():
-        assert row["images_per_s"] > 0, name
+        assert len(row["rounds"]) == 2 and row["images_per_s"] > 0, name
+        assert row["images_per_s"] == pytest.approx(sum(row["rounds"]) / 2), name  # median of 2
+    phases = facts["rows"]["run"]["phases_s"]
+    assert phases["kernel_s"] > 0 and {"read_decode_s", "write_s", "metrics_s"} <= set(phases)
     run, kernel = facts["rows"]["run"]["images_per_s"], facts["rows"]["kernel"]["images_per_s"]
     assert facts["ratios"]["run/kernel"] == pytest.approx(run / kernel)
     assert set(facts["ratios"]) == {"run/kernel", "run/captum-script"}

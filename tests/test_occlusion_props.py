@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import attribute, expand_map
+from pipeline import ComputeOptions, attribute, expand_map
 from pipeline.kernel.baselines import make_baselines
 from pipeline.kernel.forward import OccludedBatch
 from pipeline.kernel.geometry import WindowGrid
@@ -281,3 +281,36 @@ def test_max_batch_defaults_by_device_and_engine():
     assert torch.equal(default.delta, attribute(tiny_convnet(), x, options=explicit, **kw).delta)
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         ComputeOptions(max_batch=0)
+
+
+def test_channels_last_auto_follows_what_the_model_accepts():
+    """``channels_last: None`` (the default) runs full passes channels-last only for a model
+    that takes it and computes the same scores; a model that calls ``.view()`` on a conv output
+    keeps the plain layout, and both give the maps of an explicit choice."""
+    from torch import nn
+
+    from pipeline.kernel.forward import accepts_channels_last
+    from pipeline.models.nets import SeedCNN
+
+    class ViewHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 16 * 16, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(x.shape[0], -1))
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    kw = dict(window=[4, 4], stride=[4, 4], n_baselines=1, baseline="zero")
+    for model, accepts in (
+        (SeedCNN(num_classes=2, input_dim=16).eval(), True),
+        (ViewHead(), False),
+    ):
+        assert accepts_channels_last(model, (3, 16, 16), torch.device("cpu")) is accepts
+        auto = attribute(model, x, options=ComputeOptions(engine="generic"), **kw)
+        fixed = attribute(
+            model, x, options=ComputeOptions(engine="generic", channels_last=accepts), **kw
+        )
+        assert torch.equal(auto.delta, fixed.delta)

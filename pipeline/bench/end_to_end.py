@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -150,15 +151,38 @@ def _captum_script(root: Path, cfg: Any, n: int, out: Path) -> tuple[float, int]
     return n / (time.perf_counter() - t0), best
 
 
-def run_end_to_end(args: argparse.Namespace) -> int:
-    """The ``--end-to-end N`` bench; prints a table, writes ``--json`` if given."""
-    from pipeline.models import SeedCNN
+def _run_rate(cfg: Any) -> tuple[float, float, float, Any]:
+    """One real audit: (steady-state images/s, start-up s, total s, run record)."""
+    import shutil
+
     from pipeline.run.folder import RunFolder
-    from pipeline.run.heap import tune_heap
     from pipeline.run.runner import run_audit
 
+    shutil.rmtree(cfg.output.dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    run_audit(cfg, progress=False)
+    total = time.perf_counter() - t0
+    record = RunFolder(cfg.output.dir).read_record()
+    actors = int(record.pool.get("actors", 1))
+    # per actor: shard_size over its median shard time, so the last shard's tail (one actor
+    # busy, the other done) does not count against the steady state
+    shard_s = float(record.timings.get("shard_seconds_median") or total)
+    rate = actors * int(cfg.cluster.shard_size) / shard_s
+    return rate, float(record.timings.get("startup_s") or 0.0), total, record
+
+
+def run_end_to_end(args: argparse.Namespace) -> int:
+    """The ``--end-to-end N`` bench; prints a table, writes ``--json`` if given.
+
+    ``--rounds R`` repeats the three measurements R times, interleaved (run, kernel, Captum
+    script, then again), and reports each row's median and the ratios of the medians.
+    """
+    from pipeline.models import SeedCNN
+    from pipeline.run.heap import tune_heap
+
     tune_heap()
-    n = int(args.end_to_end)
+    n, rounds = int(args.end_to_end), max(1, int(getattr(args, "rounds", 1) or 1))
+    runs, kernels, captums, startups, totals, ppes = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _data(root, n, int(args.image_size))
@@ -166,35 +190,49 @@ def run_end_to_end(args: argparse.Namespace) -> int:
         weights = root / "cnn.pth"
         torch.save(SeedCNN(num_classes=1, input_dim=int(args.image_size)).state_dict(), weights)
         cfg = _config(root, args, weights)
-        t0 = time.perf_counter()
-        result = run_audit(cfg, progress=False)
-        total = time.perf_counter() - t0
-        record = RunFolder(cfg.output.dir).read_record()
-        actors = int(record.pool.get("actors", 1)) if record else 1
-        shard_s = float(record.timings.get("shard_seconds_median") or total) if record else total
-        run_rate = actors * int(cfg.cluster.shard_size) / shard_s
-        startup = max(0.0, total - n / run_rate)
-        kernel_rate = _kernel(cfg, n)
-        captum_rate, ppe = _captum_script(root, cfg, n, root / "captum.parquet")
+        for _ in range(rounds):
+            rate, startup, total, record = _run_rate(cfg)
+            runs.append(rate)
+            startups.append(startup)
+            totals.append(total)
+            kernels.append(_kernel(cfg, n))
+            captum_rate, ppe = _captum_script(root, cfg, n, root / "captum.parquet")
+            captums.append(captum_rate)
+            ppes.append(ppe)
+    med = statistics.median
     rows = {
         "run": {
-            "images_per_s": run_rate,
-            "startup_s": startup,
-            "total_s": total,
-            "ok": result.ok,
-            "engine": record.engine if record else {},
+            "images_per_s": med(runs),
+            "startup_s": med(startups),
+            "total_s": med(totals),
+            "rounds": runs,
+            "ok": record.counts.ok,
+            "phases_s": dict(record.timings.get("phases_s", {})),
+            "engine": record.engine,
         },
-        "kernel": {"images_per_s": kernel_rate},
-        "captum-script": {"images_per_s": captum_rate, "perturbations_per_eval": ppe},
+        "kernel": {"images_per_s": med(kernels), "rounds": kernels},
+        "captum-script": {
+            "images_per_s": med(captums),
+            "rounds": captums,
+            "perturbations_per_eval": ppes,
+        },
     }
-    ratios = {"run/kernel": run_rate / kernel_rate, "run/captum-script": run_rate / captum_rate}
-    print(f"end to end: {n} images, {args.image_size}px, window {args.window} stride "
-          f"{args.stride}, K={args.k}, SeedCNN regression")  # fmt: skip
-    for name, r in rows.items():
-        print(f"  {name:<14} {r['images_per_s']:8.2f} images/s")
+    ratios = {
+        "run/kernel": med(runs) / med(kernels),
+        "run/captum-script": med(runs) / med(captums),
+    }
     print(
-        f"  run start-up {startup:.1f} s of {total:.1f} s; run/kernel "
-        f"{ratios['run/kernel']:.2f}, run/captum-script {ratios['run/captum-script']:.1f}"
+        f"end to end: {n} images, {args.image_size}px, window {args.window} stride "
+        f"{args.stride}, K={args.k}, SeedCNN regression, median of {rounds} round(s)"
+    )
+    for name, r in rows.items():
+        each = ", ".join(f"{v:.2f}" for v in r["rounds"])
+        print(f"  {name:<14} {r['images_per_s']:8.2f} images/s  ({each})")
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in rows["run"]["phases_s"].items())
+    print(f"  run start-up {med(startups):.1f} s of {med(totals):.1f} s; workers' time: {phases}")
+    print(
+        f"  run/kernel {ratios['run/kernel']:.2f}, run/captum-script "
+        f"{ratios['run/captum-script']:.1f}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2,

@@ -130,7 +130,8 @@ class OcclusionConfig:
         defaults.MAX_BATCH
     )  # copies per pass; None: 32 for CPU full passes, else 256
     engine: Engine = defaults.ENGINE  # how occluded scores are computed (maps agree to 1e-4)
-    channels_last: bool = defaults.CHANNELS_LAST  # channels-last model input (convnets on GPU)
+    # channels-last input for full passes; null: when the model accepts it (a probe, cached)
+    channels_last: bool | None = defaults.CHANNELS_LAST
     # engine approximate: each layer's changed box is capped at this fraction of its side
     approx_threshold: float = defaults.APPROX_THRESHOLD
     approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS  # per image, also scored exactly

@@ -82,8 +82,9 @@ BLUR_SIGMA = 5.0  # Gaussian sigma of the blur baseline, pixels
 PRECISION = Precision.FP32
 MAX_BATCH: int | None = None  # None: pipeline.kernel.options.default_max_batch
 # Channels-last input makes full passes of a CNN about 2x faster on CPU, but a model that calls
-# .view() on a conv output fails with it, so it stays opt-in.
-CHANNELS_LAST = False
+# .view() on a conv output fails with it. None (auto): full passes use it when a probe shows the
+# model accepts it and computes the same scores (pipeline.kernel.forward.accepts_channels_last).
+CHANNELS_LAST: bool | None = None
 ENGINE = Engine.AUTO
 # Engine.APPROXIMATE: the side of each layer's recomputed region is at most this fraction of
 # that layer's output side (tau in (0, 1]; 1 is exact; smaller is faster and less accurate).

@@ -7,6 +7,8 @@ materialises them. Plain torch.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -17,12 +19,53 @@ from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import precision_context
 from pipeline.kernel.targets import Score, Task, output_scores
 
-__all__ = ["PLAIN_BATCH", "Forward", "OccludedBatch"]
+__all__ = ["PLAIN_BATCH", "Forward", "OccludedBatch", "accepts_channels_last"]
 
 # Images per unoccluded pass. There are N such images against N*K*P occluded copies, so padding
 # them to max_batch under fixed_batch would waste up to max_batch - 1 passes per call: a small
 # constant keeps the same bitwise reproducibility at a fraction of the padding.
 PLAIN_BATCH = 16
+
+
+_CHANNELS_LAST: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def accepts_channels_last(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image_shape: tuple[int, ...],
+    device: torch.device,
+) -> bool:
+    """Whether ``model`` takes channels-last input and computes the same outputs with it.
+
+    Two seeded ``(2, C, H, W)`` inputs go through the model in both memory formats; a model that
+    raises (``.view()`` on a conv output) or whose outputs differ beyond float rounding
+    (``rtol=1e-3``) gets False. The answer is cached per model object, so a worker or an API
+    caller probes once. Deterministic: the same model always gets the same answer, and so the
+    same maps.
+    """
+    try:
+        return _CHANNELS_LAST[model]
+    except (KeyError, TypeError):
+        pass
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((2, *image_shape), generator=gen).to(device)
+    try:
+        plain = model(x)
+        last = model(x.contiguous(memory_format=torch.channels_last))
+        ok = (
+            isinstance(plain, torch.Tensor)
+            and isinstance(last, torch.Tensor)
+            and plain.shape == last.shape
+            and torch.allclose(plain.float(), last.float(), rtol=1e-3, atol=1e-5)
+        )
+    except Exception:
+        ok = False
+    if x.dim() != 4:
+        ok = False
+    with contextlib.suppress(TypeError):  # a model object that cannot be weakly referenced
+        _CHANNELS_LAST[model] = ok
+    return ok
 
 
 class Forward:

@@ -20,7 +20,7 @@ import torch
 from pipeline.kernel import defaults
 from pipeline.kernel.baselines import draw_generator, make_baselines
 from pipeline.kernel.defaults import Baseline, default_draws
-from pipeline.kernel.forward import Forward, OccludedBatch
+from pipeline.kernel.forward import Forward, OccludedBatch, accepts_channels_last
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import ComputeOptions, default_max_batch, resolve_engine
 from pipeline.kernel.targets import Score, TargetSpec, Task, resolve_targets
@@ -151,13 +151,16 @@ def attribute(
     device = _model_device(model, images)
     engine, _ = resolve_engine(opts.engine, model, images.shape[1:], device, opts.approx_threshold)
     max_batch = default_max_batch(device, engine) if opts.max_batch is None else opts.max_batch
+    channels_last = opts.channels_last
+    if channels_last is None:  # auto: full passes of a model that takes it run channels-last
+        channels_last = engine is None and accepts_channels_last(model, images.shape[1:], device)
     fwd = Forward(
         model,
         device,
         opts.precision,
         Task(task),
         Score(score),
-        opts.channels_last,
+        channels_last,
         max_batch if opts.fixed_batch else None,
     )
     fwd.engine = engine

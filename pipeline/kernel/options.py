@@ -60,7 +60,8 @@ class ComputeOptions:
 
     max_batch: int | None = defaults.MAX_BATCH  # copies per pass; None: default_max_batch
     precision: Precision = defaults.PRECISION  # fp32, or bf16/fp16 autocast on CUDA
-    channels_last: bool = defaults.CHANNELS_LAST  # channels-last model input (convnets on GPU)
+    # channels-last input for full passes; None: when the model accepts it (a probe, cached)
+    channels_last: bool | None = defaults.CHANNELS_LAST
     engine: Engine | OccludedEngine = defaults.ENGINE  # a choice, or an engine object
     # Pad every occluded pass to max_batch copies (and unoccluded ones to min(max_batch, 16)
     # images) so that maps are bitwise identical however images are grouped into calls.

@@ -14,6 +14,7 @@ import torch
 from pipeline.config import AuditConfig, OcclusionConfig
 from pipeline.kernel import defaults
 from pipeline.kernel.defaults import Engine
+from pipeline.kernel.forward import accepts_channels_last
 from pipeline.kernel.options import (
     ComputeOptions,
     OccludedEngine,
@@ -89,10 +90,13 @@ def worker_compute(
     )
     engine: OccludedEngine | None
     engine, note = resolve_engine(occ.engine, model, image_shape, device, tau)
+    channels_last = occ.channels_last
+    if channels_last is None:  # auto, decided once per worker, the same way attribute() does
+        channels_last = engine is None and accepts_channels_last(model, image_shape, device)
     options = ComputeOptions(
         max_batch=occ.max_batch or default_max_batch(device, engine),
         precision=occ.precision,
-        channels_last=occ.channels_last,
+        channels_last=channels_last,
         engine=engine if engine is not None else Engine.GENERIC,
         fixed_batch=True,
         on_nonfinite="nan",
