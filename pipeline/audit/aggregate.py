@@ -13,7 +13,6 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,17 +62,43 @@ def iter_batches(
         FileNotFoundError: the run has no part files.
         ValueError: a requested column is not stored, naming it and the stored ones.
     """
-    files = [str(p) for p in RunFolder(run_dir).shard_files()]
-    if not files:
+    folder = RunFolder(run_dir)
+    names = folder.shard_names()
+    if not names:
         raise FileNotFoundError(
             f"no maps/part-*.parquet under {run_dir}: not a run folder, or the run has not "
             "stored a shard yet (run `occlusion-audit run` first)"
         )
-    dataset = ds.dataset(files, format="parquet")
-    columns = dataset.schema.names if columns is None else list(columns)
-    missing = [c for c in columns if c not in dataset.schema.names]
+    if not folder.remote:
+        yield from _local_batches(folder, columns, filter, batch_size)
+        return
+    # a bucket: shard by shard, each one object read once (one shard's rows in memory)
+    with folder.store.open(names[0]) as f:
+        stored = pq.read_schema(f).names
+    columns = stored if columns is None else list(columns)
+    _check_columns(columns, stored)
+    for name in names:
+        table = folder.read_shard(name, columns)
+        if filter is not None:
+            table = table.filter(filter)
+        yield from table.to_batches(max_chunksize=batch_size)
+
+
+def _check_columns(columns: Sequence[str], stored: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in stored]
     if missing:
-        raise ValueError(f"column(s) {missing} not in the stored maps; have {dataset.schema.names}")
+        raise ValueError(f"column(s) {missing} not in the stored maps; have {list(stored)}")
+
+
+def _local_batches(
+    folder: RunFolder,
+    columns: Sequence[str] | None,
+    filter: pc.Expression | None,
+    batch_size: int,
+) -> Iterator[pa.RecordBatch]:
+    dataset = ds.dataset([str(p) for p in folder.shard_files()], format="parquet")
+    columns = dataset.schema.names if columns is None else list(columns)
+    _check_columns(columns, dataset.schema.names)
     # modest read-ahead: the default (16 batches, 4 files) buffers hundreds of MB of delta grids
     yield from dataset.to_batches(
         columns=columns,
@@ -133,14 +158,18 @@ class _Acc:
         return np.sort(np.concatenate(parts)) if parts else np.empty(0)
 
 
-def _stored_evidence(run_dir: Path) -> list[str]:
+def _stored_evidence(run_dir: Any) -> list[str]:
     """The evidence columns this run stored (runs of older versions have none)."""
-    files = RunFolder(run_dir).shard_files()
-    names = set(pq.read_schema(files[0]).names) if files else set()
+    folder = RunFolder(run_dir)
+    shards = folder.shard_names()
+    if not shards:
+        return []
+    with folder.store.open(shards[0]) as f:
+        names = set(pq.read_schema(f).names)
     return [c for c in EVIDENCE_COLUMNS if c in names]
 
 
-def _accumulate(run_dir: Path, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
+def _accumulate(run_dir: Any, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
     accs: dict[GroupKey, _Acc] = {}
     evidence = _stored_evidence(run_dir)
     for batch in iter_batches(run_dir, [*group_by, *_METRIC_COLUMNS, *evidence]):
@@ -264,7 +293,7 @@ def aggregate(
         >>> summary = aggregate("runs/val", group_by=["room"], threshold=0.8)  # doctest: +SKIP
     """
     folder = RunFolder(run_dir)
-    if not folder.shard_files():
+    if not folder.shard_names():
         raise FileNotFoundError(
             f"no maps/part-*.parquet under {run_dir}: not a run folder, or the run has not "
             "stored a shard yet (run `occlusion-audit run` first)"

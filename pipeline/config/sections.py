@@ -279,11 +279,23 @@ class NotifyConfig:
 class OutputConfig:
     """Where results go; ``AuditConfig`` fills the defaults from the run name."""
 
-    dir: str | None = None  # run directory; default runs/<name> under the working directory
-    report_dir: str | None = None  # shareable report; default reports/<name>
+    # run directory: a local folder, s3://bucket/prefix or gs://bucket/prefix; default
+    # runs/<name> under the working directory
+    dir: str | None = None
+    report_dir: str | None = None  # shareable report, local or in a bucket; default reports/<name>
+    # a bucket's run lock: a killed driver's lock is taken over this long after its last renewal
+    lock_lease_s: float = 60.0
 
     def __post_init__(self) -> None:
+        _positive("lock_lease_s", self.lock_lease_s)
         for key in ("dir", "report_dir"):
             value = getattr(self, key)
-            if value is not None and is_uri(value):
-                fail(key, f"must be a local folder (or a mounted volume), got {value!r}")
+            if value is None or not is_uri(value):
+                continue
+            scheme, _, rest = value.partition("://")
+            if scheme.lower() not in ("s3", "gs") or not rest.strip("/").partition("/")[0]:
+                fail(
+                    key,
+                    f"must be a local folder, s3://bucket/prefix or gs://bucket/prefix, "
+                    f"got {value!r}",
+                )

@@ -131,25 +131,38 @@ def _check_unique(source: Source, sorted_hashes: np.ndarray) -> None:
         )
 
 
-def check_stored_ids(stored: pa.Array | pa.ChunkedArray | Iterable[str], plan: SourcePlan) -> None:
+def check_stored_ids(
+    stored: pa.Array | pa.ChunkedArray | Iterable[str] | np.ndarray,
+    plan: SourcePlan,
+    load_ids: Callable[[], list[str]] | None = None,
+) -> None:
     """Check that the stored image ids are the source's, each exactly once.
 
     Compares sorted 64-bit id hashes, so memory is 8 bytes per image; the ids are named when
     they differ.
 
+    Args:
+        stored: the stored ids, or their hashes (:func:`hash_ids`, ``uint64``).
+        plan: the source's plan.
+        load_ids: gives the stored ids as text when ``stored`` holds hashes (called only when
+            they differ, to name them).
+
     Raises:
         RuntimeError: naming duplicated, missing and unexpected ids.
     """
-    got = np.sort(hash_ids(stored))
+    is_hashes = isinstance(stored, np.ndarray) and stored.dtype == np.uint64
+    got = np.sort(stored if is_hashes else hash_ids(stored))
     if len(got) == len(plan.id_hashes) and np.array_equal(got, plan.id_hashes):
         return
-    stored_list = stored.to_pylist() if hasattr(stored, "to_pylist") else list(stored)
+    if is_hashes:
+        stored_list = load_ids() if load_ids is not None else []
+    else:
+        stored_list = stored.to_pylist() if hasattr(stored, "to_pylist") else list(stored)
     dup = sorted({i for i, n in Counter(stored_list).items() if n > 1})
     want = set(plan.id_hashes.tolist())
     have = set(got.tolist())
-    extra = [
-        i for i, h in zip(stored_list, hash_ids(stored_list).tolist(), strict=True) if h not in want
-    ]
+    hashed = hash_ids(stored_list).tolist() if stored_list else []
+    extra = [i for i, h in zip(stored_list, hashed, strict=True) if h not in want]
     missing = len(want - have)
     raise RuntimeError(
         f"stored maps do not match the source: {missing} missing, {len(extra)} unexpected "

@@ -9,8 +9,11 @@ CSV files are escaped against spreadsheet formula injection (:func:`escape_formu
 
 from __future__ import annotations
 
+import contextlib
 import os
+import posixpath
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,7 @@ from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
 from pipeline.schema import STATUS_OK
 from pipeline.storage.atomic import write_text
+from pipeline.storage.store import Store
 
 __all__ = ["escape_formula", "write_report"]
 
@@ -195,18 +199,21 @@ def _csv_text(df: pd.DataFrame) -> str:
     return safe.to_csv(index=False)
 
 
-def _out_dir(
-    out_dir: str | os.PathLike[str] | None, record: RunRecord | None, run_dir: Path
-) -> Path:
-    """The report folder: ``out_dir``, else the run's ``output.report_dir``, else
-    ``reports/<run name>`` under the current directory."""
+def _out_dir(out_dir: str | os.PathLike[str] | None, record: RunRecord | None, run_dir: Any) -> str:
+    """The report folder (a local path or an ``s3://``/``gs://`` URI): ``out_dir``, else the
+    run's ``output.report_dir``, else ``reports/<run name>`` under the current directory."""
     if out_dir is not None:
-        return Path(out_dir)
+        return str(out_dir)
     if record is not None and record.config.output.report_dir:
-        return Path(record.config.output.report_dir)
-    name = record.name if record is not None else run_dir.name
+        return str(record.config.output.report_dir)
+    name = record.name if record is not None else _base(run_dir)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
-    return Path.cwd() / "reports" / safe
+    return str(Path.cwd() / "reports" / safe)
+
+
+def _base(run_dir: Any) -> str:
+    """The last part of a run folder's path or URI."""
+    return posixpath.basename(str(run_dir).rstrip("/"))
 
 
 def _charts(
@@ -276,8 +283,11 @@ def write_report(
     gallery_size: int = 6,
     max_groups: int = 40,
     curation_limit: int | None = 10_000,
-) -> Path:
+) -> Any:
     """Write the data-curation report of a run and return the path of its ``index.html``.
+
+    The run folder and the report folder may be local or in object storage (``s3://``,
+    ``gs://``); a report for a bucket is written locally first and each file uploaded whole.
 
     Args:
         run_dir: run directory (``maps/part-*.parquet``, ``run.json``, ``summary.parquet``).
@@ -293,22 +303,52 @@ def write_report(
             always all listed after them.
 
     Returns:
-        ``out_dir / "index.html"``; beside it ``summary.csv``, ``flags.csv``, ``curation.csv``.
+        ``out_dir / "index.html"`` (its URI in object storage); beside it ``summary.csv``,
+        ``flags.csv``, ``curation.csv``.
 
     Example:
         >>> write_report("runs/val-audit")  # doctest: +SKIP
         PosixPath('.../reports/val-audit/index.html')
     """
-    run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
+    run_dir = folder.path  # a Path, or the URI of a folder in object storage
     record = folder.read_record()  # None: a run folder without run.json
     if summary is None:
-        summary = read_summary(run_dir) if folder.summary_path.exists() else aggregate(run_dir)
+        stored = folder.store.exists(folder.SUMMARY)
+        summary = read_summary(run_dir) if stored else aggregate(run_dir)
     group_by = list(summary.columns[: list(summary.columns).index("n")])
     params = summary.attrs.get("audit") or audit_params(record, group_by=group_by)
-    out = _out_dir(out_dir, record, run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    target = Store(_out_dir(out_dir, record, run_dir))
+    with contextlib.ExitStack() as stack:
+        # a report for a bucket is written locally, then each file uploaded whole
+        out = (
+            Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            if target.remote
+            else target.local()
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        index = _write_page(out, folder, run_dir, record, summary, params, group_by, gallery_size,
+                            curation_limit, max_groups)  # fmt: skip
+        if not target.remote:
+            return index
+        for f in sorted(out.iterdir()):
+            target.write_bytes(f.name, f.read_bytes())
+        return target.uri("index.html")
 
+
+def _write_page(
+    out: Path,
+    folder: RunFolder,
+    run_dir: Any,
+    record: RunRecord | None,
+    summary: pd.DataFrame,
+    params: Mapping[str, Any],
+    group_by: list[str],
+    gallery_size: int,
+    curation_limit: int | None,
+    max_groups: int,
+) -> Path:
+    """Write the page and its tables into the local folder ``out``; return its index."""
     statuses = {_key(s, group_by): str(s["status"]) for _, s in summary.iterrows()}
     t = float(params["threshold"])
     scan = _scan(run_dir, group_by, statuses, t, gallery_size, curation_limit)
@@ -317,7 +357,7 @@ def write_report(
     root = StoredImages(record.config.dataset) if record is not None else None
     failures = [] if record is None else record.failures
     page = rh.Page(
-        title=f"Occlusion audit: {record.name if record is not None else run_dir.name}",
+        title=f"Occlusion audit: {record.name if record is not None else _base(run_dir)}",
         findings=findings,
         notes=rh.summary_notes(summary, group_by, params) + _curation_note(scan, t),
         table_columns=columns,

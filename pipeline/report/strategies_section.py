@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from pipeline.audit.strategies import strategy_group_columns
@@ -50,10 +51,10 @@ def strategy_groups(
 ) -> list[tuple[str, list[StrategyTile]]]:
     """``(group label, tiles)`` for the first ``max_groups`` groups; empty without
     ``strategies.parquet``."""
-    path = folder.path / "strategies.parquet"
-    if not path.exists():
+    data = folder.read_file("strategies.parquet")
+    if data is None:
         return []
-    st = pd.read_parquet(path)
+    st = pq.read_table(pa.BufferReader(data)).to_pandas()
     gcols = strategy_group_columns(st)
     wanted = {i for ids in st["nearest_ids"] for i in list(ids)[:examples]}
     rows = {r["image_id"]: r for r in folder.read_maps(image_ids=wanted).to_dict("records")}

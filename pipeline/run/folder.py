@@ -1,6 +1,7 @@
 """The run folder: its layout, its lock, and exactly-once storage of shard files.
 
-Layout (docs/design.md, "Run folder")::
+A run folder is a local folder or a prefix in object storage (``s3://``, ``gs://``); the layout
+is the same (docs/design.md, "Run folder")::
 
     RUN_DIR/
       run.json                 the run record (pipeline.run.record), written at start and end
@@ -8,9 +9,10 @@ Layout (docs/design.md, "Run folder")::
       maps/part-NNNNN.parquet  shard NNNNN: manifest rows [k*S, (k+1)*S), one row per image
       .lock                    held by the run that writes the folder
 
-Every module that reads or writes a run folder goes through :class:`RunFolder`; shard files are
-written with :func:`pipeline.storage.atomic.atomic_write`, so a reader (or a resumed run) sees
-either no file or a complete one.
+Every module that reads or writes a run folder goes through :class:`RunFolder`; every file is
+written whole (:class:`pipeline.storage.store.Store`), so a reader (or a resumed run) sees
+either no file or a complete one. The lock is an ``flock`` locally and a leased lock object in a
+bucket (:class:`pipeline.run.lease.ObjectLock`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.run.lease import LEASE_S, ObjectLock, RunLockedError
 from pipeline.run.record import RunRecord
-from pipeline.storage.atomic import atomic_write, is_temporary
+from pipeline.storage.atomic import is_temporary
+from pipeline.storage.store import Store
 
 __all__ = [
     "RunFolder",
@@ -40,11 +44,12 @@ __all__ = [
 
 
 class RunFolder:
-    """One run's folder: where each file lives and how it is read and written.
+    """One run's folder, local or in object storage: where each file lives and how it is read
+    and written.
 
     Example:
-        >>> RunFolder("runs/val").shard_path(3).name
-        'part-00003.parquet'
+        >>> RunFolder("runs/val").shard_name(3)
+        'maps/part-00003.parquet'
     """
 
     MAPS = "maps"
@@ -53,70 +58,100 @@ class RunFolder:
     LOCK = ".lock"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.store = Store(path)
+        # a local folder is a Path (callers join names onto it); a bucket folder its URI
+        self.path: Any = self.store.location if self.store.remote else Path(self.store.root)
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
     @property
-    def maps_dir(self) -> Path:
-        return self.path / self.MAPS
+    def remote(self) -> bool:
+        return self.store.remote
 
     @property
-    def record_path(self) -> Path:
-        return self.path / self.RECORD
+    def maps_dir(self) -> Any:
+        return self._at(self.MAPS)
 
     @property
-    def summary_path(self) -> Path:
-        return self.path / self.SUMMARY
+    def record_path(self) -> Any:
+        return self._at(self.RECORD)
 
-    def shard_path(self, shard: int) -> Path:
-        """``RUN_DIR/maps/part-NNNNN.parquet`` for shard index ``shard``."""
-        return self.maps_dir / f"part-{shard:05d}.parquet"
+    @property
+    def summary_path(self) -> Any:
+        return self._at(self.SUMMARY)
 
-    def shard_files(self) -> list[Path]:
-        """The stored shard files, in shard order."""
-        return sorted(self.maps_dir.glob("part-*.parquet"))
+    def _at(self, name: str) -> Any:
+        return self.store.uri(name) if self.remote else self.store.local(name)
 
-    def write_shard(self, shard: int, table: pa.Table) -> Path:
-        """Write shard ``shard`` atomically (zstd Parquet).
+    def shard_name(self, shard: int) -> str:
+        """``maps/part-NNNNN.parquet`` for shard index ``shard``."""
+        return f"{self.MAPS}/part-{shard:05d}.parquet"
+
+    def shard_path(self, shard: int) -> Any:
+        """Where shard ``shard`` is stored (a Path, or a URI in object storage)."""
+        return self._at(self.shard_name(shard))
+
+    def shard_names(self) -> list[str]:
+        """The stored shards' names, in shard order (one listing of ``maps/``)."""
+        return self.store.list(self.MAPS, "part-*.parquet")
+
+    def shard_files(self) -> list[Any]:
+        """The stored shard files (Paths, or URIs in object storage), in shard order."""
+        return [self._at(n) for n in self.shard_names()]
+
+    def write_shard(self, shard: int, table: pa.Table) -> Any:
+        """Write shard ``shard`` whole (zstd Parquet): a local file renamed into place, or one
+        object under its final name. A retried shard overwrites; nothing partial is left.
 
         Raises:
             ShardWriteError: the file could not be written; nothing is left behind.
         """
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
         try:
-            return atomic_write(
-                self.shard_path(shard), lambda p: pq.write_table(table, p, compression="zstd")
-            )
+            self.store.write_bytes(self.shard_name(shard), sink.getvalue().to_pybytes())
         except OSError as e:
             raise ShardWriteError(
                 f"cannot write {self.shard_path(shard)}: {e.strerror or e}"
             ) from None
+        return self.shard_path(shard)
 
     def remove_temporary(self) -> None:
-        """Delete temporary files left by a killed writer (call with the lock held)."""
-        for folder in (self.path, self.maps_dir):
+        """Delete temporary files left by a killed writer (call with the lock held); object
+        stores never hold any."""
+        if self.remote:
+            return
+        for folder in (self.path, self.path / self.MAPS):
             for p in folder.glob(".*.tmp") if folder.is_dir() else ():
                 if is_temporary(p.name):
                     p.unlink(missing_ok=True)
 
     def complete_shards(self, expected_rows: Sequence[int]) -> set[int]:
-        """Shards whose files exist, parse, and hold the expected number of rows.
+        """Shards whose files exist, parse, and hold the expected number of rows (read from
+        each Parquet footer; one listing of the folder).
 
         Args:
             expected_rows: rows of each shard, indexed by shard number.
         """
+        stored = set(self.shard_names())
         done = set()
         for k, rows in enumerate(expected_rows):
-            p = self.shard_path(k)
-            if not p.exists():
+            name = self.shard_name(k)
+            if name not in stored:
                 continue
             try:
-                if pq.ParquetFile(p).metadata.num_rows == rows:
-                    done.add(k)
+                with self.store.open(name) as f:
+                    if pq.ParquetFile(f).metadata.num_rows == rows:
+                        done.add(k)
             except (OSError, pa.ArrowException):
                 continue  # unreadable leftovers are recomputed and replaced
         return done
+
+    def read_shard(self, name: str, columns: Sequence[str] | None = None, filters: Any = None):
+        """One stored shard (by its name) as a pyarrow Table."""
+        with self.store.open(name) as f:
+            return pq.read_table(f, columns=columns, filters=filters)
 
     def read_maps(
         self, columns: Sequence[str] | None = None, image_ids: Collection[str] | None = None
@@ -130,8 +165,8 @@ class RunFolder:
         Raises:
             FileNotFoundError: the folder holds no shard files.
         """
-        files = self.shard_files()
-        if not files:
+        names = self.shard_names()
+        if not names:
             raise FileNotFoundError(
                 f"no maps/part-*.parquet under {self.path}: not a run folder, or the run has "
                 "not stored a shard yet (run `occlusion-audit run` first)"
@@ -140,24 +175,53 @@ class RunFolder:
         # (~70 KiB each) alive in the driver for as long as the process runs.
         cols = None if columns is None else list(columns)
         rows = None if image_ids is None else [("image_id", "in", sorted(image_ids))]
-        tables = [pq.read_table(f, columns=cols, filters=rows) for f in files]
+        tables = [self.read_shard(n, cols, rows) for n in names]
         return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+    def iter_ids(self) -> Iterator[pa.ChunkedArray]:
+        """Each stored shard's ``image_id`` column, one shard at a time."""
+        for name in self.shard_names():
+            yield self.read_shard(name, ["image_id"]).column("image_id")
+
+    def has_record(self) -> bool:
+        return self.store.exists(self.RECORD)
 
     def read_record(self) -> RunRecord | None:
         """The run record, or None when the run has written none."""
-        return RunRecord.read(self.record_path) if self.record_path.exists() else None
+        try:
+            data = self.store.read_bytes(self.RECORD)
+        except FileNotFoundError:
+            return None
+        return RunRecord.from_bytes(data, str(self.record_path))
 
     def write_record(self, record: RunRecord) -> None:
-        record.write(self.record_path)
+        self.store.write_bytes(self.RECORD, record.to_bytes())
 
-    def write_summary(self, table: pa.Table) -> Path:
-        return atomic_write(self.summary_path, lambda p: pq.write_table(table, p))
+    def write_summary(self, table: pa.Table) -> Any:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.store.write_bytes(self.SUMMARY, sink.getvalue().to_pybytes())
+        return self.summary_path
 
     def read_summary(self) -> pa.Table:
-        return pq.read_table(self.summary_path)
+        with self.store.open(self.SUMMARY) as f:
+            return pq.read_table(f)
 
-    def lock(self) -> RunLock:
-        return RunLock(self.path)
+    def write_file(self, name: str, data: bytes) -> Any:
+        """Write another file of the run (``strategies.parquet``) whole."""
+        self.store.write_bytes(name, data)
+        return self._at(name)
+
+    def read_file(self, name: str) -> bytes | None:
+        """Another file of the run, or None when absent."""
+        try:
+            return self.store.read_bytes(name)
+        except FileNotFoundError:
+            return None
+
+    def lock(self, lease_s: float = LEASE_S) -> Any:
+        """The folder's run lock: an ``flock`` locally, a leased lock object in a bucket."""
+        return ObjectLock(self.store, lease_s) if self.remote else RunLock(self.path)
 
 
 def read_maps(run_dir: str | os.PathLike[str], columns: Sequence[str] | None = None) -> Any:
@@ -180,10 +244,6 @@ class ShardWriteError(OSError):
 class RunFolderError(ValueError):
     """``output.dir`` cannot take this run: not writable, not a run folder, another run's
     settings."""
-
-
-class RunLockedError(RuntimeError):
-    """Another process holds the output folder's lock."""
 
 
 class RunLock:

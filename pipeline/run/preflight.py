@@ -98,16 +98,19 @@ def claim_folder(folder: RunFolder, identity: dict[str, Any], resume: bool) -> R
     Raises:
         RunFolderError: naming the folder and what differs.
     """
-    shards = folder.shard_files()
+    shards = folder.shard_names()
     try:
         before = folder.read_record()
     except RunRecordError as e:
         raise RunFolderError(f"{folder.path} holds a run.json that is not a run record: {e}") from e
+    tops = {name.split("/", 1)[0] for name in folder.store.list("", recursive=True)}
+    if not folder.remote and folder.path.is_dir():  # empty sub-folders count locally
+        tops |= {p.name for p in folder.path.iterdir()}
     others = [
-        p.name
-        for p in (folder.path.iterdir() if folder.path.is_dir() else ())
-        if p.name not in (RunFolder.LOCK, RunFolder.MAPS, RunFolder.RECORD, RunFolder.SUMMARY)
-        and not p.name.startswith(".")
+        name
+        for name in tops
+        if name not in (RunFolder.LOCK, RunFolder.MAPS, RunFolder.RECORD, RunFolder.SUMMARY)
+        and not name.startswith(".")
     ]
     if before is None and others:
         raise RunFolderError(

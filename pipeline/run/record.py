@@ -111,6 +111,19 @@ class RunRecord:
         )
 
     @classmethod
+    def from_bytes(cls, data: bytes, where: str = "run.json") -> RunRecord:
+        """A record from the bytes of a ``run.json`` (``where`` names it in errors)."""
+        try:
+            parsed = json.loads(data.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunRecordError(f"{where} is not valid JSON: {e}") from e
+        return cls.from_json(parsed)
+
+    def to_bytes(self) -> bytes:
+        """The record as ``run.json`` bytes (indented JSON)."""
+        return (json.dumps(self.to_json(), indent=2, default=str) + "\n").encode("utf-8")
+
+    @classmethod
     def read(cls, path: str | os.PathLike[str]) -> RunRecord:
         """Read ``run.json`` at ``path``.
 

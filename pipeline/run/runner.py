@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
 
 from pipeline.config import AuditConfig
 from pipeline.data.detect import open_source
-from pipeline.data.plan import check_stored_ids, plan_source
+from pipeline.data.plan import check_stored_ids, hash_ids, plan_source
 from pipeline.run.bank import BankPlanner
 from pipeline.run.dispatch import DispatchOutcome
 from pipeline.run.folder import RunFolder, RunFolderError
@@ -33,6 +35,7 @@ from pipeline.run.preflight import (
     versions,
 )
 from pipeline.run.record import Counts, RunRecord
+from pipeline.schema import STATUS_OK
 
 __all__ = ["RunIncompleteError", "RunResult", "run_audit"]
 
@@ -46,7 +49,7 @@ class RunIncompleteError(RuntimeError):
 class RunResult:
     """Outcome of :func:`run_audit`."""
 
-    run_dir: Path
+    run_dir: Any  # a Path, or the URI of a folder in object storage
     images: int  # rows in the manifest
     ok: int  # images with status "ok"
     errors: int  # images with status "error"
@@ -86,7 +89,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
     shards = plan.shards
     identity = run_identity(config, model_sha, plan.digest)
 
-    with folder.lock():
+    with folder.lock(float(config.output.lock_lease_s)):
         before = claim_folder(folder, identity, resume)
         folder.remove_temporary()  # leftovers of a killed writer; we hold the lock
         record = RunRecord(
@@ -113,10 +116,12 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
                 ray.shutdown()
         if outcome.lost:
             _stop(folder, record, outcome, shape)
-        # one read of the stored ids and statuses serves the check and the counts
-        stored = folder.read_maps(columns=["image_id", "status", "error"])
-        check_stored_ids(stored["image_id"].tolist(), plan)
-        result = _result(config, folder.path, stored, plan.images, time.time() - t0, len(done))
+        # one streaming read of the stored ids and statuses serves the check and the counts
+        hashes, failures = _stored(folder)
+        check_stored_ids(
+            hashes, plan, lambda: [i for c in folder.iter_ids() for i in c.to_pylist()]
+        )
+        result = _result(config, folder.path, failures, plan.images, time.time() - t0, len(done))
         try:
             folder.write_record(_finished(record, result, outcome, shape, t0))
         except OSError as e:
@@ -145,13 +150,35 @@ def _stop(folder: RunFolder, record: RunRecord, outcome: DispatchOutcome, shape:
     )
 
 
+def _all_ids(folder: RunFolder) -> list[str]:
+    """Every stored id (only read to name the ids when the exactly-once check fails)."""
+    return [i for column in folder.iter_ids() for i in column.to_pylist()]
+
+
+def _stored(folder: RunFolder) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Hashes of every stored id (8 bytes per image) and the error rows, shard by shard."""
+    hashes, failures = [], []
+    for name in folder.shard_names():
+        t = folder.read_shard(name, ["image_id", "status", "error"])
+        hashes.append(hash_ids(t.column("image_id")))
+        bad = t.filter(pc.not_equal(t.column("status"), STATUS_OK))
+        failures += [
+            {"image_id": i, "error": e}
+            for i, e in zip(
+                bad.column("image_id").to_pylist(), bad.column("error").to_pylist(), strict=True
+            )
+        ]
+    return (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)), failures
+
+
 def _result(
-    cfg: AuditConfig, run_dir: Path, stored: Any, n: int, secs: float, resumed: int
+    cfg: AuditConfig,
+    run_dir: Any,
+    failures: list[dict[str, str]],
+    n: int,
+    secs: float,
+    resumed: int,
 ) -> RunResult:
-    bad = stored[stored["status"] != "ok"]
-    failures = [
-        {"image_id": i, "error": e} for i, e in zip(bad["image_id"], bad["error"], strict=True)
-    ]
     return RunResult(
         run_dir=run_dir,
         images=n,

@@ -1,0 +1,241 @@
+"""A folder on local disk or in an object store (``s3://``, ``gs://``), with whole-object writes.
+
+Run and report folders live here. A write is all or nothing in every store: locally a temporary
+file renamed into place (:func:`pipeline.storage.atomic.atomic_write`); in S3 and GCS one upload
+under the final name, which the store shows only once it is complete (a single PUT, a completed
+multipart upload, a finalised resumable upload). No temporary object is ever created, so none
+is left behind.
+
+Create-if-absent (:meth:`Store.put_if_absent`) and replace-if-unchanged
+(:meth:`Store.replace_if_match`) are conditional writes: ``O_EXCL`` locally, ``If-None-Match: *``
+and ``If-Match: <etag>`` on S3 (boto3, the ``[s3]`` extra). A store without conditional writes
+(GCS through pyarrow, which sends no preconditions) gets a check-then-write, which two writers
+starting within the same instant can both pass; ``Store.conditional`` says which one a store has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.storage.atomic import atomic_write
+from pipeline.storage.uri import _gcs_filesystem, _s3_filesystem, is_uri, split_uri
+
+__all__ = ["Store", "StoreVersion"]
+
+StoreVersion = str  # an etag (S3), a generation (GCS) or an mtime (local): what changes on write
+
+
+class Store:
+    """A folder; every name is relative to it, with ``/`` separators.
+
+    Args:
+        location: a local folder, ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
+
+    Example:
+        >>> Store("s3://audits/nightly/2026-12-01").uri("maps/part-00000.parquet")
+        's3://audits/nightly/2026-12-01/maps/part-00000.parquet'
+    """
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        text = str(location)
+        self.remote = is_uri(text)
+        if self.remote:
+            scheme, rest = split_uri(text)
+            if scheme not in ("s3", "gs") or not rest.strip("/") or rest.startswith("/"):
+                raise ValueError(
+                    f"{text}: a run or report folder must be a local folder, s3://bucket/prefix "
+                    "or gs://bucket/prefix"
+                )
+            self.scheme, self.root = scheme, rest.rstrip("/")
+            self.location = f"{scheme}://{self.root}"
+            self.fs = _s3_filesystem() if scheme == "s3" else _gcs_filesystem()
+        else:
+            self.scheme, self.root = "file", os.path.abspath(text)
+            self.location = self.root
+            self.fs = pafs.LocalFileSystem()
+
+    def __repr__(self) -> str:
+        return f"Store({self.location!r})"
+
+    @property
+    def conditional(self) -> bool:
+        """Whether create-if-absent and replace-if-unchanged are atomic in this store."""
+        return self.scheme in ("file", "s3")
+
+    def _path(self, name: str) -> str:
+        return posixpath.join(self.root, name) if name else self.root
+
+    def uri(self, name: str = "") -> str:
+        """The full path or URI of ``name``."""
+        return f"{self.scheme}://{self._path(name)}" if self.remote else self._path(name)
+
+    def local(self, name: str = "") -> Path:
+        """The local path of ``name`` (a local store only)."""
+        if self.remote:
+            raise ValueError(f"{self.location} is not a local folder")
+        return Path(self._path(name))
+
+    # -- reading ---------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self._path(name)).type == pafs.FileType.File
+
+    def is_empty(self) -> bool:
+        """No file at all under the folder (or no folder)."""
+        return not self.list("", recursive=True)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole file (``FileNotFoundError`` when absent)."""
+        try:
+            with self.fs.open_input_stream(self._path(name), compression=None) as f:
+                return bytes(f.read())
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if not self.exists(name):
+                raise FileNotFoundError(f"{self.uri(name)}: no such file") from e
+            raise
+
+    def open(self, name: str) -> Any:
+        """A seekable file for a Parquet reader (a whole ``gs://`` object is read into memory:
+        see :func:`pipeline.storage.files.open_file`)."""
+        if self.scheme == "gs":
+            return pa.BufferReader(self.read_bytes(name))
+        return self.fs.open_input_file(self._path(name))
+
+    def list(self, folder: str = "", pattern: str = "*", recursive: bool = False) -> list[str]:
+        """Names (relative to the store) of the files in ``folder`` matching ``pattern``, sorted."""
+        selector = pafs.FileSelector(self._path(folder), allow_not_found=True, recursive=recursive)
+        out = []
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File:
+                continue
+            name = posixpath.relpath(info.path, self.root)
+            if fnmatch.fnmatch(posixpath.basename(name), pattern):
+                out.append(name)
+        return sorted(out)
+
+    def version(self, name: str) -> StoreVersion | None:
+        """What changes whenever ``name`` is written, or None when it does not exist."""
+        if self.scheme == "s3":
+            from botocore.exceptions import ClientError
+
+            try:
+                return str(_s3_client().head_object(**_s3_key(self._path(name)))["ETag"])
+            except ClientError as e:
+                if (
+                    _missing(e)
+                    or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+                ):
+                    return None
+                raise
+        info = self.fs.get_file_info(self._path(name))
+        if info.type != pafs.FileType.File:
+            return None
+        return f"{info.mtime_ns}-{info.size}"
+
+    # -- writing ---------------------------------------------------------------------------
+    def write_bytes(self, name: str, data: bytes) -> str:
+        """Write ``name`` whole; a reader sees the old content or the new, never a part."""
+        if not self.remote:
+            return str(atomic_write(self._path(name), lambda p: p.write_bytes(data)))
+        with self.fs.open_output_stream(self._path(name)) as f:
+            f.write(data)
+        return self.uri(name)
+
+    def delete(self, name: str) -> None:
+        """Remove ``name`` (nothing when absent)."""
+        if self.scheme == "s3":
+            # boto3, not pyarrow: pyarrow writes an empty "folder/" marker object after deleting
+            # the last file of a prefix
+            _s3_client().delete_object(**_s3_key(self._path(name)))
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self._path(name))
+
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Create ``name`` holding ``data`` unless it exists; True when this call created it."""
+        if self.scheme == "s3":
+            from botocore.exceptions import ClientError
+
+            try:
+                _s3_client().put_object(**_s3_key(self._path(name)), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if _precondition_failed(e):
+                    return False
+                raise
+        if not self.remote:
+            path = self._path(name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.new"
+            Path(tmp).write_bytes(data)
+            try:
+                os.link(tmp, path)  # fails when the name exists: create-if-absent, whole content
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if self.exists(name):  # no preconditions through pyarrow's GCS client
+            return False
+        self.write_bytes(name, data)
+        return True
+
+    def replace_if_match(self, name: str, data: bytes, version: StoreVersion) -> bool:
+        """Overwrite ``name`` only if it still is at ``version``; True when replaced."""
+        if self.scheme == "s3":
+            from botocore.exceptions import ClientError
+
+            try:
+                _s3_client().put_object(**_s3_key(self._path(name)), Body=data, IfMatch=version)
+                return True
+            except ClientError as e:
+                if _precondition_failed(e) or _missing(e):
+                    return False
+                raise
+        if self.version(name) != version:  # local and GCS: check, then write
+            return False
+        self.write_bytes(name, data)
+        return True
+
+
+def _s3_key(path: str) -> dict[str, str]:
+    bucket, _, key = path.partition("/")
+    return {"Bucket": bucket, "Key": key}
+
+
+def _s3_client() -> Any:
+    """A boto3 S3 client with the endpoint and credentials pyarrow's filesystem uses."""
+    try:
+        import boto3
+    except ImportError as e:  # pragma: no cover - depends on the installed extras
+        raise ImportError(
+            "run folders on s3:// need boto3 for their lock: pip install 'occlusion-audit[s3]'"
+        ) from e
+    env = os.environ.get
+    endpoint = env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
+    region = env("AWS_REGION") or env("AWS_DEFAULT_REGION")
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None)
+
+
+def _status(e: Any) -> int | None:
+    return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _precondition_failed(e: Any) -> bool:
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or _status(e) in (409, 412)
+
+
+def _missing(e: Any) -> bool:
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    return code in ("NoSuchKey", "404")
