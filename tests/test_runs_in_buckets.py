@@ -259,3 +259,35 @@ def test_a_run_in_the_gcs_emulator_is_exactly_once(data, tmp_path, monkeypatch) 
             "run.json",
             "summary.parquet",
         ]
+
+
+@pytest.mark.slow
+def test_nightly_runs_in_a_bucket_compare_and_chart_themselves(s3, data) -> None:
+    """``trend.runs_dir`` and ``output.report_dir`` in the bucket, as the jobs set them."""
+    from pipeline.report.publish import publish_run
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        docs = []
+        for day in ("2026-12-01", "2026-12-02"):
+            raw = audit_config(
+                data,
+                f"s3://audits/nightly/runs/{day}",  # type: ignore[arg-type]
+                cluster={"shard_size": 6},
+                output={"report_dir": f"s3://audits/nightly/reports/{day}"},
+                trend={"runs_dir": "s3://audits/nightly/runs"},
+            )
+            cfg = load_config(raw)
+            run_audit(cfg, progress=False)
+            aggregate(cfg.output.dir)
+            docs.append(publish_run(cfg, cfg.output.dir))
+    finally:
+        ray.shutdown()
+    assert "compare" not in docs[0] and docs[0]["history"]["runs"] == 1
+    assert docs[1]["compare"]["previous"] == "s3://audits/nightly/runs/2026-12-01"
+    assert docs[1]["history"]["runs"] == 2
+    keys = _keys(s3, "nightly/reports/2026-12-02/")
+    for name in ("compare/compare.html", "compare/compare.json", "history/history.html"):
+        assert f"nightly/reports/2026-12-02/{name}" in keys, keys

@@ -7,14 +7,15 @@ stored maps with its own audit settings, so old runs read with today's statistic
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
 from pipeline.audit.aggregate import aggregate
 from pipeline.run.folder import RunFolder
+from pipeline.storage.store import Store
 
 __all__ = ["History", "find_runs", "run_history"]
 
@@ -30,9 +31,16 @@ class History:
     threshold: float
 
 
-def _is_run(path: Path) -> bool:
+def _is_run(path: str) -> bool:
     folder = RunFolder(path)
-    return folder.record_path.exists() and bool(folder.shard_files())
+    return folder.has_record() and bool(folder.shard_names())
+
+
+def _children(folder: str) -> list[str]:
+    """Folders directly under ``folder`` (local or a bucket prefix) that hold a ``run.json``."""
+    store = Store(folder)
+    tops = {n.split("/", 1)[0] for n in store.list("", "run.json", recursive=True) if "/" in n}
+    return sorted(store.uri(t) for t in tops)
 
 
 def find_runs(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -44,9 +52,9 @@ def find_runs(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     Raises:
         FileNotFoundError: no run folder was found.
     """
-    found: list[Path] = []
-    for p in map(Path, paths):
-        found += [p] if _is_run(p) else sorted(c for c in p.glob("*") if c.is_dir() and _is_run(c))
+    found: list[str] = []
+    for p in (str(p) for p in paths):
+        found += [p] if _is_run(p) else [c for c in _children(p) if _is_run(c)]
     records = [(RunFolder(p).read_record(), p) for p in found]
     runs = [(r.started_at or "", str(p)) for r, p in records if r and r.status == "finished"]
     if not runs:
@@ -62,11 +70,15 @@ def run_history(runs: Sequence[str]) -> History:
     for run in runs:
         record = RunFolder(run).read_record()
         summary = aggregate(run, group_by=group_by or None, write=False)
-        summary.insert(0, "run", Path(run).name)
+        summary.insert(0, "run", _name(run))
         summary.insert(1, "started_at", record.started_at if record else None)
         frames.append(summary)
     keep = ["run", "started_at", *group_by, "n_valid", "gmean_ratio", "ci_low", "ci_high",
             "q_value", "status"]  # fmt: skip
     table = pd.concat(frames, ignore_index=True)[keep]
     threshold = newest.config.audit.threshold if newest is not None else 1.0
-    return History(table, [Path(r).name for r in runs], group_by, threshold)
+    return History(table, [_name(r) for r in runs], group_by, threshold)
+
+
+def _name(run: str) -> str:
+    return posixpath.basename(str(run).rstrip("/"))

@@ -7,7 +7,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -16,9 +15,11 @@ from pipeline.audit.compare import Comparison, group_label
 from pipeline.data.stored import StoredImages
 from pipeline.report.figures import stored_row_figure
 from pipeline.report.html import environment, fmt
+from pipeline.report.outdir import join, local_out
 from pipeline.report.run_charts import VERDICT_COLORS, dumbbell_chart
 from pipeline.run.folder import RunFolder
 from pipeline.storage.atomic import atomic_write, write_json, write_text
+from pipeline.storage.uri import is_uri
 
 __all__ = ["write_comparison"]
 
@@ -150,23 +151,25 @@ def _page(c: Comparison) -> _Page:
     )
 
 
-def write_comparison(c: Comparison, out_dir: str | os.PathLike[str] | None = None) -> Path:
+def write_comparison(c: Comparison, out_dir: str | os.PathLike[str] | None = None) -> Any:
     """Write ``compare.parquet``, ``compare.json`` and ``compare.html``; return the folder.
 
     Args:
         c: the comparison.
-        out_dir: the folder (default ``RUN_B/compare``).
+        out_dir: the folder, local or ``s3://``/``gs://`` (default ``RUN_B/compare``).
     """
-    out = Path(out_dir) if out_dir is not None else Path(c.run_b) / "compare"
+    target = str(out_dir) if out_dir is not None else join(c.run_b, "compare")
     groups = c.groups.copy()
     for col in c.group_by:
         groups[col] = groups[col].astype("string")
-    atomic_write(out / "compare.parquet", lambda p: groups.to_parquet(p, index=False))
-    write_json(out / "compare.json", _jsonable(c.summary))
-    env = environment()
-    env.globals["verdict_colors"] = VERDICT_COLORS
-    write_text(out / "compare.html", env.get_template("compare.html.j2").render(page=_page(c)))
-    return out
+    with local_out(target) as out:
+        atomic_write(out / "compare.parquet", lambda p: groups.to_parquet(p, index=False))
+        write_json(out / "compare.json", _jsonable(c.summary))
+        env = environment()
+        env.globals["verdict_colors"] = VERDICT_COLORS
+        page = env.get_template("compare.html.j2").render(page=_page(c))
+        write_text(out / "compare.html", page)
+    return out if not is_uri(target) else target
 
 
 def _jsonable(value: Any) -> Any:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from pipeline.audit.compare import group_label
 from pipeline.audit.history import History
 from pipeline.report.html import environment, fmt
+from pipeline.report.outdir import local_out
 from pipeline.report.run_charts import trend_chart
 from pipeline.storage.atomic import atomic_write, write_text
+from pipeline.storage.uri import is_uri
 
 __all__ = ["write_history"]
 
@@ -49,13 +51,14 @@ def _page(h: History) -> _Page:
     )
 
 
-def write_history(h: History, out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``history.parquet`` and ``history.html`` into ``out_dir``; return it."""
-    out = Path(out_dir)
+def write_history(h: History, out_dir: str | os.PathLike[str]) -> Any:
+    """Write ``history.parquet`` and ``history.html`` into ``out_dir`` (local or
+    ``s3://``/``gs://``); return it."""
     table = h.table.copy()
     for col in h.group_by:
         table[col] = table[col].astype("string")
-    atomic_write(out / "history.parquet", lambda p: table.to_parquet(p, index=False))
-    html = environment().get_template("history.html.j2").render(page=_page(h))
-    write_text(out / "history.html", html)
-    return out
+    with local_out(out_dir) as out:
+        atomic_write(out / "history.parquet", lambda p: table.to_parquet(p, index=False))
+        html = environment().get_template("history.html.j2").render(page=_page(h))
+        write_text(out / "history.html", html)
+    return out if not is_uri(str(out_dir)) else str(out_dir)

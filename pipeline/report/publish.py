@@ -16,14 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import AuditConfig
+from pipeline.report.outdir import join
+from pipeline.storage.uri import is_uri
 
 __all__ = ["post_json", "publish_run", "run_summary"]
 
 
-def _previous(runs: list[str], run_dir: Path) -> str | None:
+def _previous(runs: list[str], run_dir: Any) -> str | None:
     """The newest of ``runs`` (oldest first) other than ``run_dir``."""
-    earlier = [r for r in runs if Path(r).resolve() != run_dir.resolve()]
+    earlier = [r for r in runs if _same(r, run_dir) is False]
     return earlier[-1] if earlier else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two run folders (paths or URIs) are the same one."""
+    if is_uri(str(a)) or is_uri(str(b)):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def run_summary(cfg: AuditConfig, run_dir: Path) -> dict[str, Any]:
@@ -55,17 +64,17 @@ def publish_run(cfg: AuditConfig, run_dir: Path) -> dict[str, Any]:
     from pipeline.report.history_page import write_history
 
     doc = run_summary(cfg, run_dir)
-    report_dir = Path(str(cfg.output.report_dir))
+    report_dir = str(cfg.output.report_dir)
     if cfg.trend.runs_dir is not None:
         runs = find_runs([cfg.trend.runs_dir])  # one listing serves the compare and the history
         previous = _previous(runs, run_dir)
         if previous is not None:
             try:
                 c = compare_runs(previous, run_dir)
-                out = write_comparison(c, report_dir / "compare")
+                out = write_comparison(c, join(report_dir, "compare"))
                 doc["compare"] = {
                     "previous": previous,
-                    "page": str(out / "compare.html"),
+                    "page": join(out, "compare.html"),
                     "new_flags": c.summary["groups"]["new-flag"],
                     "regressions": c.summary["groups"]["regressed"],
                     "cleared": c.summary["groups"]["cleared"],
@@ -75,9 +84,9 @@ def publish_run(cfg: AuditConfig, run_dir: Path) -> dict[str, Any]:
             except CompareError as e:  # another occlusion setting: say so, chart the rest
                 doc["compare"] = {"previous": previous, "refused": str(e)}
                 print(f"compare with {previous} refused: {e}", file=sys.stderr)
-        out = write_history(run_history(runs), report_dir / "history")
-        doc["history"] = {"runs": len(runs), "page": str(out / "history.html")}
-        print(f"history: {len(runs)} runs -> {out / 'history.html'}")
+        out = write_history(run_history(runs), join(report_dir, "history"))
+        doc["history"] = {"runs": len(runs), "page": join(out, "history.html")}
+        print(f"history: {len(runs)} runs -> {join(out, 'history.html')}")
     if cfg.notify.webhook is not None:
         post_json(cfg.notify.webhook, doc, cfg.notify.timeout_s)
     return doc

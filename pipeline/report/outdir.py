@@ -1,0 +1,36 @@
+"""Report folders anywhere: pages are written into a local folder, then, for a bucket
+(``s3://``, ``gs://``), each file is uploaded whole under the same name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.storage.store import Store
+
+__all__ = ["join", "local_out"]
+
+
+def join(folder: str | os.PathLike[str], name: str) -> str:
+    """``folder/name`` for a local path or a URI."""
+    return f"{str(folder).rstrip('/')}/{name}"
+
+
+@contextlib.contextmanager
+def local_out(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A local folder to write a page into; for a bucket target, a temporary one whose files
+    are uploaded to ``target`` when the block ends without an error."""
+    store = Store(target)
+    if not store.remote:
+        out = store.local()
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():
+                store.write_bytes(f.name, f.read_bytes())
