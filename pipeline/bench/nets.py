@@ -152,3 +152,15 @@ def build_bench_model(
         model = BENCH_MODELS[name](image_size, num_classes)
     _calibrate_batchnorm(model, image_size, seed)
     return model.eval()
+
+
+class Tiny(nn.Module):
+    """One 8x8 convolution to one output, ``(N, 3, 8, 8) -> (N, 1)``: a model whose cost is
+    negligible, so a run of it measures the pipeline's own cost per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(1)  # (N, 1)

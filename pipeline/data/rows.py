@@ -62,6 +62,7 @@ class ParquetRows(Rows):
         for n in self.file_rows:
             self.offsets.append(self.offsets[-1] + n)
         self.num_rows = self.offsets[-1]
+        self._last: tuple[tuple, pa.Table] | None = None  # the last row groups read
 
     def _groups(self, i: int) -> list[int]:
         """First row (within file ``i``) of each row group, plus the file's row count."""
@@ -81,14 +82,24 @@ class ParquetRows(Rows):
             bounds = self._groups(i)
             g0 = bisect.bisect_right(bounds, lo) - 1
             g1 = bisect.bisect_left(bounds, hi)
-            with open_file(self.files[i]) as fh:
-                part = pq.ParquetFile(fh).read_row_groups(list(range(g0, g1)), columns=cols)
+            part = self._row_groups(i, g0, g1, cols)
             parts.append(part.slice(lo - bounds[g0], hi - lo))
             start = self.offsets[i + 1]
             i += 1
         if not parts:
             return self.schema.empty_table().select(cols) if cols else self.schema.empty_table()
         return pa.concat_tables(parts)
+
+    def _row_groups(self, i: int, g0: int, g1: int, cols: list[str] | None) -> pa.Table:
+        """Row groups ``[g0, g1)`` of file ``i``. The last read is kept: consecutive shards
+        usually lie in the same row group (a row group often holds many shards' rows)."""
+        key = (i, g0, g1, None if cols is None else tuple(cols))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        with open_file(self.files[i]) as fh:
+            part = pq.ParquetFile(fh).read_row_groups(list(range(g0, g1)), columns=cols)
+        self._last = (key, part)
+        return part
 
     def take(self, rows: Sequence[int], columns: Sequence[str] | None = None) -> pa.Table:
         """The given rows, reading each row group that holds any of them once."""
