@@ -1,7 +1,8 @@
 """The pipeline's own cost per image, with its run folder in a bucket: N tiny images, 1 window.
 
 Writes N random 8x8 PNG images into one `datasets`-style Parquet file (Image column, bytes
-inside), starts a moto S3 server on loopback, and runs a real audit (`run_audit` on the embedded
+inside), then, in a fresh child process, starts a moto S3 server on loopback and runs a real
+audit (`run_audit` on the embedded
 Ray, one window per image, K=1, a one-layer model, counterfactuals off) with `output.dir` in the
 bucket. Each size runs in a fresh child process, so its peak RSS is the driver's own. Reports:
 
@@ -9,7 +10,7 @@ bucket. Each size runs in a fresh child process, so its peak RSS is the driver's
 - ms/image of pipeline overhead: the workers' time minus the model's (`phases_s` without
   `kernel_s`), per image, and the whole run's wall time per image;
 - the driver's peak RSS (`ru_maxrss` of the child), to compare between sizes;
-- object-store requests (counted at the server) per shard.
+- object-store requests (counted at the server, which runs in this parent process) per shard.
 
 Usage:
     python benchmarks/bucket_scale.py [--sizes 20000 200000] [--shard-size 256] [--json out.json]
@@ -19,69 +20,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 _CHILD = r"""
-import io, json, logging, os, resource, sys, time
+import json, os, resource, sys, time
 from pathlib import Path
-import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
-from PIL import Image
 sys.path.insert(0, os.getcwd())
-from tests._data_helpers import moto_server
+from pipeline import load_config, run_audit
+from pipeline.run.folder import RunFolder
 
-n, shard, tmp = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-rng = np.random.default_rng(0)
-buf = []
-for i in range(n):
-    b = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(b, format="PNG")
-    buf.append({"bytes": b.getvalue(), "path": None})
-img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-meta = {b"huggingface": json.dumps({"info": {"features": {
-    "image_id": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"},
-    "group": {"dtype": "string", "_type": "Value"}}}}).encode()}
-table = pa.table({"image_id": [f"i{i:07d}" for i in range(n)], "image": pa.array(buf, img_type),
-                  "group": [str(i % 8) for i in range(n)]}).replace_schema_metadata(meta)
-pq.write_table(table, tmp / "images.parquet", row_group_size=4096)
-del buf, table
-torch.manual_seed(0)
-from pipeline.bench.nets import Tiny
-torch.save(Tiny().state_dict(), tmp / "w.pt")
-
-class Count(logging.Handler):
-    n = 0
-    def emit(self, record):
-        Count.n += 1
-with moto_server() as endpoint:
-    logging.getLogger("werkzeug").addHandler(Count())
-    logging.getLogger("werkzeug").setLevel(logging.INFO)
-    os.environ.update({"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint,
-                       "AWS_EC2_METADATA_DISABLED": "true"})
-    import boto3
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="scale-bench")
-    from pipeline import load_config, run_audit
-    from pipeline.run.folder import RunFolder
-    cfg = load_config({
-        "name": "scale",
-        "dataset": {"manifest": str(tmp / "images.parquet"), "group_by": ["group"],
-                    "image_size": [8, 8]},
-        "model": {"factory": "pipeline.bench.nets:Tiny", "weights": str(tmp / "w.pt"),
-                  "task": "regression"},
-        "occlusion": {"window": [8, 8], "stride": [8, 8], "baseline": "zero"},
-        "counterfactual": {"enabled": False},
-        "cluster": {"shard_size": shard},
-        "output": {"dir": "s3://scale-bench/run"},
-    })
-    before = Count.n
-    t0 = time.perf_counter()
-    res = run_audit(cfg, progress=False)
-    wall = time.perf_counter() - t0
-    requests = Count.n - before
-    rec = RunFolder("s3://scale-bench/run").read_record()
+# the data and the S3 server live in the parent: this process's peak RSS is the driver's alone
+n, shard, tmp, run = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+cfg = load_config({
+    "name": "scale",
+    "dataset": {"manifest": str(tmp / "images.parquet"), "group_by": ["group"],
+                "image_size": [8, 8]},
+    "model": {"factory": "pipeline.bench.nets:Tiny", "weights": str(tmp / "w.pt"),
+              "task": "regression"},
+    "occlusion": {"window": [8, 8], "stride": [8, 8], "baseline": "zero"},
+    "counterfactual": {"enabled": False},
+    "cluster": {"shard_size": shard},
+    "output": {"dir": run},
+})
+t0 = time.perf_counter()
+res = run_audit(cfg, progress=False)
+wall = time.perf_counter() - t0
+rec = RunFolder(run).read_record()
 phases = dict(rec.timings.get("phases_s", {}))
 work = sum(phases.values())
 print(json.dumps({
@@ -93,9 +62,55 @@ print(json.dumps({
     "wall_ms_per_image": round(1000 * wall / n, 3),
     "phases_s": phases,
     "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    "requests": requests, "requests_per_shard": round(requests / rec.shards, 2),
 }))
 """
+
+
+def write_images(tmp: Path, n: int) -> None:
+    """``images.parquet`` (``datasets`` layout, Image column with PNG bytes) and ``w.pt``."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+
+    from pipeline.bench.nets import Tiny
+
+    rng = np.random.default_rng(0)
+    buf = []
+    for _ in range(n):
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(b, format="PNG")
+        buf.append({"bytes": b.getvalue(), "path": None})
+    img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    features = {
+        "image_id": {"dtype": "string", "_type": "Value"},
+        "image": {"_type": "Image"},
+        "group": {"dtype": "string", "_type": "Value"},
+    }
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    table = pa.table(
+        {
+            "image_id": [f"i{i:07d}" for i in range(n)],
+            "image": pa.array(buf, img_type),
+            "group": [str(i % 8) for i in range(n)],
+        }
+    ).replace_schema_metadata(meta)
+    pq.write_table(table, tmp / "images.parquet", row_group_size=4096)
+    del buf, table
+    torch.manual_seed(0)
+    torch.save(Tiny().state_dict(), tmp / "w.pt")
+
+
+class _Count(logging.Handler):
+    """Counts the S3 server's request log lines (one per request)."""
+
+    n = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,20 +120,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     rows = []
-    for n in args.sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run(
-                [sys.executable, "-c", _CHILD, str(n), str(args.shard_size), tmp],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).resolve().parents[1],
-            )
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            return 1
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(json.dumps(row))
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from tests._data_helpers import moto_server
+
+    counter = _Count()
+    logging.getLogger("werkzeug").addHandler(counter)
+    logging.getLogger("werkzeug").setLevel(logging.INFO)
+    with moto_server() as endpoint:
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
+        s3.create_bucket(Bucket="scale-bench")
+        for n in args.sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_images(Path(tmp), n)
+                before = counter.n
+                run = f"s3://scale-bench/run-{n}"
+                argv_child = [sys.executable, "-c", _CHILD, str(n), str(args.shard_size), tmp, run]
+                out = subprocess.run(argv_child, capture_output=True, text=True, cwd=root, env=env)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["requests"] = counter.n - before
+            row["requests_per_shard"] = round(row["requests"] / row["shards"], 2)
+            rows.append(row)
+            print(json.dumps(row))
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         ratio = b["driver_peak_rss_mb"] / a["driver_peak_rss_mb"]

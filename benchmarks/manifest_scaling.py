@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / f"m{n}.parquet"
             write_manifest(path, n)
             out = subprocess.run(
-                [sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, check=True
+                [sys.executable, "-c", _CHILD, str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             row = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(row)
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         a, b = results[0], results[-1]
         ratio = b["peak_rss_mb"] / a["peak_rss_mb"]
         print(
-            f"peak RSS {a['rows']} -> {b['rows']} rows: {a['peak_rss_mb']} -> {b['peak_rss_mb']} MB "
+            f"peak RSS {a['rows']} -> {b['rows']} rows: "
+            f"{a['peak_rss_mb']} -> {b['peak_rss_mb']} MB "
             f"(x{ratio:.3f}; flat within 20%: {'yes' if ratio <= 1.2 else 'NO'}); plan time "
             f"{a['plan_s']} s -> {b['plan_s']} s"
         )
