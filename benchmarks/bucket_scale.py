@@ -9,8 +9,10 @@ bucket. Each size runs in a fresh child process, so its peak RSS is the driver's
 - wall seconds, and images/s once the actors had started (run.json `timings.images_per_s`);
 - ms/image of pipeline overhead: the workers' time minus the model's (`phases_s` without
   `kernel_s`), per image, and the whole run's wall time per image;
-- the driver's peak RSS (`ru_maxrss` of the child), to compare between sizes;
-- object-store requests (counted at the server, which runs in this parent process) per shard.
+- the driver's peak RSS (the child's ``VmHWM``: ``ru_maxrss`` would keep the forking parent's
+  peak across ``exec``), to compare between sizes, and the peak at the run's steps;
+- object-store requests per shard (moto's server runs as its own process, as a store would, and
+  logs one line per request).
 
 Usage:
     python benchmarks/bucket_scale.py [--sizes 20000 200000] [--shard-size 256] [--json out.json]
@@ -19,20 +21,39 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 _CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, os.getcwd())
 from pipeline import load_config, run_audit
 from pipeline.run.folder import RunFolder
+import pipeline.run.runner as runner
+
+def hwm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+marks = {}
+def marked(name, fn):
+    def call(*a, **k):
+        marks[f"before_{name}"] = hwm_mb()
+        out = fn(*a, **k)
+        marks[f"after_{name}"] = hwm_mb()
+        return out
+    return call
+runner.run_pool = marked("pool", runner.run_pool)
+runner._stored = marked("stored", runner._stored)
 
 # the data and the S3 server live in the parent: this process's peak RSS is the driver's alone
 n, shard, tmp, run = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
@@ -61,7 +82,9 @@ print(json.dumps({
     "model_ms_per_image": round(1000 * phases.get("kernel_s", 0.0) / n, 3),
     "wall_ms_per_image": round(1000 * wall / n, 3),
     "phases_s": phases,
-    "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
+    "driver_peak_rss_mb": round(hwm_mb(), 1),
+    "driver_hwm_mb": {k: round(v, 1) for k, v in marks.items()},
 }))
 """
 
@@ -104,13 +127,34 @@ def write_images(tmp: Path, n: int) -> None:
     torch.save(Tiny().state_dict(), tmp / "w.pt")
 
 
-class _Count(logging.Handler):
-    """Counts the S3 server's request log lines (one per request)."""
+@contextlib.contextmanager
+def _moto(log: Path) -> Iterator[tuple[str, Path]]:
+    """moto's S3 server in its own process (as a real store is), logging one line per request."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        for _ in range(100):  # wait until it answers
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.terminate()
+        proc.wait()
 
-    n = 0
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.n += 1
+def _requests(log: Path) -> int:
+    """Requests the server has logged so far."""
+    methods = ('"GET ', '"PUT ', '"POST ', '"HEAD ', '"DELETE ')
+    return sum(1 for line in log.read_text().splitlines() if any(m in line for m in methods))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = []
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    from tests._data_helpers import moto_server
-
-    counter = _Count()
-    logging.getLogger("werkzeug").addHandler(counter)
-    logging.getLogger("werkzeug").setLevel(logging.INFO)
-    with moto_server() as endpoint:
+    with tempfile.TemporaryDirectory() as logs, _moto(Path(logs) / "s3.log") as (endpoint, log):
         env = {
             **os.environ,
             "AWS_ACCESS_KEY_ID": "bench",
@@ -149,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             with tempfile.TemporaryDirectory() as tmp:
                 write_images(Path(tmp), n)
-                before = counter.n
+                before = _requests(log)
                 run = f"s3://scale-bench/run-{n}"
                 argv_child = [sys.executable, "-c", _CHILD, str(n), str(args.shard_size), tmp, run]
                 out = subprocess.run(argv_child, capture_output=True, text=True, cwd=root, env=env)
@@ -157,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(out.stderr[-3000:], file=sys.stderr)
                 return 1
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["requests"] = counter.n - before
+            row["requests"] = _requests(log) - before
             row["requests_per_shard"] = round(row["requests"] / row["shards"], 2)
             rows.append(row)
             print(json.dumps(row))

@@ -4,7 +4,7 @@ For each size this writes a Parquet manifest (id, path, mask path, one of 50 gro
 then, in a fresh child process that imports what a run's driver imports, opens the source and
 makes the driver's one streaming pass (``plan_source``) with the counterfactual bank planner
 attached, exactly as ``run_audit`` does before starting Ray. The child reports the planning
-seconds, its RSS after the imports, and its peak RSS (``ru_maxrss``). The driver holds no Python
+seconds, its RSS after the imports, and its peak RSS (``VmHWM``). The driver holds no Python
 object per image, only 8 bytes of id hash per image, so the peak should stay flat within 20%.
 
 Usage:
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import pipeline.run.runner  # noqa: F401 - what a driver imports
 from pipeline import load_config
@@ -29,10 +29,12 @@ from pipeline.data.detect import open_source
 from pipeline.data.plan import plan_source
 from pipeline.run.bank import BankPlanner
 
-def rss_mb():
+def rss_mb(key="VmRSS:"):
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
+def hwm_mb():
+    return rss_mb("VmHWM:")
 base = rss_mb()
 manifest = sys.argv[1]
 cfg = load_config({"dataset": {"manifest": manifest, "group_by": ["group"]},
@@ -47,7 +49,8 @@ print(json.dumps({
     "rows": plan.images, "shards": len(plan.shards), "groups": len(plan.groups),
     "bank_images": len(banks.flat), "plan_s": round(plan_s, 2),
     "total_s": round(time.perf_counter() - t0, 2), "rss_after_imports_mb": round(base, 1),
-    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
+    "peak_rss_mb": round(hwm_mb(), 1),
 }))
 """
 

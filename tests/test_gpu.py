@@ -52,6 +52,33 @@ def test_incremental_engine_on_cuda_agrees_with_full_passes(precision):
     assert (inc.delta - full.delta).abs().max().item() <= tol * scale
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_approximate_engine_on_cuda_reports_the_error_the_exact_engine_shows(precision):
+    """On CUDA, as on the CPU: tau=1 is the exact engine, and the measured error is the gap to
+    the exact engine at the check windows (K=1, so the gap of the map itself)."""
+    from pipeline.kernel.occlusion import check_windows
+
+    model, x, kw = _setup()
+    model, x = model.cuda(), x.cuda()
+    kw = {**kw, "n_baselines": 1, "baseline": "blur"}
+
+    def run(engine: str, tau: float = 1.0):
+        opts = ComputeOptions(
+            engine=engine, precision=precision, approx_threshold=tau, approx_check_windows=4
+        )
+        return attribute(model, x, options=opts, **kw)
+
+    exact, one, approx = run("incremental"), run("approximate", 1.0), run("approximate", 0.5)
+    tol = (1e-4 if precision == "fp32" else 2e-2) * max(exact.score.abs().max().item(), 1.0)
+    assert (one.delta - exact.delta).abs().max().item() <= tol
+    wins = check_windows(exact.grid.n_windows, 4, kw["image_ids"], 0).to(x.device)  # (N, 4)
+    diff = (approx.delta - exact.delta).flatten(2).abs()  # (N, T, P)
+    at_checks = diff.gather(2, wins[:, None, :].expand(-1, diff.shape[1], -1))
+    expected = at_checks.flatten(1).amax(dim=1)  # (N,)
+    assert approx.approx_error is not None
+    assert (approx.approx_error.float() - expected.float()).abs().max().item() <= tol
+
+
 def test_a_run_on_gpu_actors_with_half_a_gpu_each(tmp_path):
     import json
 

@@ -240,9 +240,6 @@ def discover(
     if len(table):
         table["_rank"] = -table["concentration"] + table["share"]
         table = table.sort_values([*group_by, "_rank"], kind="stable").drop(columns="_rank")
-    if write:
-        from pipeline.storage.atomic import atomic_write
-
-        path = RunFolder(run_dir).path / "strategies.parquet"
-        atomic_write(path, lambda p: table.to_parquet(p, index=False))
+    if write:  # a local folder or a bucket: written whole either way
+        RunFolder(run_dir).write_file("strategies.parquet", table.to_parquet(index=False))
     return table.reset_index(drop=True)

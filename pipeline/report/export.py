@@ -9,8 +9,8 @@ fiftyone`` creates or updates a FiftyOne dataset with the full-resolution map as
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,9 +57,9 @@ def export_records(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
             verdicts[key] = s["status"]
             verdicts[("confirmed", *key)] = bool(s.get("confirmed", False))
     clusters: dict[str, str] = {}
-    strategies = folder.path / "strategies.parquet"
-    if strategies.exists():
-        st = pd.read_parquet(strategies)
+    stored = folder.read_file("strategies.parquet")
+    if stored is not None:
+        st = pd.read_parquet(io.BytesIO(stored))
         gcols = strategy_group_columns(st)
         for _, s in st.iterrows():
             name = "/".join(str(s[g]) for g in gcols) + f"#{s['cluster']}"
@@ -97,16 +97,18 @@ def export_run(
     """
     table = export_records(run_dir)
     if to in ("parquet", "csv"):
-        path = Path(out) if out else RunFolder(run_dir).path / f"export.{to}"
         if to == "parquet":
-            atomic_write(path, lambda p: table.to_parquet(p, index=False))
+            data = table.to_parquet(index=False)
         else:
             flat = table.drop(columns=["delta"]).assign(tags=table["tags"].map(";".join))
-            atomic_write(path, lambda p: flat.to_csv(p, index=False))
-        return str(path)
+            data = flat.to_csv(index=False).encode("utf-8")
+        if out:
+            return str(atomic_write(out, lambda p: p.write_bytes(data)))
+        return str(RunFolder(run_dir).write_file(f"export.{to}", data))
     if to == "fiftyone":
         record = RunFolder(run_dir).read_record()
-        name = dataset_name or f"occlusion-audit-{record.name if record else Path(run_dir).name}"
+        base = str(run_dir).rstrip("/").rsplit("/", 1)[-1]
+        name = dataset_name or f"occlusion-audit-{record.name if record else base}"
         return _to_fiftyone(table, name)
     raise ValueError(f"--to must be parquet, csv or fiftyone, got {to!r}")
 

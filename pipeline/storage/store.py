@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import os
 import posixpath
 import uuid
@@ -105,9 +106,10 @@ class Store:
             raise
 
     def open(self, name: str) -> Any:
-        """A seekable file for a Parquet reader (a whole ``gs://`` object is read into memory:
-        see :func:`pipeline.storage.files.open_file`)."""
-        if self.scheme == "gs":
+        """A seekable file for a Parquet reader. In a bucket the object is read whole with one
+        GET: run files are shards of a few MB, and ranged reads through the SDK cost more
+        requests, and more driver memory, than they save."""
+        if self.remote:
             return pa.BufferReader(self.read_bytes(name))
         return self.fs.open_input_file(self._path(name))
 
@@ -215,15 +217,27 @@ def _s3_key(path: str) -> dict[str, str]:
 
 def _s3_client() -> Any:
     """A boto3 S3 client with the endpoint and credentials pyarrow's filesystem uses."""
+    env = os.environ.get
+    return _client(
+        env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
+        env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
+        env("AWS_ACCESS_KEY_ID"),
+        env("AWS_PROFILE"),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _client(endpoint: str | None, region: str | None, key_id: str | None, profile: str | None):
+    # One client per process and settings: making one loads botocore's service model (tens of
+    # MB), and the lease renewals call it every few seconds. Clients are thread-safe once made.
+    # The key id and profile only key the cache, so changed credentials get a new client.
+    del key_id, profile
     try:
         import boto3
     except ImportError as e:  # pragma: no cover - depends on the installed extras
         raise ImportError(
             "run folders on s3:// need boto3 for their lock: pip install 'occlusion-audit[s3]'"
         ) from e
-    env = os.environ.get
-    endpoint = env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
-    region = env("AWS_REGION") or env("AWS_DEFAULT_REGION")
     return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None)
 
 
