@@ -106,10 +106,10 @@ class Store:
             raise
 
     def open(self, name: str) -> Any:
-        """A seekable file for a Parquet reader. In a bucket the object is read whole with one
-        GET: run files are shards of a few MB, and ranged reads through the SDK cost more
-        requests, and more driver memory, than they save."""
-        if self.remote:
+        """A seekable file for a Parquet reader, which then fetches only the footer and the
+        columns it reads (ranged GETs on S3). A ``gs://`` object is read whole: pyarrow's GCS
+        random-access reader stalls on its size request against the GCS emulator."""
+        if self.scheme == "gs":
             return pa.BufferReader(self.read_bytes(name))
         return self.fs.open_input_file(self._path(name))
 
