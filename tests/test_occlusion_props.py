@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import ComputeOptions, attribute, expand_map
+from pipeline import attribute, expand_map
 from pipeline.kernel.baselines import make_baselines
 from pipeline.kernel.forward import OccludedBatch
 from pipeline.kernel.geometry import WindowGrid
