@@ -9,11 +9,7 @@ CSV files are escaped against spreadsheet formula injection (:func:`escape_formu
 
 from __future__ import annotations
 
-import contextlib
 import os
-import posixpath
-import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +37,13 @@ from pipeline.report.figures import (
     ratio_chart,
     stored_row_figure,
 )
+from pipeline.report.outdir import base_name, join, local_out, report_dir
 from pipeline.report.strategies_section import strategy_groups
 from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
 from pipeline.schema import STATUS_OK
 from pipeline.storage.atomic import write_text
-from pipeline.storage.store import Store
+from pipeline.storage.uri import is_uri
 
 __all__ = ["escape_formula", "write_report"]
 
@@ -199,23 +196,6 @@ def _csv_text(df: pd.DataFrame) -> str:
     return safe.to_csv(index=False)
 
 
-def _out_dir(out_dir: str | os.PathLike[str] | None, record: RunRecord | None, run_dir: Any) -> str:
-    """The report folder (a local path or an ``s3://``/``gs://`` URI): ``out_dir``, else the
-    run's ``output.report_dir``, else ``reports/<run name>`` under the current directory."""
-    if out_dir is not None:
-        return str(out_dir)
-    if record is not None and record.config.output.report_dir:
-        return str(record.config.output.report_dir)
-    name = record.name if record is not None else _base(run_dir)
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
-    return str(Path.cwd() / "reports" / safe)
-
-
-def _base(run_dir: Any) -> str:
-    """The last part of a run folder's path or URI."""
-    return posixpath.basename(str(run_dir).rstrip("/"))
-
-
 def _charts(
     summary: pd.DataFrame, group_by: Sequence[str], scan: _Scan, params: Mapping, max_groups: int
 ) -> list[rh.Chart]:
@@ -318,22 +298,11 @@ def write_report(
         summary = read_summary(run_dir) if stored else aggregate(run_dir)
     group_by = list(summary.columns[: list(summary.columns).index("n")])
     params = summary.attrs.get("audit") or audit_params(record, group_by=group_by)
-    target = Store(_out_dir(out_dir, record, run_dir))
-    with contextlib.ExitStack() as stack:
-        # a report for a bucket is written locally, then each file uploaded whole
-        out = (
-            Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            if target.remote
-            else target.local()
-        )
-        out.mkdir(parents=True, exist_ok=True)
+    target = report_dir(out_dir, record, run_dir)
+    with local_out(target) as out:  # for a bucket: written locally, then each file uploaded
         index = _write_page(out, folder, run_dir, record, summary, params, group_by, gallery_size,
                             curation_limit, max_groups)  # fmt: skip
-        if not target.remote:
-            return index
-        for f in sorted(out.iterdir()):
-            target.write_bytes(f.name, f.read_bytes())
-        return target.uri("index.html")
+    return join(target, "index.html") if is_uri(target) else index
 
 
 def _write_page(
@@ -357,7 +326,7 @@ def _write_page(
     root = StoredImages(record.config.dataset) if record is not None else None
     failures = [] if record is None else record.failures
     page = rh.Page(
-        title=f"Occlusion audit: {record.name if record is not None else _base(run_dir)}",
+        title=f"Occlusion audit: {record.name if record is not None else base_name(run_dir)}",
         findings=findings,
         notes=rh.summary_notes(summary, group_by, params) + _curation_note(scan, t),
         table_columns=columns,

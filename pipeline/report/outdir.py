@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pipeline.storage.store import Store
 
-__all__ = ["join", "local_out"]
+__all__ = ["base_name", "join", "local_out", "report_dir"]
 
 
 def join(folder: str | os.PathLike[str], name: str) -> str:
@@ -34,3 +37,20 @@ def local_out(target: str | os.PathLike[str]) -> Iterator[Path]:
         for f in sorted(Path(tmp).iterdir()):
             if f.is_file():
                 store.write_bytes(f.name, f.read_bytes())
+
+
+def base_name(folder: Any) -> str:
+    """The last part of a folder's path or URI."""
+    return posixpath.basename(str(folder).rstrip("/"))
+
+
+def report_dir(out_dir: str | os.PathLike[str] | None, record: Any, run_dir: Any) -> str:
+    """The report folder (a local path or an ``s3://``/``gs://`` URI): ``out_dir``, else the
+    run's ``output.report_dir``, else ``reports/<run name>`` under the current directory."""
+    if out_dir is not None:
+        return str(out_dir)
+    if record is not None and record.config.output.report_dir:
+        return str(record.config.output.report_dir)
+    name = record.name if record is not None else base_name(run_dir)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+    return str(Path.cwd() / "reports" / safe)
