@@ -11,6 +11,8 @@ import contextlib
 import io
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -191,3 +193,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, poll: float = 0.1)
 def shard_files(run_dir: Path) -> list[Path]:
     """The complete shard files of a run (temporary files excluded)."""
     return sorted((run_dir / "maps").glob("part-*.parquet"))
+
+
+def run_cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
+    """``python -m pipeline run CFG --no-report --quiet`` in its own process group (so that a
+    test can SIGKILL the driver and the Ray it started together), output in ``stdout``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(cfg_path), "--no-report", "--quiet", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )

@@ -27,6 +27,7 @@ from pipeline.run.folder import RunLock, RunLockedError
 from pipeline.run.preflight import RunFolderError
 from pipeline.run.settings import worker_compute
 from tests._dataset import audit_config, image_set_with_model, save_gap_model
+from tests._faults import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +175,6 @@ def _busy_worker_pid() -> int | None:
     return None
 
 
-def _run_cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(cfg_path), "--no-report", "--quiet", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 @pytest.mark.slow
 def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
     slow = {
@@ -197,10 +189,10 @@ def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
         cfg = audit_config(image_set, tmp_path / name, occlusion=slow, cluster={"shard_size": 4})
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
-    ref = _run_cli(paths["ref"])
+    ref = run_cli(paths["ref"])
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
 
-    proc = _run_cli(paths["killed"])
+    proc = run_cli(paths["killed"])
     maps = tmp_path / "killed" / "maps"
     deadline = time.time() + 240
     while time.time() < deadline and len(list(maps.glob("part-*.parquet"))) < 2:
@@ -218,7 +210,7 @@ def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
     other["model"]["weights"] = str(save_gap_model(tmp_path / "other.pt", seed=1))
     paths["other"] = tmp_path / "other.yaml"
     paths["other"].write_text(yaml.safe_dump(other))
-    refused = _run_cli(paths["other"], "--resume")
+    refused = run_cli(paths["other"], "--resume")
     err = refused.stdout.read().decode()
     assert refused.wait(timeout=120) == 2, err
     assert "cannot resume" in err and "model_sha256" in err
@@ -227,7 +219,7 @@ def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
     assert kept.items() <= after.items()
     assert (tmp_path / "killed" / "run.json").read_bytes() == record
 
-    resumed = _run_cli(paths["killed"], "--resume")
+    resumed = run_cli(paths["killed"], "--resume")
     out = resumed.stdout.read().decode()
     assert resumed.wait(timeout=300) == 0, out
     facts = json.loads((tmp_path / "killed" / "run.json").read_text())

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +27,7 @@ from pipeline.run.lease import ObjectLock, RunLockedError
 from pipeline.storage.store import Store
 from tests._data_helpers import gcs_server, moto_server
 from tests._dataset import audit_config, image_set_with_model
-from tests._faults import Background, private_ray_tmpdir, wait_until
+from tests._faults import Background, private_ray_tmpdir, run_cli, wait_until
 
 N = 12
 SHARD = 2
@@ -143,15 +141,6 @@ def test_a_three_node_cluster_writes_its_run_to_a_bucket(s3, data, tmp_path) -> 
     assert "Occlusion audit" in page and "<img" in page
 
 
-def _cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(cfg_path), "--no-report", "--quiet", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 @pytest.mark.slow
 def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(s3, data, tmp_path) -> None:
     slow = {"window": [4, 4], "stride": [1, 1], "n_baselines": 3, "max_batch": 16,
@@ -167,10 +156,10 @@ def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(s3, data, tmp_pat
         )
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
-    ref = _cli(paths["ref"])
+    ref = run_cli(paths["ref"])
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
 
-    proc = _cli(paths["killed"])
+    proc = run_cli(paths["killed"])
     shards = lambda: [k for k in _keys(s3, "kill/killed/maps/")]  # noqa: E731
     assert wait_until(lambda: len(shards()) >= 2 or proc.poll() is not None, 240)
     assert proc.poll() is None, proc.stdout.read().decode()
@@ -181,14 +170,14 @@ def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(s3, data, tmp_pat
     assert "kill/killed/.lock" in _keys(s3, "kill/killed/")
 
     # the killed driver's lease still runs: a second run is refused with the holder's name
-    refused = _cli(paths["killed"], "--resume")
+    refused = run_cli(paths["killed"], "--resume")
     out = refused.stdout.read().decode()
     assert refused.wait(timeout=120) == 2, out
     assert "locked by another run (pid" in out
 
     lock = json.loads(s3.get_object(Bucket="audits", Key="kill/killed/.lock")["Body"].read())
     time.sleep(max(0.0, lock["lease_until"] - time.time()) + 0.5)  # expired: it is taken over
-    resumed = _cli(paths["killed"], "--resume")
+    resumed = run_cli(paths["killed"], "--resume")
     out = resumed.stdout.read().decode()
     assert resumed.wait(timeout=300) == 0, out
     assert "took over the lock of pid" in out and "whose lease expired" in out

@@ -96,14 +96,7 @@ class Source:
 
     def take(self, rows: Sequence[int]) -> list[ImageRecord]:
         """The records of the given rows, in that order (the counterfactual banks)."""
-        out: dict[int, ImageRecord] = {}
-        wanted = sorted(set(rows))
-        for ref in self.shards(4096):
-            inside = [r for r in wanted if ref.start <= r < ref.stop]
-            if inside:
-                recs = self.read(ref)
-                out.update({r: recs[r - ref.start] for r in inside})
-        return [out[r] for r in rows]
+        raise NotImplementedError
 
     def fetch(self, image_id: str, locator: str, mask: str | None) -> ImageRecord:
         """One stored image's record again, from the ``path`` and ``mask`` a maps row holds

@@ -118,9 +118,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             _stop(folder, record, outcome, shape)
         # one streaming read of the stored ids and statuses serves the check and the counts
         hashes, failures = _stored(folder)
-        check_stored_ids(
-            hashes, plan, lambda: [i for c in folder.iter_ids() for i in c.to_pylist()]
-        )
+        check_stored_ids(hashes, plan, lambda: _all_ids(folder))
         result = _result(config, folder.path, failures, plan.images, time.time() - t0, len(done))
         try:
             folder.write_record(_finished(record, result, outcome, shape, t0))

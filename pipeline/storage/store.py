@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.storage.atomic import atomic_write
-from pipeline.storage.uri import _gcs_filesystem, _s3_filesystem, is_uri, split_uri
+from pipeline.storage.uri import _gcs_filesystem, _s3_filesystem, is_uri, s3_settings, split_uri
 
 __all__ = ["Store", "StoreVersion"]
 
@@ -217,13 +217,7 @@ def _s3_key(path: str) -> dict[str, str]:
 
 def _s3_client() -> Any:
     """A boto3 S3 client with the endpoint and credentials pyarrow's filesystem uses."""
-    env = os.environ.get
-    return _client(
-        env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
-        env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
-        env("AWS_ACCESS_KEY_ID"),
-        env("AWS_PROFILE"),
-    )
+    return _client(*s3_settings())
 
 
 @functools.lru_cache(maxsize=4)

@@ -43,6 +43,7 @@ __all__ = [
     "parent",
     "read_bytes",
     "resolve_local",
+    "s3_settings",
     "split_uri",
 ]
 
@@ -156,14 +157,20 @@ def _s3(
     return pafs.S3FileSystem(**kwargs)
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
+def s3_settings() -> tuple[str | None, str | None, str | None, str | None]:
+    """``(endpoint, region, access key id, profile)`` from the environment: what every S3
+    client of the package (pyarrow's filesystem, the lock's boto3 client) is made from."""
     env = os.environ.get
-    return _s3(
+    return (
         env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
         env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
         env("AWS_ACCESS_KEY_ID"),
         env("AWS_PROFILE"),
     )
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    return _s3(*s3_settings())
 
 
 @functools.lru_cache(maxsize=4)
