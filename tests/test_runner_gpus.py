@@ -86,6 +86,9 @@ def test_cpu_only_ray_with_auto_actors_uses_cpu_actors(cpu_run):
     assert facts["pool"]["actors"] == 1 and facts["pool"]["num_gpus"] == 0.0
     assert [a["gpu_ids"] for a in facts["actors"]] == [[]]
     assert [a["device"] for a in facts["actors"]] == ["cpu"]
+    # a CPU actor holds one shard and computes it on its process's main thread
+    assert facts["pool"]["per_actor"] == 1
+    assert [a["main_thread"] for a in facts["actors"]] == [True]
 
 
 def test_one_actor_per_gpu_with_distinct_ids_and_the_same_maps(
@@ -103,6 +106,9 @@ def test_one_actor_per_gpu_with_distinct_ids_and_the_same_maps(
     # torch here has no CUDA: a GPU actor falls back to the CPU rather than failing
     assert [a["device"] for a in facts["actors"]] == ["cpu", "cpu"]
     assert len({a["pid"] for a in facts["actors"]}) == 2
+    # a GPU actor holds two shards: one decodes on a second thread while the other computes
+    assert facts["pool"]["per_actor"] == 2
+    assert [a["main_thread"] for a in facts["actors"]] == [False, False]
     # same maps, bit for bit, as the CPU-only pool
     assert np.array_equal(_deltas(tmp_path / "run"), _deltas(cpu_run))
 

@@ -20,9 +20,11 @@ from pipeline.run.progress import Progress
 __all__ = ["PoolShape", "connect", "pool_shape", "run_pool"]
 
 # Shards in flight per GPU actor: one computing while the next one decodes on the CPU. A CPU
-# actor takes one at a time: there decoding the next shard only competes with the compute for
-# the same cores (the 24-image end-to-end bench ran 0.58x the in-process kernel with two in
-# flight, 0.8x with one).
+# actor takes one at a time, as a plain (single-threaded) Ray actor: decoding the next shard would
+# only compete with the compute for the same cores, and a threaded actor runs its calls off the
+# process's main thread, where the same CPU forward passes measured 10-15% slower. On the 24-image
+# end-to-end bench a CPU actor reached 0.58x the in-process kernel with two shards in flight, 0.8x
+# with one on a threaded actor, and 0.95x with one on the main thread.
 PER_ACTOR = 2
 
 
@@ -34,6 +36,7 @@ class PoolShape:
     num_gpus: float
     num_cpus: float
     threads: int  # torch intra-op threads per actor
+    per_actor: int = 1  # shards in flight per actor (Ray max_concurrency); see PER_ACTOR
 
 
 def connect(address: str) -> bool:
@@ -62,7 +65,7 @@ def pool_shape(cfg: AuditConfig, n_shards: int, resources: dict[str, float]) -> 
         # A fraction of a CPU per GPU actor, or a 2-core machine deadlocks with 2 GPUs.
         num_cpus = min(1.0, cpus / max(actors, 1) / 2)
         threads = max(1, int(cpus // max(actors, 1)))
-        return PoolShape(max(1, min(actors, n_shards)), per_gpu, num_cpus, threads)
+        return PoolShape(max(1, min(actors, n_shards)), per_gpu, num_cpus, threads, PER_ACTOR)
     actors = max(1, int(cpus // 2)) if auto else int(cfg.cluster.actors)
     actors = max(1, min(actors, n_shards))
     num_cpus = max(cpus / actors, 0.5) if cpus >= actors else 0.5
@@ -103,7 +106,8 @@ def run_pool(
         num_cpus=shape.num_cpus,
         max_restarts=-1,  # the dispatcher decides when a shard has failed too often
         max_task_retries=0,
-        max_concurrency=PER_ACTOR,
+        # with one call at a time, Ray runs it on the worker's main thread (see PER_ACTOR)
+        max_concurrency=shape.per_actor,
     )
     actors = [remote.remote(cfg, shape.threads) for _ in range(shape.actors)] if todo else []
     banks_ref = None if banks is None else ray.put(banks)  # sent once, shared by all shards
@@ -116,7 +120,7 @@ def run_pool(
             actors,
             shards,
             todo,
-            per_actor=PER_ACTOR if shape.num_gpus > 0 else 1,  # see PER_ACTOR
+            per_actor=shape.per_actor,
             max_retries=int(cfg.cluster.max_retries),
             progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
             info=info,

@@ -42,8 +42,9 @@ def _ray_placement() -> tuple[list[str], str | None]:
 class ShardWorker:
     """Loads the model once; computes and atomically writes one shard per call.
 
-    Calls may run on two threads at once (Ray ``max_concurrency=2``): decoding the next shard
-    overlaps the current shard's compute, which a lock keeps to one shard at a time.
+    On a GPU actor calls may run on two threads at once (Ray ``max_concurrency=2``): decoding
+    the next shard overlaps the current shard's compute, which a lock keeps to one shard at a
+    time. A CPU actor runs one call at a time on its main thread.
 
     Args:
         cfg: the run's config, as validated by the driver.
@@ -68,7 +69,8 @@ class ShardWorker:
         self.source: Source | None = None
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs: pid, host, Ray node id, assigned GPU ids, torch device."""
+        """Where this worker runs: pid, host, Ray node id, assigned GPU ids, torch device,
+        torch threads, whether calls run on the process's main thread, and the engine."""
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -76,6 +78,8 @@ class ShardWorker:
             "gpu_ids": self.gpu_ids,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            # Ray runs a plain actor's calls on the main thread, a threaded actor's on a pool
+            "main_thread": threading.current_thread() is threading.main_thread(),
             "engine": self.compute.engine_name,
             "engine_note": self.compute.engine_note,
             "heap_tuned": self.heap_tuned,
