@@ -238,6 +238,11 @@ def _parser() -> argparse.ArgumentParser:
         help="auto: also time the incremental engine, ours when the model allows it (as a run)",
     )
     b.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the generic kernel with occlusion.compile: true (torch.compile)",
+    )
+    b.add_argument(
         "--no-captum",
         action="store_true",
         help="leave out Captum (slow on large networks); maps are checked against generic's",

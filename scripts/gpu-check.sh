@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks in one command (a few minutes on one GPU): the GPU tests, then the GPU bench rows
 # (the course-sized SeedCNN and ResNet-50, fp32 and bf16: images/s against Captum and the
-# roofline). Runs with the machine's own python3 and its CUDA torch; packages it lacks (ray,
-# captum, ...) come as wheels in .whl/ (see README, "Performance on a GPU"). Results go to
-# ${OUT:-gpu-check}/ as JSON and a log.
+# roofline, eager and compiled). Runs with the machine's own python3 and its CUDA torch;
+# packages it lacks (ray, captum, ...) come as wheels in .whl/ (see README, "Performance on a
+# GPU"). Results go to ${OUT:-gpu-check}/ as JSON and a log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-check}"
@@ -21,7 +21,7 @@ for model in seed-cnn resnet50; do
     extra=()
     [ "$model" = resnet50 ] && extra=(--no-captum)
     python3 -m pipeline bench --device cuda --model "$model" --precision "$precision" \
-      --image-size 224 --window 32 --stride 16 --k 3 --images 16 --repeats 3 "${extra[@]}" \
+      --image-size 224 --window 32 --stride 16 --k 3 --images 16 --repeats 3 --compile "${extra[@]}" \
       --json "$out/bench-$model-$precision.json" 2>&1 | tee -a "$out/bench.log" || status=1
   done
 done

@@ -86,6 +86,19 @@ def test_bench_no_captum_checks_incremental_maps_against_generic(tmp_path, capsy
     assert "maps vs the generic kernel's" in capsys.readouterr().out
 
 
+def test_bench_compile_times_the_compiled_generic_kernel(tmp_path, capsys):
+    facts = _one_window_bench(tmp_path, "seed-cnn-gap", "--compile", "--no-captum")
+    rows = {r["engine"]: r for r in facts["rows"]}
+    kinds = {"generic", "compiled", "incremental", "approximate", "roofline", "cf-swaps"}
+    assert set(rows) == kinds
+    # the worker's settings with occlusion.compile: true, and the eager maps
+    assert rows["compiled"]["setting"].endswith(",fixed,compile")
+    assert rows["compiled"]["max_abs_diff"] <= facts["tolerance"]
+    gain = rows["generic"]["median_seconds"] / rows["compiled"]["median_seconds"]
+    assert facts["ratios"]["compiled/generic"] == pytest.approx(gain)
+    assert "compile: " in capsys.readouterr().out
+
+
 def test_approx_threshold_flag():
     parser = argparse.ArgumentParser()
     add_approx_argument(parser)

@@ -116,9 +116,12 @@ def _status_kb(key: str) -> int:
     return next((int(s.split()[1]) for s in lines if s.startswith(key + ":")), 0)
 
 
-def bench_occlusion(args: argparse.Namespace, engine: str) -> OcclusionConfig:
+def bench_occlusion(
+    args: argparse.Namespace, engine: str, compile_: bool = False
+) -> OcclusionConfig:
     """The ``occlusion`` config section a run with the bench's arguments would have."""
     return OcclusionConfig(
+        compile=compile_,
         window=(args.window, args.window),
         stride=(args.stride, args.stride),
         n_baselines=args.k,
@@ -141,22 +144,26 @@ class Setup:
     ids: list[str]
     args: argparse.Namespace
     d: Device
-    _compute: dict[str, tuple[OcclusionConfig, WorkerCompute]] = field(default_factory=dict)
+    _compute: dict[tuple[str, bool], tuple[OcclusionConfig, WorkerCompute]] = field(
+        default_factory=dict
+    )
 
-    def worker(self, engine: str) -> tuple[OcclusionConfig, WorkerCompute]:
-        """The config section and compute settings a worker would use with ``engine``, built by
-        the worker's own code path (:func:`pipeline.run.settings.worker_compute`)."""
-        if engine not in self._compute:
-            occ = bench_occlusion(self.args, engine)
+    def worker(self, engine: str, compile_: bool = False) -> tuple[OcclusionConfig, WorkerCompute]:
+        """The config section and compute settings a worker would use with ``engine`` (and
+        ``occlusion.compile: compile_``), built by the worker's own code path
+        (:func:`pipeline.run.settings.worker_compute`)."""
+        key = (engine, compile_)
+        if key not in self._compute:
+            occ = bench_occlusion(self.args, engine, compile_)
             shape = (int(self.x.shape[1]), int(self.x.shape[2]), int(self.x.shape[3]))
             tau = bench_threshold(self.args)
             wc = worker_compute(occ, self.model, shape, self.d.dev, approx_threshold=tau)
-            self._compute[engine] = (occ, wc)
-        return self._compute[engine]
+            self._compute[key] = (occ, wc)
+        return self._compute[key]
 
-    def ours(self, n: int, engine: str = "generic") -> OcclusionResult:
+    def ours(self, n: int, engine: str = "generic", compile_: bool = False) -> OcclusionResult:
         """What a run's worker computes for the first ``n`` images, with the worker's settings."""
-        occ, wc = self.worker(engine)
+        occ, wc = self.worker(engine, compile_)
         return attribute(
             self.model,
             self.x[:n],
@@ -179,9 +186,9 @@ class Setup:
             cl = self.model(batch.contiguous(memory_format=torch.channels_last)).float()[:n]
         return max(float((alone - together).abs().max()), float((cl - together).abs().max()))
 
-    def ours_maps(self, n: int, engine: str = "generic") -> torch.Tensor:
+    def ours_maps(self, n: int, engine: str = "generic", compile_: bool = False) -> torch.Tensor:
         """``(n, C, H, W)`` full-resolution maps of :meth:`ours` (first target)."""
-        return self.ours(n, engine).full()[:, 0]
+        return self.ours(n, engine, compile_).full()[:, 0]
 
     def captum(self, n: int, ppe: int, target: torch.Tensor) -> torch.Tensor:
         """``(n, C, H, W)`` Captum maps, mean over the same ``K`` draws as ours."""
@@ -281,13 +288,21 @@ def incremental_row(s: Setup) -> Row | str:
 def worker_setting(wc: WorkerCompute) -> str:
     """The table's setting column of a row computed with a worker's options."""
     o = wc.options
-    return f"max_batch={o.max_batch},cl={int(o.channels_last)},fixed"
+    return f"max_batch={o.max_batch},cl={int(o.channels_last)},fixed" + (",compile" * o.compile)
 
 
 def generic_row(s: Setup) -> Row:
     """The generic kernel as a worker with ``occlusion.engine: generic`` runs it."""
     _, wc = s.worker("generic")
     return Row("generic", worker_setting(wc), partial(s.ours_maps, s.x.shape[0], "generic"))
+
+
+def compiled_row(s: Setup) -> Row:
+    """The generic kernel as a worker with ``engine: generic`` and ``compile: true`` runs it
+    (compiled while the worker's settings are built, as a worker does at start-up)."""
+    _, wc = s.worker("generic", compile_=True)
+    s.ours(1, "generic", compile_=True)  # warm-up
+    return Row("compiled", worker_setting(wc), partial(s.ours_maps, s.x.shape[0], "generic", True))
 
 
 def counterfactual_row(s: Setup, swaps: int = 4) -> Row:

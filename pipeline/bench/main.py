@@ -33,6 +33,7 @@ from pipeline.bench.engines import (
     Row,
     Setup,
     captum_rows,
+    compiled_row,
     counterfactual_row,
     generic_row,
     incremental_row,
@@ -87,7 +88,7 @@ def _measure(args: argparse.Namespace, d: Device) -> tuple[list[Row], OcclusionR
     s = Setup(model, x, [f"bench-{i:04d}" for i in range(n)], args, d)
     res = s.ours(n, "generic")  # warm-up, and the predicted targets every engine explains
     p = res.grid.n_windows
-    rows = [generic_row(s)]
+    rows = [generic_row(s)] + ([compiled_row(s)] if getattr(args, "compile", False) else [])
     if not args.no_captum:
         rows += captum_rows(s, res.target[:, 0], p)
     rows.append(roofline_row(s, n * args.k * p + n))
@@ -152,7 +153,7 @@ def _ratios(rows: list[Row], ours: Row) -> dict[str, float]:
     refs = {"roofline": next(r for r in rows if r.engine == "roofline")}
     if captum:
         refs["captum-best"] = min(captum, key=lambda r: r.median)
-    kinds = ("generic", "incremental", "approximate")
+    kinds = ("generic", "compiled", "incremental", "approximate")
     named = {"ours": ours, **{r.engine: r for r in rows if r.engine in kinds}}
     return {
         f"{name}/{ref}": other.median / r.median
@@ -203,6 +204,7 @@ def run_bench(args: argparse.Namespace) -> int:
     labels = {
         "ours": f"ours (occlusion.engine auto: {ours.engine})",
         "generic": "generic (full forward passes)",
+        "compiled": "generic compiled (occlusion.compile)",
         "incremental": "incremental",
         "approximate": "approximate",
     }
@@ -215,6 +217,10 @@ def run_bench(args: argparse.Namespace) -> int:
                 + f"{ratios[f'{name}/roofline']:.2f}x the roofline"
             )
     print("targets: ours >= 3x Captum's fastest and >= 0.9x the roofline; incremental >= 5x it")
+    if "compiled/roofline" in ratios:
+        gain = ratios["compiled/roofline"] / ratios["generic/roofline"]
+        print(f"compile: {gain:.2f}x the generic kernel's speed")
+        ratios["compiled/generic"] = gain
     approx = next((r for r in rows if r.engine == "approximate"), None)
     if approx is not None:
         print("\n".join(_approx_lines(approx, ours)))

@@ -132,6 +132,7 @@ class OcclusionConfig:
     engine: Engine = defaults.ENGINE  # how occluded scores are computed (maps agree to 1e-4)
     # channels-last input for full passes; null: when the model accepts it (a probe, cached)
     channels_last: bool | None = defaults.CHANNELS_LAST
+    compile: bool = defaults.COMPILE  # full forward passes through torch.compile (inductor)
     # engine approximate: each layer's changed box is capped at this fraction of its side
     approx_threshold: float = defaults.APPROX_THRESHOLD
     approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS  # per image, also scored exactly

@@ -16,6 +16,7 @@ __all__ = [
     "BASELINE",
     "BLUR_SIGMA",
     "CHANNELS_LAST",
+    "COMPILE",
     "ENGINE",
     "MAX_BATCH",
     "N_BASELINES",
@@ -86,6 +87,10 @@ MAX_BATCH: int | None = None  # None: pipeline.kernel.options.default_max_batch
 # model accepts it and computes the same scores (pipeline.kernel.forward.accepts_channels_last).
 CHANNELS_LAST: bool | None = None
 ENGINE = Engine.AUTO
+# torch.compile (inductor) for the model's full forward passes: 1.4x faster full passes of the
+# seed-shaped CNN on a 2-core CPU, at a compile of seconds to minutes per process and a C++
+# compiler (CPU) or Triton (CUDA) on the worker. Off until a user asks for it.
+COMPILE = False
 # Engine.APPROXIMATE: the side of each layer's recomputed region is at most this fraction of
 # that layer's output side (tau in (0, 1]; 1 is exact; smaller is faster and less accurate).
 APPROX_THRESHOLD = 0.4

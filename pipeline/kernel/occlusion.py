@@ -19,6 +19,7 @@ import torch
 
 from pipeline.kernel import defaults
 from pipeline.kernel.baselines import draw_generator, make_baselines
+from pipeline.kernel.compiled import compiled
 from pipeline.kernel.defaults import Baseline, default_draws
 from pipeline.kernel.forward import Forward, OccludedBatch, accepts_channels_last
 from pipeline.kernel.geometry import WindowGrid
@@ -155,7 +156,7 @@ def attribute(
     if channels_last is None:  # auto: full passes of a model that takes it run channels-last
         channels_last = engine is None and accepts_channels_last(model, images.shape[1:], device)
     fwd = Forward(
-        model,
+        compiled(model) if opts.compile else model,
         device,
         opts.precision,
         Task(task),

@@ -2,7 +2,7 @@
 
 What a map *is* (window, stride, baseline, draws, target) is given to :func:`pipeline.attribute`
 as keywords; how it is computed is one :class:`ComputeOptions`. A run builds its options with
-:func:`pipeline.run.settings.compute_options`, so the Python API given the same options computes
+:func:`pipeline.run.settings.worker_compute`, so the Python API given the same options computes
 the same maps, bit for bit.
 """
 
@@ -63,6 +63,9 @@ class ComputeOptions:
     # channels-last input for full passes; None: when the model accepts it (a probe, cached)
     channels_last: bool | None = defaults.CHANNELS_LAST
     engine: Engine | OccludedEngine = defaults.ENGINE  # a choice, or an engine object
+    # full forward passes through torch.compile(model) (pipeline.kernel.compiled); an engine's
+    # own layer-by-layer passes stay eager
+    compile: bool = defaults.COMPILE
     # Pad every occluded pass to max_batch copies (and unoccluded ones to min(max_batch, 16)
     # images) so that maps are bitwise identical however images are grouped into calls.
     fixed_batch: bool = False

@@ -13,8 +13,9 @@ import torch
 
 from pipeline.config import AuditConfig, OcclusionConfig
 from pipeline.kernel import defaults
+from pipeline.kernel.compiled import warm_up
 from pipeline.kernel.defaults import Engine
-from pipeline.kernel.forward import accepts_channels_last
+from pipeline.kernel.forward import PLAIN_BATCH, accepts_channels_last
 from pipeline.kernel.options import (
     ComputeOptions,
     OccludedEngine,
@@ -80,9 +81,15 @@ def worker_compute(
             ``approx_threshold`` / ``approx_check_windows``, or the defaults where the section
             has no such key.
 
+    With ``occlusion.compile`` the model is compiled here, for the batch sizes of the
+    worker's passes, so that compiling counts as start-up and a model or machine that cannot
+    compile stops the worker at once.
+
     Raises:
         ValueError: ``occlusion.engine: incremental`` or ``approximate`` and the model does
             not allow incremental inference, or an approximate setting out of range.
+        pipeline.kernel.compiled.CompileError: ``occlusion.compile`` and torch cannot compile
+            the model.
     """
     tau = _setting(approx_threshold, occ, "approx_threshold", defaults.APPROX_THRESHOLD)
     checks = _setting(
@@ -93,11 +100,18 @@ def worker_compute(
     channels_last = occ.channels_last
     if channels_last is None:  # auto, decided once per worker, the same way attribute() does
         channels_last = engine is None and accepts_channels_last(model, image_shape, device)
+    max_batch = occ.max_batch or default_max_batch(device, engine)
+    compile_ = bool(occ.compile)
+    if compile_:
+        # the unoccluded passes' size, and the occluded passes' when they are full passes
+        sizes = [min(max_batch, PLAIN_BATCH)] + ([max_batch] if engine is None else [])
+        warm_up(model, image_shape, sizes, device, occ.precision, channels_last)
     options = ComputeOptions(
-        max_batch=occ.max_batch or default_max_batch(device, engine),
+        max_batch=max_batch,
         precision=occ.precision,
         channels_last=channels_last,
         engine=engine if engine is not None else Engine.GENERIC,
+        compile=compile_,
         fixed_batch=True,
         on_nonfinite="nan",
         approx_threshold=tau,
