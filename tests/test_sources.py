@@ -89,6 +89,25 @@ def test_huggingface_without_id_column_uses_row_numbers(files, tmp_path) -> None
     assert sorted(_by_id(source)) == [str(i) for i in range(8)]
 
 
+def test_huggingface_files_name_each_row_by_its_file_and_row(files, tmp_path) -> None:
+    t = pq.read_table(files["hf"])  # 8 rows, image bytes inline
+    folder = tmp_path / "hf" / "data"
+    folder.mkdir(parents=True)
+    parts = [t.slice(0, 3), t.slice(3, 0), t.slice(3, 5)]  # the middle file has no rows
+    for k, part in enumerate(parts):
+        pq.write_table(part, folder / f"validation-{k:05d}-of-00003.parquet")
+    source = open_source(_cfg(tmp_path / "hf", format="huggingface"))
+    recs = _by_id(source)
+    ids = t.column("image_id").to_pylist()
+    assert sorted(recs) == sorted(ids)
+    for row, image_id in enumerate(ids):
+        file, at = (0, row) if row < 3 else (2, row - 3)
+        rec = recs[image_id]
+        assert rec.path.endswith(f"validation-{file:05d}-of-00003.parquet#{at}"), rec.path
+        # the locator is what the report uses to read the image back
+        assert source.fetch(image_id, rec.path, None).data == rec.data
+
+
 def test_coco_rle_equals_the_manifest_and_groups_from_images_and_largest_instance(files) -> None:
     root = str(files["table"].parent)
     table_cfg = _cfg(files["table"], group_by=("room",))

@@ -3,7 +3,8 @@ computes on.
 
 Owns: the sources of every format (``table``, ``huggingface``, ``coco``, ``webdataset``,
 ``imagefolder``) behind one interface (``source``), format detection (``detect``), the driver's
-one streaming pass over a source (``plan``), Parquet/CSV row ranges (``rows``), the records
+one streaming pass over a source (``plan``), Parquet/CSV row ranges (``rows``) and their text and
+box columns (``columns``), the records
 workers read (``records``), foregrounds from masks, class ids, boxes, COCO segments or a static
 region (``foreground``), decoding with bounded reads (``images``), stored rows read back for the
 report (``stored``) and the manifest helpers (``manifest``).

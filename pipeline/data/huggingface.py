@@ -8,6 +8,7 @@ A ``ClassLabel`` group column is shown by its class names; the label stays the c
 
 from __future__ import annotations
 
+import bisect
 import json
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -17,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config.dataset import DatasetConfig
+from pipeline.data.columns import box_lists, empty_to_null, text_column
 from pipeline.data.records import Boxes, Foreground, ImageRecord, MaskBytes, MaskFile
 from pipeline.data.rows import ParquetRows
 from pipeline.data.source import ShardRef, Source, SourceError, light_schema
-from pipeline.data.table import _box_lists, _empty_null, _text
 from pipeline.storage.files import is_folder, list_files
 
 __all__ = ["HuggingFaceSource", "hf_features", "parquet_files"]
@@ -107,20 +108,22 @@ class HuggingFaceSource(Source):
         return self.rows.num_rows
 
     def _locator(self, row: int) -> str:
-        i = max(k for k, off in enumerate(self.rows.offsets[:-1]) if off <= row)
+        # the last file starting at or before the row (offsets: each file's first row, then
+        # the total); an empty file shares its offset with the next one
+        i = min(bisect.bisect_right(self.rows.offsets, row), len(self.rows.files)) - 1
         f = self.rows.files[i]
         name = posixpath.relpath(f, self._base) if self._base else posixpath.basename(f)
         return f"{name}#{row - self.rows.offsets[i]}"
 
     def _ids(self, part: pa.Table, first: int) -> pa.Array:
         if self.id is not None:
-            return _text(part, self.id)
+            return text_column(part, self.id)
         return pc.cast(pa.array(range(first, first + part.num_rows), pa.int64()), pa.string())
 
     def _groups(self, part: pa.Table, g: str) -> pa.Array:
         names = self.class_names.get(g)
         if names is None:
-            return _text(part, g)
+            return text_column(part, g)
         return pa.array(
             [
                 None if v is None or not 0 <= v < len(names) else names[v]
@@ -145,13 +148,13 @@ class HuggingFaceSource(Source):
         first = 0
         cols = self._used + ([self.mask] if self.mask else [])
         for part in self.rows.batches(cols or [self.image], rows):
-            boxes = _box_lists(part, self.cfg.columns)
+            boxes = box_lists(part, self.cfg.columns)
             has = self._has_mask(part).to_pylist()
             yield pa.table(
                 {
                     "image_id": self._ids(part, first),
                     **{f"group:{g}": self._groups(part, g) for g in self.cfg.group_by},
-                    "label": _empty_null(_text(part, self.cfg.columns.label)),
+                    "label": empty_to_null(text_column(part, self.cfg.columns.label)),
                     "has_fg": pa.array(
                         [h or b is not None for h, b in zip(has, boxes, strict=True)]
                     ),
@@ -172,11 +175,11 @@ class HuggingFaceSource(Source):
 
     def _records(self, part: pa.Table, first: int) -> list[ImageRecord]:
         ids = self._ids(part, first).to_pylist()
-        labels = _empty_null(_text(part, self.cfg.columns.label)).to_pylist()
+        labels = empty_to_null(text_column(part, self.cfg.columns.label)).to_pylist()
         groups = {g: self._groups(part, g).to_pylist() for g in self.cfg.group_by}
         images = part.column(self.image).to_pylist()
         masks = part.column(self.mask).to_pylist() if self.mask else [None] * part.num_rows
-        boxes = _box_lists(part, self.cfg.columns)
+        boxes = box_lists(part, self.cfg.columns)
         out = []
         for i, image_id in enumerate(ids):
             where = self._locator(first + i)

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config.dataset import ColumnsConfig, DatasetConfig
+from pipeline.config.dataset import DatasetConfig
+from pipeline.data.columns import box_lists, empty_to_null, text_column
 from pipeline.data.records import Boxes, ImageRecord, MaskFile, fg_from_text
 from pipeline.data.rows import CsvRows, ParquetRows, Rows
 from pipeline.data.source import Source, SourceError, light_schema
@@ -38,53 +39,15 @@ def table_rows(cfg: DatasetConfig) -> Rows:
     raise SourceError(f"manifest {cfg.manifest!r}: unknown format {ext!r}; use .parquet or .csv")
 
 
-def _text(table: pa.Table, name: str | None) -> pa.Array:
-    """Column ``name`` as strings (nulls kept), or all null when absent."""
-    if name is None or name not in table.column_names:
-        return pa.nulls(table.num_rows, pa.string())
-    col = table.column(name).combine_chunks()
-    if pa.types.is_dictionary(col.type):
-        col = col.dictionary_decode()
-    return col if col.type == pa.string() else pc.cast(col, pa.string())
-
-
-def _empty_null(arr: pa.Array) -> pa.Array:
-    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
-
-
-def _box_lists(table: pa.Table, cols: ColumnsConfig) -> list[tuple | None]:
-    """Per row: a tuple of boxes, or None (no box source)."""
-    if cols.box is not None:
-        coords = [pc.cast(table.column(c), pa.float64()).to_pylist() for c in cols.box]
-        out: list[tuple | None] = []
-        for box in zip(*coords, strict=True):
-            bad = any(v is None or v != v for v in box)  # v != v: NaN
-            out.append(None if bad else (tuple(float(v) for v in box),))
-        return out
-    if cols.boxes is not None and cols.boxes in table.column_names:
-        out = []
-        for value in table.column(cols.boxes).to_pylist():
-            if value is None:
-                out.append(None)
-                continue
-            boxes = []
-            for b in value:
-                b = list(b.values()) if isinstance(b, dict) else list(b or [])
-                boxes.append(tuple(float(v) if v is not None else float("nan") for v in b))
-            out.append(tuple(boxes))
-        return out
-    return [None] * table.num_rows
-
-
 def records_of(table: pa.Table, cfg: DatasetConfig) -> list[ImageRecord]:
     """Rows of a manifest-shaped table as records (an empty mask cell is no mask; a box with a
     null or NaN coordinate is no box; a box of the wrong length is the item's error)."""
     cols = cfg.columns
-    ids, paths = _text(table, cols.id).to_pylist(), _text(table, cols.path).to_pylist()
-    labels = _empty_null(_text(table, cols.label)).to_pylist()
-    masks = _empty_null(_text(table, cols.mask)).to_pylist()
-    groups = {g: _text(table, g).to_pylist() for g in cfg.group_by}
-    boxes = _box_lists(table, cols)
+    ids, paths = text_column(table, cols.id).to_pylist(), text_column(table, cols.path).to_pylist()
+    labels = empty_to_null(text_column(table, cols.label)).to_pylist()
+    masks = empty_to_null(text_column(table, cols.mask)).to_pylist()
+    groups = {g: text_column(table, g).to_pylist() for g in cfg.group_by}
+    boxes = box_lists(table, cols)
     out = []
     for i, (image_id, path) in enumerate(zip(ids, paths, strict=True)):
         fg, error = None, None
@@ -166,9 +129,9 @@ class TableSource(Source):
         cols = cfg.columns
         schema = light_schema(cfg.group_by)
         for part in self.rows.batches(self._used, rows):
-            mask = _empty_null(_text(part, cols.mask))
+            mask = empty_to_null(text_column(part, cols.mask))
             has = pc.is_valid(mask)
-            what = [_text(part, cols.path), pc.fill_null(mask, "")]
+            what = [text_column(part, cols.path), pc.fill_null(mask, "")]
             for name in [*(cols.box or ()), *([cols.boxes] if cols.boxes else [])]:
                 text = pc.cast(part.column(name), pa.string()) if cols.box else None
                 if text is None:  # a list column: its length says whether there is any box
@@ -184,9 +147,9 @@ class TableSource(Source):
                 has = pc.or_(has, pc.fill_null(box_ok, False))
             yield pa.table(
                 {
-                    "image_id": _text(part, cols.id),
-                    **{f"group:{g}": _text(part, g) for g in cfg.group_by},
-                    "label": _empty_null(_text(part, cols.label)),
+                    "image_id": text_column(part, cols.id),
+                    **{f"group:{g}": text_column(part, g) for g in cfg.group_by},
+                    "label": empty_to_null(text_column(part, cols.label)),
                     "has_fg": pc.fill_null(has, False),
                     "what": pc.binary_join_element_wise(*what, _SEP),
                 },

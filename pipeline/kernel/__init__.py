@@ -1,10 +1,10 @@
 """The occlusion kernel: Captum-exact occlusion saliency in plain torch.
 
 Owns: :func:`attribute` and :func:`expand_map` (``occlusion``), forward passes over plain and
-occluded batches (``forward``), how to compute (``options``: :class:`ComputeOptions`), the one
-home of every occlusion default and option enum (``defaults``), baselines (``baselines``), window
-geometry (``geometry``), targets and scores (``targets``) and the per-image foreground metrics
-(``metrics``).
+occluded batches (``forward``) and their ``torch.compile`` option (``compiled``), how to compute
+(``options``: :class:`ComputeOptions`), the one home of every occlusion default and option enum
+(``defaults``), baselines (``baselines``), window geometry (``geometry``), targets and scores
+(``targets``) and the per-image foreground metrics (``metrics``).
 
 May import: torch, numpy and ``pipeline.incremental`` (only when an engine is resolved, inside
 :func:`~pipeline.kernel.options.resolve_engine`). Never Ray, pandas, pyarrow or matplotlib: the
