@@ -53,6 +53,23 @@ def test_incremental_engine_on_cuda_agrees_with_full_passes(precision):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_passes_on_cuda_give_the_eager_maps(precision):
+    """occlusion.compile on CUDA (inductor with Triton), compiled as a worker does at start-up."""
+    from pipeline.config import OcclusionConfig
+    from pipeline.run.settings import worker_compute
+
+    model, x, kw = _setup()
+    model, x = model.cuda(), x.cuda()
+    occ = OcclusionConfig(window=(16, 16), engine="generic", compile=True, precision=precision)
+    wc = worker_compute(occ, model, (3, 64, 64), torch.device("cuda"))
+    assert wc.options.compile
+    eager = attribute(model, x, options=ComputeOptions(engine="generic", precision=precision), **kw)
+    fast = attribute(model, x, options=wc.options, **kw)
+    tol = (1e-4 if precision == "fp32" else 2e-2) * max(eager.score.abs().max().item(), 1.0)
+    assert (fast.delta - eager.delta).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_approximate_engine_on_cuda_reports_the_error_the_exact_engine_shows(precision):
     """On CUDA, as on the CPU: tau=1 is the exact engine, and the measured error is the gap to
     the exact engine at the check windows (K=1, so the gap of the map itself)."""
