@@ -2,14 +2,15 @@
 
 Every engine runs in this one process on the same seeded images and the same ``K`` random-pixel
 baselines (``pipeline.kernel.baselines.make_baselines``). Our rows compute with exactly the
-settings a run's worker uses (:func:`pipeline.run.settings.worker_compute`). Captum's and the
-roofline's settings are searched and every engine warmed
-up first; then the timed runs are interleaved (one run of each engine per round, ``--repeats``
-rounds) so that a burst of load on a shared machine slows all engines alike, and each reported
-time is the median. The roofline is the same number of plain forward passes (``N*K*P + N``) at
-the best batch size and memory format on pre-built inputs: an engine that runs the whole model on
-every occluded copy cannot beat it. An engine whose maps differ from Captum's fails the benchmark,
-except the ``approximate`` row (projective fields capped at ``--approx-threshold``), whose maps are
+settings a run's worker uses (:func:`pipeline.run.settings.worker_compute`), and every row runs
+with a worker's torch threads (:func:`pipeline.run.pool.pool_shape` on this machine). Captum's
+and the roofline's settings are searched and every engine warmed up first; then the timed runs
+are interleaved (one run of each engine per round, ``--repeats`` rounds) so that a burst of load
+on a shared machine slows all engines alike, and each reported time is the median. The roofline
+is the same number of plain forward passes (``N*K*P + N``) at the best batch size and memory
+format on pre-built inputs: an engine that runs the whole model on every occluded copy cannot
+beat it. An engine whose maps differ from Captum's fails the benchmark, except the
+``approximate`` row (projective fields capped at ``--approx-threshold``), whose maps are
 approximate by design: it reports the error it measured on its check windows instead. The
 engines themselves are in :mod:`pipeline.bench.engines` and :mod:`pipeline.bench.approximate`.
 """
@@ -40,10 +41,12 @@ from pipeline.bench.engines import (
     roofline_row,
 )
 from pipeline.bench.nets import build_bench_model
+from pipeline.config import ClusterConfig
 from pipeline.kernel.defaults import Precision
 from pipeline.kernel.occlusion import OcclusionResult
 from pipeline.run.folder import RunFolder
 from pipeline.run.heap import tune_heap
+from pipeline.run.pool import machine_resources, pool_shape
 
 __all__ = ["run_bench"]
 
@@ -181,7 +184,15 @@ def run_bench(args: argparse.Namespace) -> int:
     # as a run's workers do: CPU forward passes reuse freed buffers (pipeline.run.heap)
     heap_tuned = False if args.default_malloc else tune_heap()
     d, n = Device(args.device), int(args.images)
-    rows, res, no_inc, noise = _measure(args, d)
+    # and with a worker's torch threads: the CPUs the pool gives each actor on this machine
+    on_gpu = d.dev.type == "cuda"
+    threads = pool_shape(ClusterConfig(), 1 << 20, machine_resources(gpus=on_gpu)).threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows, res, no_inc, noise = _measure(args, d)
+    finally:
+        torch.set_num_threads(before)
     scale = max(1.0, float(res.score.abs().max()))
     tol = max((1e-5 if args.precision == "fp32" else 3e-2) * scale, 4 * noise)
     # approximate maps are not exact by design: their measured error is reported instead
@@ -195,7 +206,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(
         f"bench {args.model} {args.image_size}px window {args.window} stride {args.stride} "
         f"K={args.k} N={n}: {p} windows/image, {total} forward passes/run, median of "
-        f"{len(ours.seconds)}, {args.precision}, {d.name()}, {torch.get_num_threads()} threads, "
+        f"{len(ours.seconds)}, {args.precision}, {d.name()}, {threads} threads (a worker's), "
         f"heap {'tuned' if heap_tuned else 'default'}"
     )
     print("\n".join(_table(rows, ours, n)))
@@ -240,7 +251,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "device_name": d.name(),
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": threads,  # a worker's (pipeline.run.pool.pool_shape)
             "torch": torch.__version__,
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -9,7 +9,6 @@ worker runs, with the worker's settings and threads, to give an ETA.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -155,14 +154,11 @@ def _calibrate(config: AuditConfig, records: list[Any], n_shards: int) -> tuple[
 
     from pipeline.models import load_model
     from pipeline.run.bank import Banks
-    from pipeline.run.pool import pool_shape
+    from pipeline.run.pool import machine_resources, pool_shape
     from pipeline.run.settings import worker_compute
     from pipeline.run.shard import process_shard
 
-    resources = {"CPU": float(os.cpu_count() or 1)}
-    if torch.cuda.is_available():
-        resources["GPU"] = float(torch.cuda.device_count())
-    shape = pool_shape(config, max(1, n_shards), resources)
+    shape = pool_shape(config.cluster, max(1, n_shards), machine_resources())
     if len(records) < 2:
         return math.nan, shape.actors
     before = torch.get_num_threads()

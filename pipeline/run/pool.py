@@ -5,19 +5,20 @@ Ray is imported inside the functions: importing :mod:`pipeline.run` starts nothi
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import AuditConfig
+from pipeline.config import AuditConfig, ClusterConfig
 from pipeline.data.source import ShardRef
 from pipeline.run.bank import Banks
 from pipeline.run.dispatch import DispatchOutcome, dispatch
 from pipeline.run.preflight import ModelCheckError
 from pipeline.run.progress import Progress
 
-__all__ = ["PoolShape", "connect", "pool_shape", "run_pool"]
+__all__ = ["PoolShape", "connect", "machine_resources", "pool_shape", "run_pool"]
 
 # Shards in flight per GPU actor: one computing while the next one decodes on the CPU. A CPU
 # actor takes one at a time, as a plain (single-threaded) Ray actor: decoding the next shard would
@@ -55,18 +56,29 @@ def connect(address: str) -> bool:
     return True
 
 
-def pool_shape(cfg: AuditConfig, n_shards: int, resources: dict[str, float]) -> PoolShape:
+def machine_resources(gpus: bool = True) -> dict[str, float]:
+    """This machine's resources as Ray would count them: its CPUs, and its CUDA devices unless
+    ``gpus`` is False (for sizing a worker here without starting Ray)."""
+    import torch
+
+    out = {"CPU": float(os.cpu_count() or 1)}
+    if gpus and torch.cuda.is_available():
+        out["GPU"] = float(torch.cuda.device_count())
+    return out
+
+
+def pool_shape(cluster: ClusterConfig, n_shards: int, resources: dict[str, float]) -> PoolShape:
     """The actor pool for a cluster with ``resources`` (``ray.cluster_resources()``)."""
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-    per_gpu = float(cfg.cluster.gpus_per_actor)
-    auto = str(cfg.cluster.actors) == "auto"
+    per_gpu = float(cluster.gpus_per_actor)
+    auto = str(cluster.actors) == "auto"
     if gpus >= per_gpu > 0:
-        actors = int(gpus // per_gpu) if auto else int(cfg.cluster.actors)
+        actors = int(gpus // per_gpu) if auto else int(cluster.actors)
         # A fraction of a CPU per GPU actor, or a 2-core machine deadlocks with 2 GPUs.
         num_cpus = min(1.0, cpus / max(actors, 1) / 2)
         threads = max(1, int(cpus // max(actors, 1)))
         return PoolShape(max(1, min(actors, n_shards)), per_gpu, num_cpus, threads, PER_ACTOR)
-    actors = max(1, int(cpus // 2)) if auto else int(cfg.cluster.actors)
+    actors = max(1, int(cpus // 2)) if auto else int(cluster.actors)
     actors = max(1, min(actors, n_shards))
     num_cpus = max(cpus / actors, 0.5) if cpus >= actors else 0.5
     return PoolShape(actors, 0.0, num_cpus, max(1, int(num_cpus)))
@@ -100,7 +112,7 @@ def run_pool(
 
     from pipeline.run.worker import ShardWorker
 
-    shape = pool_shape(cfg, max(1, len(todo)), ray.cluster_resources())
+    shape = pool_shape(cfg.cluster, max(1, len(todo)), ray.cluster_resources())
     remote = ray.remote(ShardWorker).options(
         num_gpus=shape.num_gpus,
         num_cpus=shape.num_cpus,
