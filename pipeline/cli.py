@@ -240,7 +240,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--compile",
         action="store_true",
-        help="also time the generic kernel with occlusion.compile: true (torch.compile)",
+        help="also time the generic kernel with occlusion.compile: true (torch.compile); "
+        "with --end-to-end, the run and the kernel compile",
     )
     b.add_argument(
         "--no-captum",

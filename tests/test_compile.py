@@ -52,15 +52,22 @@ def test_compiled_passes_give_the_eager_maps():
     assert torch.equal(fast.target, eager.target)
 
 
+def test_compile_is_a_boolean():
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        ComputeOptions(compile="no")  # a truthy string must not switch compiling on
+
+
 def test_a_worker_compiles_before_its_first_shard():
     torch.manual_seed(0)
     model = SeedCNN(num_classes=1, input_dim=24).eval()
-    occ = OcclusionConfig(window=(8, 8), stride=(4, 4), engine="generic", compile=True, max_batch=8)
+    # the default batches of CPU full passes: unoccluded ones of 16, occluded ones of 32
+    occ = OcclusionConfig(window=(8, 8), stride=(4, 4), engine="generic", compile=True)
     before = _graphs()
     wc = worker_compute(occ, model, (3, 24, 24), torch.device("cpu"))
-    assert wc.options.compile and wc.engine_name == "generic"
+    assert wc.options.compile and wc.engine_name == "generic" and wc.options.max_batch == 32
     assert _graphs() > before
-    # the first shard's passes (plain ones padded to 8 rows, occluded ones of 8) compile nothing
+    # the first shard's passes (5 images: plain ones padded to 16 rows, occluded ones of 32)
+    # compile nothing
     compiled_at_start = _graphs()
     res = attribute(
         model, _images(5), image_ids=list("vwxyz"), options=wc.options, task="regression", **KEYS
@@ -73,9 +80,11 @@ def test_a_machine_that_cannot_compile_is_named(monkeypatch, tmp_path):
     import torch._inductor.config as inductor
 
     # a C++ compiler that does not exist, no cached kernels to fall back on, compiled in-process
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor, "compile_threads", 1)
+    broken = {
+        "cpp.cxx": (None, str(tmp_path / "no-such-g++")),
+        "fx_graph_cache": False,
+        "compile_threads": 1,
+    }
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     torch._dynamo.reset()
     model = torch.nn.Sequential(
@@ -83,11 +92,16 @@ def test_a_machine_that_cannot_compile_is_named(monkeypatch, tmp_path):
         torch.nn.Flatten(), torch.nn.Linear(5, 2),
     ).eval()  # fmt: skip
     occ = OcclusionConfig(window=(8, 8), engine="generic", compile=True, max_batch=4)
+    refused = r"occlusion\.compile: torch\.compile could not"
     try:
-        with pytest.raises(CompileError, match=r"occlusion\.compile: torch\.compile could not"):
+        with inductor.patch(broken), pytest.raises(CompileError, match=refused) as e:
             worker_compute(occ, model, (3, 16, 16), torch.device("cpu"))
+        # the reason is the compiler torch could not find, not dynamo's wrapper line
+        assert "no-such-g++" in str(e.value) and "InvalidCxxCompiler" in str(e.value)
     finally:
         torch._dynamo.reset()
+    # the settings are torch's again: the next compile works
+    assert inductor.cpp.cxx[1] != broken["cpp.cxx"][1] and inductor.compile_threads >= 1
 
 
 @pytest.fixture(scope="module")
@@ -138,5 +152,6 @@ def test_a_run_on_a_machine_without_a_compiler_stops_with_one_line(image_set, tm
     lines = [s for s in out.stderr.splitlines() if s.startswith("occlusion-audit run: error:")]
     assert len(lines) == 1, out.stderr[-3000:]
     assert "the workers could not start" in lines[0] and "occlusion.compile" in lines[0]
+    assert "no-such-g++" in lines[0]
     assert "Traceback" not in out.stderr
     assert not list((tmp_path / "run" / "maps").glob("*.parquet"))

@@ -12,7 +12,8 @@ CNN (``SeedCNN(num_classes=1, input_dim=size)`` loaded from a ``state_dict`` thr
 - **captum-script**: a ``DataLoader`` over the files, Captum's ``Occlusion`` at its best
   ``perturbations_per_eval``, the K draws averaged, the maps written to Parquet.
 
-Each is timed over its images after a warm-up; the ratios are images/s over images/s.
+Each is timed over its images after a warm-up; the ratios are images/s over images/s. With
+``--compile`` the run and the kernel both use ``occlusion.compile: true``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def _config(root: Path, args: argparse.Namespace, weights: Path) -> Any:
                 "window": [args.window] * 2,
                 "stride": [args.stride] * 2,
                 "n_baselines": args.k,
+                "compile": bool(getattr(args, "compile", False)),
             },
             "counterfactual": {"enabled": False},
             "cluster": {"address": "local", "shard_size": 8},

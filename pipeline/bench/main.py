@@ -190,6 +190,7 @@ def run_bench(args: argparse.Namespace) -> int:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        threads = torch.get_num_threads()  # what the rows really ran with
         rows, res, no_inc, noise = _measure(args, d)
     finally:
         torch.set_num_threads(before)

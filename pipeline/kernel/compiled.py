@@ -1,7 +1,7 @@
 """Full forward passes through ``torch.compile`` (``occlusion.compile``, ``ComputeOptions``).
 
 Inductor fuses a CNN's pointwise work into its convolutions: the seed-shaped CNN's full passes
-(batch 32, 224x224, 2-core CPU) ran 1.4x faster compiled, with bitwise-equal scores. The cost is a
+(batch 32, 224x224, 2-core CPU) ran 1.4x faster compiled, with the same scores. The cost is a
 compile per process (about 10-20 s for that CNN on a cold cache, well under a second when
 inductor's on-disk cache has it) and a toolchain on the machine: a C++ compiler on CPU, Triton on
 CUDA. So it is off by default, and a worker compiles while it starts (:func:`warm_up`), where a
@@ -63,20 +63,33 @@ def warm_up(
         CompileError: compiling or running the compiled model failed; the message names
             ``occlusion.compile`` and torch's reason.
     """
+    import torch._inductor.config as inductor
+
     fast = compiled(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
+    # Inductor compiles in a pool of min(32, CPUs) processes by default; every actor on a large
+    # node would start its own. The worker's torch threads are the CPUs Ray gave it.
+    threads = max(1, torch.get_num_threads())
     try:
-        for b in dict.fromkeys(batches):  # each size once, in order
-            x = torch.rand((b, *image_shape), generator=gen).to(device)
-            x = x.contiguous(memory_format=fmt)
-            with precision_context(device, precision):
-                fast(x)
+        with inductor.patch(compile_threads=min(threads, inductor.compile_threads)):
+            for b in dict.fromkeys(batches):  # each size once, in order
+                x = torch.rand((b, *image_shape), generator=gen).to(device)
+                x = x.contiguous(memory_format=fmt)
+                with precision_context(device, precision):
+                    fast(x)
     except Exception as e:  # inductor raises many types (BackendCompilerFailed, CppCompileError)
-        lines = [s for s in str(e).strip().splitlines() if s.strip()]
-        reason = lines[0] if lines else ""
         raise CompileError(
-            f"occlusion.compile: torch.compile could not compile the model "
-            f"({type(e).__name__}: {reason[:300]}); set occlusion.compile: false"
+            "occlusion.compile: torch.compile could not compile the model "
+            f"({_reason(e)}); set occlusion.compile: false"
         ) from e
     return fast
+
+
+def _reason(e: BaseException) -> str:
+    """``Type: first informative line`` of the error behind ``e`` (dynamo wraps the backend's
+    error, whose own first line may only say that it raised)."""
+    inner = getattr(e, "inner_exception", None) or e
+    lines = [s.strip() for s in str(inner).splitlines() if s.strip()]
+    useful = [s for s in lines if not s.endswith(("raised:", "error:", "error"))] or lines
+    return f"{type(inner).__name__}: {useful[0][:300] if useful else ''}"

@@ -78,6 +78,8 @@ class ComputeOptions:
     approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):  # "no" would be truthy: compile on
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         object.__setattr__(self, "precision", Precision(self.precision))
         if isinstance(self.engine, str):
             object.__setattr__(self, "engine", Engine(self.engine))

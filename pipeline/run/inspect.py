@@ -121,9 +121,11 @@ def inspect_audit(config: AuditConfig, sample: int = 32, calibrate: int = 4) -> 
     grid = WindowGrid.create((3, *config.dataset.image_size), occ.window, occ.stride)
     windows = math.prod(grid.counts)
     draws = int(occ.n_baselines or 1)
-    per_image, actors = _calibrate(config, good[: calibrate + 1], len(plan.shards))
+    per_image, actors, setup = _calibrate(config, good[: calibrate + 1], len(plan.shards))
     local = str(config.cluster.address) == "local"
     startup = STARTUP_LOCAL_S if local else STARTUP_CLUSTER_S
+    if config.occlusion.compile:  # every actor compiles while it starts
+        startup += setup
     eta = startup + per_image * plan.images / max(1, actors)
     return Inspection(
         format=plan.format,
@@ -147,9 +149,10 @@ def inspect_audit(config: AuditConfig, sample: int = 32, calibrate: int = 4) -> 
     )
 
 
-def _calibrate(config: AuditConfig, records: list[Any], n_shards: int) -> tuple[float, int]:
-    """Seconds per image of one worker on ``records`` (the first is a warm-up), and the pool's
-    actors on this machine."""
+def _calibrate(config: AuditConfig, records: list[Any], n_shards: int) -> tuple[float, int, float]:
+    """Seconds per image of one worker on ``records`` (the first is a warm-up), the pool's
+    actors on this machine, and the seconds the worker's settings took to build (with
+    ``occlusion.compile``, the compile)."""
     import torch
 
     from pipeline.models import load_model
@@ -160,13 +163,15 @@ def _calibrate(config: AuditConfig, records: list[Any], n_shards: int) -> tuple[
 
     shape = pool_shape(config.cluster, max(1, n_shards), machine_resources())
     if len(records) < 2:
-        return math.nan, shape.actors
+        return math.nan, shape.actors, 0.0
     before = torch.get_num_threads()
     torch.set_num_threads(shape.threads)
     try:
         device = torch.device("cuda" if shape.num_gpus > 0 else "cpu")
         model = load_model(config.model, config.dataset.normalize, device)
+        t0 = time.perf_counter()
         compute = worker_compute(config.occlusion, model, (3, *config.dataset.image_size), device)
+        setup = time.perf_counter() - t0
         banks = None
         if config.counterfactual.enabled:
             with_fg = [r for r in records if r.fg is not None or config.dataset.static]
@@ -183,6 +188,6 @@ def _calibrate(config: AuditConfig, records: list[Any], n_shards: int) -> tuple[
             return time.perf_counter() - t0
 
         once(records[:1])  # warm-up: first-call allocations, the engine's plan
-        return once(records[1:]) / len(records[1:]), shape.actors
+        return once(records[1:]) / len(records[1:]), shape.actors, setup
     finally:
         torch.set_num_threads(before)

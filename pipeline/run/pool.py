@@ -57,11 +57,13 @@ def connect(address: str) -> bool:
 
 
 def machine_resources(gpus: bool = True) -> dict[str, float]:
-    """This machine's resources as Ray would count them: its CPUs, and its CUDA devices unless
-    ``gpus`` is False (for sizing a worker here without starting Ray)."""
+    """This machine's CPUs (those this process may run on) and CUDA devices (unless ``gpus`` is
+    False), to size a worker here without starting Ray. Ray's own count can be lower in a
+    container with a CPU quota."""
     import torch
 
-    out = {"CPU": float(os.cpu_count() or 1)}
+    usable = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU
+    out = {"CPU": float(len(usable(0)) if usable else os.cpu_count() or 1)}
     if gpus and torch.cuda.is_available():
         out["GPU"] = float(torch.cuda.device_count())
     return out

@@ -74,9 +74,13 @@ def run_identity(
 
 
 def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Keys whose values differ (dotted). A key the stored identity does not have (a setting
+    added after that run) is the same when it is off now (false or null), as it was then."""
     out = []
     for key in sorted(set(before) | set(now)):
         a, b = before.get(key), now.get(key)
+        if key not in before and b in (None, False):
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{key}.{d}" for d in _differences(a, b)]
         elif a != b:
