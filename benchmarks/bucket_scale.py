@@ -32,6 +32,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from _summary import flat_line  # benchmarks/ is on sys.path when run as a script
+
 _CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
@@ -200,13 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row))
     if len(rows) >= 2:
-        a, b = rows[0], rows[-1]
-        ratio = b["driver_peak_rss_mb"] / a["driver_peak_rss_mb"]
-        print(
-            f"driver peak RSS {a['images']} -> {b['images']} images: {a['driver_peak_rss_mb']} -> "
-            f"{b['driver_peak_rss_mb']} MB (x{ratio:.2f}; flat within 20%: "
-            f"{'yes' if ratio <= 1.2 else 'NO'})"
-        )
+        print(flat_line(rows, "images", "driver_peak_rss_mb", "driver peak RSS, images"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _summary import flat_line  # benchmarks/ is on sys.path when run as a script
+
 _CHILD = r"""
 import json, sys, time
 from pathlib import Path
@@ -95,13 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row))
     if len(results) >= 2:
         a, b = results[0], results[-1]
-        ratio = b["peak_rss_mb"] / a["peak_rss_mb"]
-        print(
-            f"peak RSS {a['rows']} -> {b['rows']} rows: "
-            f"{a['peak_rss_mb']} -> {b['peak_rss_mb']} MB "
-            f"(x{ratio:.3f}; flat within 20%: {'yes' if ratio <= 1.2 else 'NO'}); plan time "
-            f"{a['plan_s']} s -> {b['plan_s']} s"
-        )
+        flat = flat_line(results, "rows", "peak_rss_mb", "peak RSS, rows")
+        print(f"{flat}; plan time {a['plan_s']} s -> {b['plan_s']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
