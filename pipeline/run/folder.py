@@ -107,10 +107,8 @@ class RunFolder:
         Raises:
             ShardWriteError: the file could not be written; nothing is left behind.
         """
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
         try:
-            self.store.write_bytes(self.shard_name(shard), sink.getvalue().to_pybytes())
+            self._write_table(self.shard_name(shard), table, compression="zstd")
         except OSError as e:
             raise ShardWriteError(
                 f"cannot write {self.shard_path(shard)}: {e.strerror or e}"
@@ -198,10 +196,14 @@ class RunFolder:
         self.store.write_bytes(self.RECORD, record.to_bytes())
 
     def write_summary(self, table: pa.Table) -> Any:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        self.store.write_bytes(self.SUMMARY, sink.getvalue().to_pybytes())
+        self._write_table(self.SUMMARY, table)
         return self.summary_path
+
+    def _write_table(self, name: str, table: pa.Table, **parquet: Any) -> None:
+        """``table`` as Parquet, serialised in memory and written whole under ``name``."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **parquet)
+        self.store.write_bytes(name, sink.getvalue().to_pybytes())
 
     def read_summary(self) -> pa.Table:
         with self.store.open(self.SUMMARY) as f:

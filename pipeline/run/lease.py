@@ -74,7 +74,8 @@ class ObjectLock:
 
     def __enter__(self) -> ObjectLock:
         for _ in range(3):  # the holder may release between our write and our read
-            if self.store.put_if_absent(self.name, self._body()):
+            self.version = self.store.put_if_absent(self.name, self._body())
+            if self.version is not None:
                 break
             held, version = self._current()
             if held is None:
@@ -86,7 +87,8 @@ class ObjectLock:
                     f"lease until {time.strftime('%H:%M:%S', time.localtime(until))}); wait for "
                     "it to finish or choose another output.dir"
                 )
-            if self.store.replace_if_match(self.name, self._body(), version):
+            self.version = self.store.replace_if_match(self.name, self._body(), version)
+            if self.version is not None:
                 _log.warning(
                     "%s: took over the lock of %s, whose lease expired %.0f s ago",
                     self.store.location,
@@ -96,7 +98,6 @@ class ObjectLock:
                 break
         else:
             raise RunLockedError(f"{self.store.location}: could not take the lock; try again")
-        self.version = self.store.version(self.name)
         self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
         self._thread.start()
         return self
@@ -104,12 +105,17 @@ class ObjectLock:
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
             try:
-                if not self.store.replace_if_match(self.name, self._body(), self.version or ""):
+                # the version the write returns: no second request, and no window in which
+                # another writer's version could be read as ours
+                renewed = self.store.replace_if_match(self.name, self._body(), self.version or "")
+                if renewed is None:
                     self.lost = True
                     _log.error("%s: the run lock was taken by another run", self.store.location)
                     return
-                self.version = self.store.version(self.name)
-            except OSError as e:  # a transient store failure: try again at the next tick
+                self.version = renewed
+            except Exception as e:
+                # a transient store failure (an OSError locally or from pyarrow, botocore's
+                # ClientError or connection errors on S3): try again at the next tick
                 _log.warning("%s: renewing the run lock failed: %s", self.store.location, e)
 
     def __exit__(self, *exc: object) -> None:

@@ -11,6 +11,8 @@ Create-if-absent (:meth:`Store.put_if_absent`) and replace-if-unchanged
 and ``If-Match: <etag>`` on S3 (boto3, the ``[s3]`` extra). A store without conditional writes
 (GCS through pyarrow, which sends no preconditions) gets a check-then-write, which two writers
 starting within the same instant can both pass; ``Store.conditional`` says which one a store has.
+Both return the version they wrote, so a caller that writes again conditionally needs no second
+request to learn it.
 """
 
 from __future__ import annotations
@@ -133,10 +135,7 @@ class Store:
             try:
                 return str(_s3_client().head_object(**_s3_key(self._path(name)))["ETag"])
             except ClientError as e:
-                if (
-                    _missing(e)
-                    or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
-                ):
+                if _missing(e):
                     return None
                 raise
         info = self.fs.get_file_info(self._path(name))
@@ -163,17 +162,24 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self._path(name))
 
-    def put_if_absent(self, name: str, data: bytes) -> bool:
-        """Create ``name`` holding ``data`` unless it exists; True when this call created it."""
+    def put_if_absent(self, name: str, data: bytes) -> StoreVersion | None:
+        """Create ``name`` holding ``data`` unless it exists.
+
+        Returns:
+            The version this call wrote (as :meth:`version` would read it), or None when
+            ``name`` already existed.
+        """
         if self.scheme == "s3":
             from botocore.exceptions import ClientError
 
             try:
-                _s3_client().put_object(**_s3_key(self._path(name)), Body=data, IfNoneMatch="*")
-                return True
+                put = _s3_client().put_object(
+                    **_s3_key(self._path(name)), Body=data, IfNoneMatch="*"
+                )
+                return str(put["ETag"])  # what head_object will report for this object
             except ClientError as e:
                 if _precondition_failed(e):
-                    return False
+                    return None
                 raise
         if not self.remote:
             path = self._path(name)
@@ -182,32 +188,40 @@ class Store:
             Path(tmp).write_bytes(data)
             try:
                 os.link(tmp, path)  # fails when the name exists: create-if-absent, whole content
-                return True
             except FileExistsError:
-                return False
+                return None
             finally:
                 os.unlink(tmp)
+            return self.version(name)
         if self.exists(name):  # no preconditions through pyarrow's GCS client
-            return False
+            return None
         self.write_bytes(name, data)
-        return True
+        return self.version(name)
 
-    def replace_if_match(self, name: str, data: bytes, version: StoreVersion) -> bool:
-        """Overwrite ``name`` only if it still is at ``version``; True when replaced."""
+    def replace_if_match(
+        self, name: str, data: bytes, version: StoreVersion
+    ) -> StoreVersion | None:
+        """Overwrite ``name`` only if it still is at ``version``.
+
+        Returns:
+            The version this call wrote, or None when ``name`` was at another version (or gone).
+        """
         if self.scheme == "s3":
             from botocore.exceptions import ClientError
 
             try:
-                _s3_client().put_object(**_s3_key(self._path(name)), Body=data, IfMatch=version)
-                return True
+                put = _s3_client().put_object(
+                    **_s3_key(self._path(name)), Body=data, IfMatch=version
+                )
+                return str(put["ETag"])
             except ClientError as e:
                 if _precondition_failed(e) or _missing(e):
-                    return False
+                    return None
                 raise
         if self.version(name) != version:  # local and GCS: check, then write
-            return False
+            return None
         self.write_bytes(name, data)
-        return True
+        return self.version(name)
 
 
 def _s3_key(path: str) -> dict[str, str]:
@@ -246,4 +260,4 @@ def _precondition_failed(e: Any) -> bool:
 
 def _missing(e: Any) -> bool:
     code = str(e.response.get("Error", {}).get("Code", ""))
-    return code in ("NoSuchKey", "404")
+    return code in ("NoSuchKey", "404") or _status(e) == 404
