@@ -48,21 +48,21 @@ def accepts_channels_last(
         return _CHANNELS_LAST[model]
     except (KeyError, TypeError):
         pass
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand((2, *image_shape), generator=gen).to(device)
-    try:
-        plain = model(x)
-        last = model(x.contiguous(memory_format=torch.channels_last))
-        ok = (
-            isinstance(plain, torch.Tensor)
-            and isinstance(last, torch.Tensor)
-            and plain.shape == last.shape
-            and torch.allclose(plain.float(), last.float(), rtol=1e-3, atol=1e-5)
-        )
-    except Exception:
-        ok = False
-    if x.dim() != 4:
-        ok = False
+    ok = False
+    if len(image_shape) == 3:  # channels-last is a layout of (N, C, H, W) batches only
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand((2, *image_shape), generator=gen).to(device)
+        try:
+            plain = model(x)
+            last = model(x.contiguous(memory_format=torch.channels_last))
+            ok = (
+                isinstance(plain, torch.Tensor)
+                and isinstance(last, torch.Tensor)
+                and plain.shape == last.shape
+                and torch.allclose(plain.float(), last.float(), rtol=1e-3, atol=1e-5)
+            )
+        except Exception:
+            ok = False
     with contextlib.suppress(TypeError):  # a model object that cannot be weakly referenced
         _CHANNELS_LAST[model] = ok
     return ok
