@@ -7,7 +7,6 @@ stored maps with its own audit settings, so old runs read with today's statistic
 from __future__ import annotations
 
 import os
-import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import pandas as pd
 from pipeline.audit.aggregate import aggregate
 from pipeline.run.folder import RunFolder
 from pipeline.storage.store import Store
+from pipeline.storage.uri import base_name
 
 __all__ = ["History", "find_runs", "run_history"]
 
@@ -70,15 +70,11 @@ def run_history(runs: Sequence[str]) -> History:
     for run in runs:
         record = RunFolder(run).read_record()
         summary = aggregate(run, group_by=group_by or None, write=False)
-        summary.insert(0, "run", _name(run))
+        summary.insert(0, "run", base_name(run))
         summary.insert(1, "started_at", record.started_at if record else None)
         frames.append(summary)
     keep = ["run", "started_at", *group_by, "n_valid", "gmean_ratio", "ci_low", "ci_high",
             "q_value", "status"]  # fmt: skip
     table = pd.concat(frames, ignore_index=True)[keep]
     threshold = newest.config.audit.threshold if newest is not None else 1.0
-    return History(table, [_name(r) for r in runs], group_by, threshold)
-
-
-def _name(run: str) -> str:
-    return posixpath.basename(str(run).rstrip("/"))
+    return History(table, [base_name(r) for r in runs], group_by, threshold)

@@ -37,13 +37,13 @@ from pipeline.report.figures import (
     ratio_chart,
     stored_row_figure,
 )
-from pipeline.report.outdir import base_name, join, local_out, report_dir
+from pipeline.report.outdir import join, local_out, report_dir
 from pipeline.report.strategies_section import strategy_groups
 from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
 from pipeline.schema import STATUS_OK
 from pipeline.storage.atomic import write_text
-from pipeline.storage.uri import is_uri
+from pipeline.storage.uri import base_name, is_uri
 
 __all__ = ["escape_formula", "write_report"]
 

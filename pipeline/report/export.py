@@ -21,7 +21,7 @@ from pipeline.audit.strategies import strategy_group_columns
 from pipeline.run.folder import RunFolder
 from pipeline.schema import FLOAT_METRICS
 from pipeline.storage.atomic import atomic_write
-from pipeline.storage.uri import join_under
+from pipeline.storage.uri import base_name, join_under
 
 __all__ = ["export_records", "export_run"]
 
@@ -107,8 +107,7 @@ def export_run(
         return str(RunFolder(run_dir).write_file(f"export.{to}", data))
     if to == "fiftyone":
         record = RunFolder(run_dir).read_record()
-        base = str(run_dir).rstrip("/").rsplit("/", 1)[-1]
-        name = dataset_name or f"occlusion-audit-{record.name if record else base}"
+        name = dataset_name or f"occlusion-audit-{record.name if record else base_name(run_dir)}"
         return _to_fiftyone(table, name)
     raise ValueError(f"--to must be parquet, csv or fiftyone, got {to!r}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
 import re
 import tempfile
 from collections.abc import Iterator
@@ -13,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.storage.store import Store
+from pipeline.storage.uri import base_name
 
-__all__ = ["base_name", "join", "local_out", "report_dir"]
+__all__ = ["join", "local_out", "report_dir"]
 
 
 def join(folder: str | os.PathLike[str], name: str) -> str:
@@ -37,11 +37,6 @@ def local_out(target: str | os.PathLike[str]) -> Iterator[Path]:
         for f in sorted(Path(tmp).iterdir()):
             if f.is_file():
                 store.write_bytes(f.name, f.read_bytes())
-
-
-def base_name(folder: Any) -> str:
-    """The last part of a folder's path or URI."""
-    return posixpath.basename(str(folder).rstrip("/"))
 
 
 def report_dir(out_dir: str | os.PathLike[str] | None, record: Any, run_dir: Any) -> str:

@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 __all__ = [
     "PathEscapeError",
     "UnreadableFileError",
+    "base_name",
     "is_uri",
     "join_under",
     "parent",
@@ -63,6 +64,11 @@ def is_uri(path: str) -> bool:
 def split_uri(uri: str) -> tuple[str, str]:
     scheme, _, rest = uri.partition("://")
     return scheme.lower(), rest
+
+
+def base_name(path: Any) -> str:
+    """The last part of a path or URI, a trailing ``/`` ignored: ``s3://b/runs/val/`` -> ``val``."""
+    return posixpath.basename(str(path).rstrip("/"))
 
 
 def parent(path: str) -> str:
