@@ -12,8 +12,7 @@ from pipeline.bench.approximate import add_approx_argument
 from pipeline.bench.engines import bench_threshold
 from pipeline.bench.nets import BENCH_MODELS, build_bench_model
 from pipeline.cli import main
-from pipeline.config import ClusterConfig
-from pipeline.run.pool import machine_resources, pool_shape
+from pipeline.run.pool import worker_threads_here
 
 
 def test_bench_smoke(tmp_path, capsys):
@@ -52,7 +51,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert facts["stored_bytes_per_image"] > 2 * 49 * 4  # at least the float32 deltas
     assert facts["machine"]["torch"] == torch.__version__
     # every row ran with a worker's torch threads on this machine; the caller's are restored
-    worker = pool_shape(ClusterConfig(), 1 << 20, machine_resources(gpus=False)).threads
+    worker = worker_threads_here(gpus=False)
     assert facts["machine"]["torch_threads"] == worker
     assert torch.get_num_threads() == 1  # tests/conftest.py
     text = capsys.readouterr().out

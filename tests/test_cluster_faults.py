@@ -22,6 +22,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline import load_config, read_maps, run_audit
+from pipeline.run.worker import FAKE_GPUS_ENV
 from tests._dataset import audit_config, image_set_with_model
 from tests._faults import Background, private_ray_tmpdir, shard_files, wait_until
 
@@ -46,10 +47,13 @@ def image_set(tmp_path_factory):
 
 
 @pytest.fixture
-def gpu_cluster():
-    """Head (no CPU) + two worker nodes with 1 CPU and 1 simulated GPU each; driver connected."""
+def gpu_cluster(monkeypatch):
+    """Head (no CPU) + two worker nodes with 1 CPU and 1 simulated GPU each; driver connected.
+    The nodes start with the test setting under which a worker computes on the CPU in place of
+    its simulated GPU."""
     if ray.is_initialized():  # a Ray left by another module: this test needs its own cluster
         ray.shutdown()
+    monkeypatch.setenv(FAKE_GPUS_ENV, "1")  # inherited by the raylets this process starts
     with private_ray_tmpdir():
         cluster = Cluster(
             initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
@@ -102,8 +106,13 @@ def _check_complete(run_dir: Path, res, workers: list) -> None:
     # the pool: one GPU actor on each worker node (node ids from inside the actors)
     assert facts["pool"]["actors"] == 2 and facts["pool"]["num_gpus"] == 1.0
     assert all(a.get("node_id") for a in facts["actors"]), "run.json actors lack the Ray node id"
-    placed = sorted(a["node_id"] for a in facts["actors"])
+    first = {a["actor"]: a for a in reversed(facts["actors"])}  # each actor's first time up
+    placed = sorted(a["node_id"] for a in first.values())
     assert placed == sorted(w.node_id for w in workers), facts["actors"]
+    # the timeline says which actor went away with the node, and that the other stayed
+    assert [a["end"] for a in facts["actors"]].count("released") >= 1
+    gone = [a for a in facts["actors"] if a["node_id"] == workers[1].node_id]
+    assert gone and gone[0]["end"] != "released" and gone[0]["down_s"] is not None, gone
     # every image exactly once, all computed: the lost shard was redone on a live actor
     maps = read_maps(run_dir, columns=["image_id", "status", "error", "shard"])
     assert sorted(maps["image_id"]) == [f"img{i:03d}" for i in range(N_IMAGES)]

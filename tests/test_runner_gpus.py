@@ -1,27 +1,40 @@
 """Actor pool shape on a Ray that advertises GPUs: one actor per GPU, fractions share, no deadlock.
 
 Ray schedules ``GPU`` as a plain resource, so ``ray.init(num_gpus=2)`` on a CPU machine gives
-real GPU ids to actors (``ray.get_gpu_ids()``) while torch, without CUDA, computes on the CPU.
-That exercises the runner's GPU placement on any machine; the maps must not change with it.
+real GPU ids to actors (``ray.get_gpu_ids()``). A worker whose torch sees no CUDA refuses to
+start; only under the test setting ``FAKE_GPUS_ENV``, set in the environment this module's Ray
+starts with, does it compute on the CPU. That exercises the runner's GPU placement on any
+machine; the maps must not change with it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
+import torch
 
 from pipeline import load_config, read_maps, run_audit
+from pipeline.run.pool import PoolStartError
+from pipeline.run.worker import FAKE_GPUS_ENV
 from tests._dataset import audit_config, image_set_with_model
+from tests._faults import Background
 
 N_IMAGES = 20
 
 
-def _start(num_gpus: int) -> None:
+def _start(num_gpus: int, fake_gpus: bool) -> None:
+    # The workers inherit the environment of the Ray this process starts.
+    if fake_gpus:
+        os.environ[FAKE_GPUS_ENV] = "1"
+    else:
+        os.environ.pop(FAKE_GPUS_ENV, None)
     # address="local": always a fresh embedded Ray, never one another process advertised.
     ray.init(
         address="local",
@@ -34,20 +47,22 @@ def _start(num_gpus: int) -> None:
 
 @pytest.fixture(scope="module")
 def ray_with_gpus():
-    """``use(n)`` (re)starts this module's own Ray with ``n`` simulated GPUs when it differs."""
+    """``use(n)`` (re)starts this module's own Ray with ``n`` simulated GPUs when it differs;
+    its workers compute on the CPU in place of them unless ``fake_gpus=False``."""
     if ray.is_initialized():  # a Ray left by another module has other resources: not ours
         ray.shutdown()
-    current: list[int] = []
+    current: list[tuple[int, bool]] = []
 
-    def use(num_gpus: int) -> None:
-        if current != [num_gpus]:
+    def use(num_gpus: int, fake_gpus: bool = True) -> None:
+        if current != [(num_gpus, fake_gpus)]:
             ray.shutdown()
-            _start(num_gpus)
-            current[:] = [num_gpus]
+            _start(num_gpus, fake_gpus)
+            current[:] = [(num_gpus, fake_gpus)]
         assert ray.cluster_resources().get("GPU", 0) == num_gpus
 
     yield use
     ray.shutdown()
+    os.environ.pop(FAKE_GPUS_ENV, None)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +118,10 @@ def test_one_actor_per_gpu_with_distinct_ids_and_the_same_maps(
     assert facts["pool"]["num_cpus"] < 1.0
     gpu_ids = [a["gpu_ids"] for a in facts["actors"]]
     assert sorted(gpu_ids) == [["0"], ["1"]], gpu_ids
-    # torch here has no CUDA: a GPU actor falls back to the CPU rather than failing
+    # torch here has no CUDA: a GPU actor computes on the CPU only under the test setting
     assert [a["device"] for a in facts["actors"]] == ["cpu", "cpu"]
+    assert [a["fake_gpu"] for a in facts["actors"]] == [True, True]
+    assert facts["pool"]["device"] == "cuda" and "2 GPU(s) are up" in facts["pool"]["why"]
     assert len({a["pid"] for a in facts["actors"]}) == 2
     # a GPU actor holds two shards: one decodes on a second thread while the other computes
     assert facts["pool"]["per_actor"] == 2
@@ -128,4 +145,48 @@ def test_half_a_gpu_per_actor_puts_two_actors_on_each_gpu(
     per_gpu = Counter(g for a in facts["actors"] for g in a["gpu_ids"])
     assert per_gpu == {"0": 2, "1": 2}, facts["actors"]
     assert all(len(a["gpu_ids"]) == 1 for a in facts["actors"])
+    assert np.array_equal(_deltas(tmp_path / "run"), _deltas(cpu_run))
+
+
+def test_a_gpu_actor_whose_torch_sees_no_cuda_stops_the_run_in_one_line(
+    ray_with_gpus, image_set, tmp_path
+):
+    ray_with_gpus(1, fake_gpus=False)  # the test setting off: the simulated GPU is unusable
+    with pytest.raises(PoolStartError) as e:
+        _audit(image_set, tmp_path / "run", shard_size=7)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith("the workers could not start: "), msg
+    # what is wrong, with the torch build and what Ray made visible, and what to do
+    assert "sees no CUDA device" in msg and "CUDA_VISIBLE_DEVICES=0" in msg, msg
+    assert f"torch {torch.__version__} (CPU-only build)" in msg, msg
+    assert "cluster.device: cpu" in msg, msg
+    # nothing was computed on the CPU in the GPU's place
+    assert not list((tmp_path / "run" / "maps").glob("part-*.parquet"))
+
+
+def test_device_cuda_on_a_cluster_without_gpus_fails_at_once(ray_with_gpus, image_set, tmp_path):
+    ray_with_gpus(0)
+    # a long start-up timeout: a pool that waited for a GPU would outlast the join below
+    run = Background(
+        lambda: _audit(image_set, tmp_path / "run", device="cuda", startup_timeout_s=600)
+    )
+    t0 = time.monotonic()
+    with pytest.raises(PoolStartError) as e:
+        run.join(timeout=120)
+    assert time.monotonic() - t0 < 120
+    msg = str(e.value)
+    assert "cluster.device is cuda, but this cluster can have no GPU" in msg, msg
+    assert "0 GPU(s) and 2 CPU(s)" in msg and "no autoscaler" in msg, msg
+    assert not list((tmp_path / "run" / "maps").glob("part-*.parquet"))
+
+
+def test_device_cpu_keeps_a_gpu_cluster_on_cpu_actors(ray_with_gpus, image_set, tmp_path, cpu_run):
+    ray_with_gpus(2)
+    res = _audit(image_set, tmp_path / "run", device="cpu", shard_size=7)
+    assert (res.ok, res.errors) == (N_IMAGES, 0)
+    facts = _facts(tmp_path / "run")
+    assert facts["pool"]["device"] == "cpu" and facts["pool"]["num_gpus"] == 0.0
+    assert facts["pool"]["why"] == "cluster.device is cpu"
+    assert all(a["gpu_ids"] == [] for a in facts["actors"])
     assert np.array_equal(_deltas(tmp_path / "run"), _deltas(cpu_run))

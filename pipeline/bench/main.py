@@ -3,7 +3,7 @@
 Every engine runs in this one process on the same seeded images and the same ``K`` random-pixel
 baselines (``pipeline.kernel.baselines.make_baselines``). Our rows compute with exactly the
 settings a run's worker uses (:func:`pipeline.run.settings.worker_compute`), and every row runs
-with a worker's torch threads (:func:`pipeline.run.pool.pool_shape` on this machine). Captum's
+with a worker's torch threads (:func:`pipeline.run.pool.worker_threads_here`). Captum's
 and the roofline's settings are searched and every engine warmed up first; then the timed runs
 are interleaved (one run of each engine per round, ``--repeats`` rounds) so that a burst of load
 on a shared machine slows all engines alike, and each reported time is the median. The roofline
@@ -41,12 +41,11 @@ from pipeline.bench.engines import (
     roofline_row,
 )
 from pipeline.bench.nets import build_bench_model
-from pipeline.config import ClusterConfig
 from pipeline.kernel.defaults import Precision
 from pipeline.kernel.occlusion import OcclusionResult
 from pipeline.run.folder import RunFolder
 from pipeline.run.heap import tune_heap
-from pipeline.run.pool import machine_resources, pool_shape
+from pipeline.run.pool import worker_threads_here
 
 __all__ = ["run_bench"]
 
@@ -186,7 +185,7 @@ def run_bench(args: argparse.Namespace) -> int:
     d, n = Device(args.device), int(args.images)
     # and with a worker's torch threads: the CPUs the pool gives each actor on this machine
     on_gpu = d.dev.type == "cuda"
-    threads = pool_shape(ClusterConfig(), 1 << 20, machine_resources(gpus=on_gpu)).threads
+    threads = worker_threads_here(gpus=on_gpu)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -252,7 +251,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "device_name": d.name(),
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)),
-            "torch_threads": threads,  # a worker's (pipeline.run.pool.pool_shape)
+            "torch_threads": threads,  # a worker's (pipeline.run.pool.worker_threads_here)
             "torch": torch.__version__,
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -23,8 +23,9 @@ def _local(path: str | None) -> str | None:
 
 
 def _positive(key: str, value: float, *, strict: bool = True) -> None:
-    if value < 0 or (strict and value == 0):
-        fail(key, f"must be {'> 0' if strict else '>= 0'}, got {value!r}")
+    # NaN compares false with everything, so it is refused by name, like infinity
+    if not math.isfinite(value) or value < 0 or (strict and value == 0):
+        fail(key, f"must be a finite number {'> 0' if strict else '>= 0'}, got {value!r}")
 
 
 class DataFormat(str, enum.Enum):

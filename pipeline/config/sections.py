@@ -36,6 +36,7 @@ __all__ = [
     "CounterfactualConfig",
     "DataFormat",
     "DatasetConfig",
+    "Device",
     "Fill",
     "HubFile",
     "ModelConfig",
@@ -174,13 +175,27 @@ class OcclusionConfig:
         _positive("approx_check_windows", self.approx_check_windows, strict=False)
 
 
+class Device(_Option):
+    """What the actor pool computes on (docs/design.md, "Distribution")."""
+
+    AUTO = "auto"  # GPUs when the cluster has or can start GPU nodes, else CPUs; says why
+    CUDA = "cuda"  # GPU actors only; exit 2 when none comes up within startup_timeout_s
+    CPU = "cpu"  # CPU actors only, also on a cluster with GPUs
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where and how wide the run goes (docs/design.md)."""
+    """Where and how wide the run goes (docs/design.md, "Distribution")."""
 
     address: str = "local"  # local (embedded Ray) | auto | ray://host:10001 | http(s)://head:8265
-    actors: int | str = "auto"  # "auto": one per GPU, else one per 2 CPUs
-    gpus_per_actor: float = 1.0  # fractions share a GPU; ignored without GPUs
+    device: Device = Device.AUTO
+    # the most actors the pool asks Ray for; "auto": as many as the cluster can offer (GPUs /
+    # gpus_per_actor, counting the GPU nodes the autoscaler can start; else one per 2 CPUs)
+    actors: int | str = "auto"
+    gpus_per_actor: float = 1.0  # fractions share a GPU; ignored on CPU actors
+    # seconds to wait for the first actor (GPU nodes may have to start) and for a replacement
+    # when every actor is gone; then the run stops (exit 2 before any shard, else exit 4)
+    startup_timeout_s: float = 600.0
     shard_size: int = 64  # images per shard (and per output file)
     max_retries: int = 3  # re-queues of a shard whose actor died
     max_failures: int = 0  # failed images tolerated before the exit code reports failure
@@ -190,9 +205,11 @@ class ClusterConfig:
         remote = re.match(r"(ray|https?)://.", self.address)
         if self.address not in ("local", "auto") and not remote:
             fail("address", f"must be local, auto, ray://... or http(s)://...: {self.address!r}")
+        object.__setattr__(self, "device", Device(self.device))
         if self.actors != "auto" and not (isinstance(self.actors, int) and self.actors >= 1):
             fail("actors", f"must be 'auto' or an integer >= 1, got {self.actors!r}")
         _positive("gpus_per_actor", self.gpus_per_actor)
+        _positive("startup_timeout_s", self.startup_timeout_s)
         _positive("shard_size", self.shard_size)
         _positive("max_retries", self.max_retries, strict=False)
         _positive("max_failures", self.max_failures, strict=False)

@@ -157,17 +157,19 @@ def _calibrate(config: AuditConfig, records: list[Any], n_shards: int) -> tuple[
 
     from pipeline.models import load_model
     from pipeline.run.bank import Banks
-    from pipeline.run.pool import machine_resources, pool_shape
+    from pipeline.run.pool import actor_threads, local_offer, machine_resources, plan_pool
     from pipeline.run.settings import worker_compute
     from pipeline.run.shard import process_shard
 
-    shape = pool_shape(config.cluster, max(1, n_shards), machine_resources())
+    shape = plan_pool(config.cluster, max(1, n_shards), local_offer())
     if len(records) < 2:
         return math.nan, shape.actors, 0.0
     before = torch.get_num_threads()
-    torch.set_num_threads(shape.threads)
+    torch.set_num_threads(
+        shape.threads or actor_threads(shape.num_gpus, shape.num_cpus, machine_resources())
+    )
     try:
-        device = torch.device("cuda" if shape.num_gpus > 0 else "cpu")
+        device = torch.device(shape.device)
         model = load_model(config.model, config.dataset.normalize, device)
         t0 = time.perf_counter()
         compute = worker_compute(config.occlusion, model, (3, *config.dataset.image_size), device)

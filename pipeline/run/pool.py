@@ -1,4 +1,10 @@
-"""The Ray side of a run: connecting, sizing the actor pool, and running the shard queue.
+"""The Ray side of a run: connecting, planning the actor pool, and running the shard queue.
+
+The pool asks Ray for what the config wants, not for what is up (docs/design.md,
+"Distribution"): :func:`plan_pool` chooses the device and the most actors from the cluster's
+offer (:mod:`pipeline.run.offer`: the live nodes and the node types the autoscaler can start),
+:func:`run_pool` creates every actor at once, and the pending ones are the autoscaler's demand.
+Shards go to each actor as soon as it is up (:mod:`pipeline.run.dispatch`).
 
 Ray is imported inside the functions: importing :mod:`pipeline.run` starts nothing.
 """
@@ -6,19 +12,30 @@ Ray is imported inside the functions: importing :mod:`pipeline.run` starts nothi
 from __future__ import annotations
 
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import AuditConfig, ClusterConfig
+from pipeline.config import AuditConfig, ClusterConfig, Device
 from pipeline.data.source import ShardRef
 from pipeline.run.bank import Banks
-from pipeline.run.dispatch import DispatchOutcome, dispatch
-from pipeline.run.preflight import ModelCheckError
+from pipeline.run.dispatch import DispatchOutcome, NoActorError, WorkerStartError, dispatch
+from pipeline.run.offer import ClusterOffer, read_offer
 from pipeline.run.progress import Progress
 
-__all__ = ["PoolShape", "connect", "machine_resources", "pool_shape", "run_pool"]
+__all__ = [
+    "PoolPlan",
+    "PoolStartError",
+    "actor_threads",
+    "connect",
+    "local_offer",
+    "machine_resources",
+    "plan_pool",
+    "run_pool",
+    "worker_threads_here",
+]
 
 # Shards in flight per GPU actor: one computing while the next one decodes on the CPU. A CPU
 # actor takes one at a time, as a plain (single-threaded) Ray actor: decoding the next shard would
@@ -29,15 +46,32 @@ __all__ = ["PoolShape", "connect", "machine_resources", "pool_shape", "run_pool"
 PER_ACTOR = 2
 
 
-@dataclass(frozen=True)
-class PoolShape:
-    """Actors and the resources each one asks Ray for."""
+class PoolStartError(RuntimeError):
+    """The pool cannot start: the cluster offers nothing the config asks for, or no actor came
+    up within ``cluster.startup_timeout_s`` (the CLI exits 2)."""
 
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The actors a run asks Ray for, and why on that device.
+
+    Attributes:
+        device: ``"cuda"`` or ``"cpu"``.
+        why: the reason for the device, in words (``run.json`` pool.why).
+        actors: the most actors asked for (all are created; pending ones wait for nodes).
+        num_gpus, num_cpus: what each actor asks Ray for.
+        threads: torch intra-op threads per actor; None: each GPU actor takes its share of
+            its node's CPUs (:func:`actor_threads`).
+        per_actor: shards in flight per actor (Ray ``max_concurrency``); see PER_ACTOR.
+    """
+
+    device: str
+    why: str
     actors: int
     num_gpus: float
     num_cpus: float
-    threads: int  # torch intra-op threads per actor
-    per_actor: int = 1  # shards in flight per actor (Ray max_concurrency); see PER_ACTOR
+    threads: int | None
+    per_actor: int = 1
 
 
 def connect(address: str) -> bool:
@@ -69,37 +103,90 @@ def machine_resources(gpus: bool = True) -> dict[str, float]:
     return out
 
 
-def pool_shape(cluster: ClusterConfig, n_shards: int, resources: dict[str, float]) -> PoolShape:
-    """The actor pool for a cluster with ``resources`` (``ray.cluster_resources()``)."""
-    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-    per_gpu = float(cluster.gpus_per_actor)
-    auto = str(cluster.actors) == "auto"
-    if gpus >= per_gpu > 0:
-        actors = int(gpus // per_gpu) if auto else int(cluster.actors)
-        # A fraction of a CPU per GPU actor, or a 2-core machine deadlocks with 2 GPUs.
-        num_cpus = min(1.0, cpus / max(actors, 1) / 2)
-        threads = max(1, int(cpus // max(actors, 1)))
-        return PoolShape(max(1, min(actors, n_shards)), per_gpu, num_cpus, threads, PER_ACTOR)
-    actors = max(1, int(cpus // 2)) if auto else int(cluster.actors)
-    actors = max(1, min(actors, n_shards))
+def local_offer(gpus: bool = True) -> ClusterOffer:
+    """This machine as a one-node cluster without an autoscaler (what ``address: local``
+    starts), for planning a pool without starting Ray."""
+    return ClusterOffer((machine_resources(gpus),), (), "this machine, no autoscaler")
+
+
+def plan_pool(cluster: ClusterConfig, n_shards: int, offer: ClusterOffer) -> PoolPlan:
+    """The pool that ``cluster`` asks ``offer`` for, for ``n_shards`` shards.
+
+    ``device: auto`` takes GPUs when a GPU is up or a node type of the autoscaler has one;
+    ``cuda`` asks for GPU actors whatever is up now, ``cpu`` for CPU actors. ``actors: auto``
+    asks for as many actors as the cluster can hold at most (counting the nodes the
+    autoscaler can start), never more than shards.
+
+    Raises:
+        PoolStartError: ``cuda`` on a cluster that can have no GPU, or no node that can hold
+            one actor's ``gpus_per_actor``.
+    """
+    device, why = _device(cluster.device, offer)
+    n = max(1, n_shards)
+    fixed = None if str(cluster.actors) == "auto" else int(cluster.actors)
+    if device == "cuda":
+        per_gpu = float(cluster.gpus_per_actor)
+        slots = offer.slots("GPU", per_gpu)
+        if slots == 0:
+            raise PoolStartError(
+                f"no node can hold an actor with cluster.gpus_per_actor {per_gpu:g} GPU(s): "
+                f"{offer.describe()}"
+            )
+        actors = min(fixed or slots or n, n)
+        # A GPU actor asks for half its node's CPUs per GPU share, at most one: the rest stays
+        # for decoding threads, and a 2-core machine with 2 GPUs does not deadlock.
+        per_slot = [c * per_gpu for c in offer.per_node("CPU", "GPU")]
+        num_cpus = min([1.0, *(c / 2 for c in per_slot)])
+        return PoolPlan(device, why, actors, per_gpu, num_cpus, None, PER_ACTOR)
+    cpus = offer.total("CPU")
+    if cpus == 0 and offer.node_types:  # a cold CPU cluster: size actors by its node types
+        node_cpus = [float(t.resources.get("CPU", 0) or 0) for t in offer.node_types]
+        num_cpus = min([2.0, *(c for c in node_cpus if c > 0)])
+        slots = offer.slots("CPU", num_cpus)
+        actors = min(fixed or slots or n, n)
+        return PoolPlan(device, why, max(1, actors), 0.0, num_cpus, max(1, int(num_cpus)))
+    actors = max(1, min(fixed or max(1, int(cpus // 2)), n))
     num_cpus = max(cpus / actors, 0.5) if cpus >= actors else 0.5
-    return PoolShape(actors, 0.0, num_cpus, max(1, int(num_cpus)))
+    return PoolPlan(device, why, actors, 0.0, num_cpus, max(1, int(num_cpus)))
 
 
-def _actor_info(actors: Sequence[Any]) -> list[dict[str, Any]]:
-    """Each actor's ``info()``; an actor that cannot start (its model fails to load there)
-    ends the run with one line naming the reason, not a Ray traceback."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
+def _device(asked: Device, offer: ClusterOffer) -> tuple[str, str]:
+    if asked is Device.CPU:
+        return "cpu", "cluster.device is cpu"
+    gpus = offer.can_offer("GPU")
+    if asked is Device.CUDA:
+        if gpus is False:
+            raise PoolStartError(
+                f"cluster.device is cuda, but this cluster can have no GPU: {offer.describe()}"
+            )
+        return "cuda", "cluster.device is cuda"
+    if offer.total("GPU") > 0:
+        return "cuda", f"{offer.total('GPU'):g} GPU(s) are up"
+    if gpus:
+        kinds = [t.describe() for t in offer.node_types or () if t.resources.get("GPU")]
+        return "cuda", f"the autoscaler can start GPU nodes: {'; '.join(kinds)}"
+    if gpus is None:
+        return "cpu", (
+            f"no GPU is up, and {offer.source}: set cluster.device: cuda to wait for GPU nodes"
+        )
+    return "cpu", f"no GPU is up or can be started ({offer.describe()})"
 
-    try:
-        return list(ray.get([a.info.remote() for a in actors]))
-    except (RayActorError, RayTaskError) as e:
-        cause = getattr(e, "cause", None) or e
-        lines = [s for s in str(cause).strip().splitlines() if s.strip()]
-        raise ModelCheckError(
-            f"the workers could not start: {type(cause).__name__}: {lines[-1] if lines else ''}"
-        ) from None
+
+def worker_threads_here(gpus: bool = True) -> int:
+    """Torch threads of one worker of a default pool on this machine (the bench times with
+    them): its GPU share of the CPUs when ``gpus`` and CUDA is here, else 2 CPUs' worth."""
+    here = local_offer(gpus)
+    plan = plan_pool(ClusterConfig(), 1 << 20, here)
+    return plan.threads or actor_threads(plan.num_gpus, plan.num_cpus, here.nodes[0])
+
+
+def actor_threads(plan_gpus: float, plan_cpus: float, node: Mapping[str, float]) -> int:
+    """Torch threads of an actor on ``node`` (its total resources): a GPU actor takes its share
+    of the node's CPUs (8 on a node with 8 CPUs and 1 GPU), a CPU actor the CPUs it asked for."""
+    gpus, cpus = float(node.get("GPU", 0) or 0), float(node.get("CPU", 0) or 0)
+    if plan_gpus > 0 and gpus > 0:
+        return max(1, int(cpus * plan_gpus / gpus))
+    return max(1, int(plan_cpus))
 
 
 def run_pool(
@@ -108,40 +195,62 @@ def run_pool(
     todo: Sequence[int],
     show: bool,
     banks: Banks | None = None,
-) -> tuple[DispatchOutcome, PoolShape]:
-    """Start the actor pool, run shards ``todo``, stop the pool; return what happened."""
+) -> tuple[DispatchOutcome, PoolPlan]:
+    """Plan the pool, create its actors, run shards ``todo`` on them as they come up, stop the
+    pool; return what happened and the plan.
+
+    Raises:
+        PoolStartError: nothing to plan on, or no actor up within ``startup_timeout_s``.
+        WorkerStartError: an actor failed in its constructor (the model, CUDA).
+    """
     import ray
 
     from pipeline.run.worker import ShardWorker
 
-    shape = pool_shape(cfg.cluster, max(1, len(todo)), ray.cluster_resources())
+    if not todo:  # every shard was stored already: no actor, no device to choose
+        return DispatchOutcome(started_at=time.time()), PoolPlan(
+            "none", "nothing to compute", 0, 0, 0, 0
+        )
+    offer = read_offer()
+    plan = plan_pool(cfg.cluster, len(todo), offer)
+    print(
+        f"pool: {plan.device} ({plan.why}); up to {plan.actors} actor(s) of "
+        f"{{GPU: {plan.num_gpus:g}, CPU: {plan.num_cpus:g}}}",
+        file=sys.stderr,
+    )
     remote = ray.remote(ShardWorker).options(
-        num_gpus=shape.num_gpus,
-        num_cpus=shape.num_cpus,
+        num_gpus=plan.num_gpus,
+        num_cpus=plan.num_cpus,
         max_restarts=-1,  # the dispatcher decides when a shard has failed too often
         max_task_retries=0,
         # with one call at a time, Ray runs it on the worker's main thread (see PER_ACTOR)
-        max_concurrency=shape.per_actor,
+        max_concurrency=plan.per_actor,
     )
-    actors = [remote.remote(cfg, shape.threads) for _ in range(shape.actors)] if todo else []
+    actors = [remote.remote(cfg, plan.threads) for _ in range(plan.actors)]
     banks_ref = None if banks is None else ray.put(banks)  # sent once, shared by all shards
+    started = time.time()
     try:
-        # actors start (and load their models) before the clock of the rate starts: start-up
-        # is reported on its own (run.json timings.startup_s)
-        info = _actor_info(actors)
-        ready = time.time()
         outcome = dispatch(
             actors,
             shards,
             todo,
-            per_actor=shape.per_actor,
+            per_actor=plan.per_actor,
             max_retries=int(cfg.cluster.max_retries),
+            startup_timeout_s=float(cfg.cluster.startup_timeout_s),
             progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
-            info=info,
             extra=None if banks_ref is None else (lambda k: banks_ref),
         )
-        outcome.ready_at = ready
+    except NoActorError as e:
+        raise PoolStartError(
+            f"no {plan.device} actor came up within {e.waited_s:.0f}s "
+            f"(cluster.startup_timeout_s): asked Ray for {plan.actors} actor(s) of "
+            f"{{GPU: {plan.num_gpus:g}, CPU: {plan.num_cpus:g}}} ({plan.why}); the cluster "
+            f"offers {read_offer().describe()}"
+        ) from None
+    except WorkerStartError as e:
+        raise PoolStartError(f"the workers could not start: {e}") from None
     finally:
         for a in actors:
             ray.kill(a)
-    return outcome, shape
+    outcome.started_at = started
+    return outcome, plan

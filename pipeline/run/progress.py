@@ -1,4 +1,5 @@
-"""The run's progress bar: images done, images/s, ETA and failures, through tqdm.
+"""The run's progress bar: images done, images/s, ETA, failures and the actors that are up,
+through tqdm.
 
 tqdm redraws one line on a terminal, shows a widget in a notebook (``tqdm.auto``), and in a log
 (no terminal) we print a line per 10% so scheduled jobs' logs stay short.
@@ -35,7 +36,12 @@ class Progress:
             mininterval=0.5 if tty else 0.0,
             dynamic_ncols=tty,
         )
+        self._actors = ""
         self._bar.set_postfix(failures=0, refresh=False)
+
+    def restart_clock(self) -> None:
+        """Count the rate from now (the first actor is up: start-up is not compute)."""
+        self.t0 = time.perf_counter()
 
     def rate(self) -> float:
         """Images per second so far."""
@@ -46,14 +52,27 @@ class Progress:
         """Count ``images`` more images done, ``failed`` of them with errors."""
         self.done += images
         self.failed += failed
-        if failed:
-            self._bar.set_postfix(failures=self.failed, refresh=False)
+        self._postfix()
         self._bar.update(images)
 
-    def tick(self) -> None:
-        """Redraw the elapsed time and rate while nothing finishes (tqdm rate-limits it)."""
+    def tick(self, actors_up: int | None = None, actors: int | None = None) -> None:
+        """Show ``actors_up`` of ``actors`` when given, and redraw the elapsed time and rate
+        while nothing finishes (tqdm rate-limits it)."""
+        if actors is not None:
+            now = f"{actors_up}/{actors}"
+            if now != self._actors:
+                self._actors = now
+                self._postfix()
+                if not self._tty:  # a log gets a line when the pool grows or shrinks
+                    self._bar.refresh()
         if self._tty:
             self._bar.refresh()
+
+    def _postfix(self) -> None:
+        shown: dict[str, object] = {"failures": self.failed}
+        if self._actors:
+            shown["actors"] = self._actors
+        self._bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
         self._bar.close()

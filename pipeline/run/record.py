@@ -55,7 +55,13 @@ class RunRecord:
             ``phases_s`` (workers' seconds summed over shards: ``read_decode_s``,
             ``kernel_s``, ``evidence_s``, ``metrics_s``, ``table_s``, ``write_s``).
         shards, resumed_shards, retried_shards: shard counts; retried maps shard -> attempts.
-        pool, actors, actor_restarts: the Ray actor pool and where each actor ran.
+        pool: the actor pool the run asked for (``pipeline.run.pool.PoolPlan``: device and
+            why, most actors, resources per actor) and ``created_at``, the ISO time its
+            actors were created.
+        actors: the pool's timeline, one entry per time an actor was up: ``actor`` (index),
+            ``up_s``/``down_s`` (seconds after ``pool.created_at``), ``shards``, ``images``,
+            ``end`` (``released``, ``preempted``, ``lost: why``), and where it ran (node,
+            host, pid, device, GPU ids, threads, engine).
         failures: ``{"image_id", "error"}`` of every image with status ``error``.
         started_at, finished_at: ISO 8601 UTC times.
     """
@@ -75,7 +81,6 @@ class RunRecord:
     retried_shards: Mapping[str, int] = field(default_factory=dict)
     pool: Mapping[str, Any] = field(default_factory=dict)
     actors: list[Mapping[str, Any]] = field(default_factory=list)
-    actor_restarts: list[Mapping[str, Any]] = field(default_factory=list)
     failures: list[Mapping[str, str]] = field(default_factory=list)
     started_at: str | None = None
     finished_at: str | None = None

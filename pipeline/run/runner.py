@@ -26,7 +26,7 @@ from pipeline.data.plan import check_stored_ids, hash_ids, plan_source
 from pipeline.run.bank import BankPlanner
 from pipeline.run.dispatch import DispatchOutcome
 from pipeline.run.folder import RunFolder, RunFolderError
-from pipeline.run.pool import PoolShape, connect, run_pool
+from pipeline.run.pool import PoolPlan, connect, run_pool
 from pipeline.run.preflight import (
     check_model,
     claim_folder,
@@ -110,18 +110,18 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
         todo = [k for k in range(len(shards)) if k not in done]
         started_ray = connect(str(config.cluster.address))
         try:
-            outcome, shape = run_pool(config, shards, todo, progress, banks)
+            outcome, pool_plan = run_pool(config, shards, todo, progress, banks)
         finally:
             if started_ray:
                 ray.shutdown()
         if outcome.lost:
-            _stop(folder, record, outcome, shape)
+            _stop(folder, record, outcome, pool_plan)
         # one streaming read of the stored ids and statuses serves the check and the counts
         hashes, failures = _stored(folder)
         check_stored_ids(hashes, plan, lambda: _all_ids(folder))
         result = _result(config, folder.path, failures, plan.images, time.time() - t0, len(done))
         try:
-            folder.write_record(_finished(record, result, outcome, shape, t0))
+            folder.write_record(_finished(record, result, outcome, pool_plan, t0))
         except OSError as e:
             raise RunIncompleteError(
                 f"every shard is stored, but {folder.record_path} could not be written "
@@ -130,12 +130,12 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
     return result
 
 
-def _stop(folder: RunFolder, record: RunRecord, outcome: DispatchOutcome, shape: PoolShape) -> None:
+def _stop(folder: RunFolder, record: RunRecord, outcome: DispatchOutcome, plan: PoolPlan) -> None:
     """Record the stopped run (when the disk allows) and raise :class:`RunIncompleteError`."""
     with contextlib.suppress(OSError):  # the disk may be what failed
         folder.write_record(
             replace(
-                _with_pool(record, outcome, shape),
+                _with_pool(record, outcome, plan),
                 status="stopped",
                 finished_at=iso_time(time.time()),
             )
@@ -189,8 +189,8 @@ def _result(
     )
 
 
-def _with_pool(record: RunRecord, outcome: DispatchOutcome, shape: PoolShape) -> RunRecord:
-    actors = outcome.actors
+def _with_pool(record: RunRecord, outcome: DispatchOutcome, plan: PoolPlan) -> RunRecord:
+    actors = outcome.timeline
     return replace(
         record,
         engine={
@@ -198,9 +198,9 @@ def _with_pool(record: RunRecord, outcome: DispatchOutcome, shape: PoolShape) ->
             "notes": sorted({a.get("engine_note", "") for a in actors} - {""}),
         },
         retried_shards={str(k): v for k, v in outcome.retried.items()},
-        pool=asdict(shape),
+        # the plan, and when its actors were created (the timeline's time zero)
+        pool={**asdict(plan), "created_at": iso_time(outcome.started_at)},
         actors=actors,
-        actor_restarts=outcome.restarts,
     )
 
 
@@ -208,12 +208,12 @@ def _finished(
     record: RunRecord,
     result: RunResult,
     outcome: DispatchOutcome,
-    shape: PoolShape,
+    plan: PoolPlan,
     started: float,
 ) -> RunRecord:
     secs = sorted(outcome.shard_seconds)
     return replace(
-        _with_pool(record, outcome, shape),
+        _with_pool(record, outcome, plan),
         status="finished",
         counts=Counts(images=result.images, ok=result.ok, error=result.errors),
         timings={
@@ -222,7 +222,8 @@ def _finished(
             "shard_seconds_median": secs[len(secs) // 2] if secs else None,
             # where the workers' time went, summed over shards (docs/design.md, "Run folder")
             "phases_s": {k: round(v, 3) for k, v in sorted(outcome.phase_seconds.items())},
-            # from the start of the run until every actor answered (plan, model check, Ray)
+            # from the start of the run until the first actor was up (plan, model check, Ray,
+            # the nodes the autoscaler started)
             "startup_s": round(outcome.ready_at - started, 3) if outcome.ready_at else None,
         },
         resumed_shards=result.resumed_shards,

@@ -21,22 +21,58 @@ from pipeline.models import load_model
 from pipeline.run.bank import Banks
 from pipeline.run.folder import RunFolder
 from pipeline.run.heap import tune_heap
+from pipeline.run.pool import actor_threads
 from pipeline.run.settings import worker_compute
 from pipeline.run.shard import load_bank, load_shard, process_shard
 
-__all__ = ["ShardWorker"]
+__all__ = ["FAKE_GPUS_ENV", "ShardWorker"]
 
 
-def _ray_placement() -> tuple[list[str], str | None]:
-    """Assigned GPU ids and Ray node id ( ``[], None`` outside a Ray worker)."""
+# Testing only: on a machine without CUDA, a worker that Ray gave a (simulated) GPU computes on
+# the CPU instead of refusing to start. No config key or command sets it; the tests of the GPU
+# pool set it in the environment of the Ray they start.
+FAKE_GPUS_ENV = "OCCLUSION_AUDIT_TEST_FAKE_GPUS"
+
+
+def _ray_placement() -> tuple[list[str], str | None, dict[str, float], dict[str, float]]:
+    """Assigned GPU ids, Ray node id, the resources Ray assigned to this actor and its node's
+    total resources (``[], None, {}, {}`` outside a Ray worker)."""
     try:
         import ray
-
-        if not ray.is_initialized():
-            return [], None
-        return [str(g) for g in ray.get_gpu_ids()], ray.get_runtime_context().get_node_id()
     except ImportError:
-        return [], None
+        return [], None, {}, {}
+    if not ray.is_initialized():
+        return [], None, {}, {}
+    ctx = ray.get_runtime_context()
+    node_id = ctx.get_node_id()
+    node = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == node_id), {})
+    assigned = {k: float(v) for k, v in ctx.get_assigned_resources().items()}
+    return [str(g) for g in ray.get_gpu_ids()], node_id, assigned, dict(node)
+
+
+def _device(gpu_ids: list[str]) -> tuple[torch.device, bool]:
+    """The torch device of a worker that Ray gave ``gpu_ids``, and whether it computes on the
+    CPU in place of a simulated GPU (the test setting :data:`FAKE_GPUS_ENV`).
+
+    Raises:
+        RuntimeError: Ray gave a GPU but torch sees no CUDA device (a CPU-only torch in the
+            image, a driver that does not match): one line, never a silent CPU run.
+    """
+    if not gpu_ids:
+        return torch.device("cpu"), False
+    if torch.cuda.is_available():
+        # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so "cuda" is this worker's GPU.
+        return torch.device("cuda"), False
+    if os.environ.get(FAKE_GPUS_ENV) == "1":
+        return torch.device("cpu"), True
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+    raise RuntimeError(
+        f"Ray gave this actor GPU {', '.join(gpu_ids)} on {socket.gethostname()}, but torch "
+        f"{torch.__version__} ({build} build) sees no CUDA device "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); "
+        "install a CUDA build of torch that matches the node's driver, or set "
+        "cluster.device: cpu"
+    )
 
 
 class ShardWorker:
@@ -48,18 +84,22 @@ class ShardWorker:
 
     Args:
         cfg: the run's config, as validated by the driver.
-        threads: torch intra-op threads (the CPUs Ray reserved for this worker).
+        threads: torch intra-op threads; None: this actor's share of its node's CPUs
+            (:func:`pipeline.run.pool.actor_threads`), decided on the node it landed on.
+
+    Raises:
+        RuntimeError: Ray gave a GPU that torch cannot see (see :func:`_device`).
     """
 
     def __init__(self, cfg: AuditConfig, threads: int | None = None) -> None:
+        self.gpu_ids, self.node_id, assigned, node = _ray_placement()
+        self.device, self.fake_gpu = _device(self.gpu_ids)
+        if threads is None and node:
+            threads = actor_threads(assigned.get("GPU", 0.0), assigned.get("CPU", 0.0), node)
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         # CPU forward passes reuse freed activation buffers instead of page-faulting fresh ones
         self.heap_tuned = tune_heap()
-        self.gpu_ids, self.node_id = _ray_placement()
-        # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so "cuda" is this worker's GPU.
-        use_cuda = torch.cuda.is_available() and bool(self.gpu_ids)
-        self.device = torch.device("cuda" if use_cuda else "cpu")
         self.cfg = cfg
         self.folder = RunFolder(str(cfg.output.dir))
         self.model = load_model(cfg.model, cfg.dataset.normalize, self.device)
@@ -77,6 +117,7 @@ class ShardWorker:
             "node_id": self.node_id,
             "gpu_ids": self.gpu_ids,
             "device": str(self.device),
+            "fake_gpu": self.fake_gpu,  # the test setting FAKE_GPUS_ENV: CPU in place of a GPU
             "threads": torch.get_num_threads(),
             # Ray runs a plain actor's calls on the main thread, a threaded actor's on a pool
             "main_thread": threading.current_thread() is threading.main_thread(),
