@@ -38,6 +38,7 @@ from pipeline.report.figures import (
     stored_row_figure,
 )
 from pipeline.report.outdir import join, local_out, report_dir
+from pipeline.report.pool_chart import pool_section
 from pipeline.report.strategies_section import strategy_groups
 from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
@@ -341,6 +342,7 @@ def _write_page(
             rh.Failure(str(f.get("image_id", "")), str(f.get("error") or "")) for f in failures
         ],
         files=["summary.csv", "flags.csv", "curation.csv"],
+        pool=pool_section(record) if record is not None else None,
     )
     index = out / "index.html"
     write_text(index, rh.render_page(page))

@@ -214,6 +214,7 @@ def run_facts(record: RunRecord | None, params: Mapping[str, Any]) -> list[tuple
         ("Model", section_text(record.config.model)),
         ("Model hash", record.model_hash),
         ("Engine", facts_text(record.engine) if record.engine else None),
+        ("Pool", _pool_text(record.pool) if record.pool else None),
         ("Manifest", dataset.manifest),
         ("Image root", dataset.root),
         ("Image size", facts_text(dataset.image_size)),
@@ -226,6 +227,16 @@ def run_facts(record: RunRecord | None, params: Mapping[str, Any]) -> list[tuple
         ("Versions", facts_text(record.versions) if record.versions else None),
     ]
     return [(k, str(v)) for k, v in facts if v not in (None, "")]
+
+
+def _pool_text(pool: Mapping[str, Any]) -> str:
+    """The pool a run asked for, in words: device and why, most actors, each one's share."""
+    if "device" not in pool:  # a record written before the pool chose its device
+        return facts_text(pool)
+    return (
+        f"{pool['device']} ({pool.get('why', '')}); up to {pool.get('actors')} actor(s) of "
+        f"{pool.get('num_gpus', 0):g} GPU and {pool.get('num_cpus', 0):g} CPU each"
+    )
 
 
 def facts_text(value: Any) -> str:
@@ -310,6 +321,7 @@ class Page:
     files: list[str]
     evidence: list[Any] = field(default_factory=list)  # EvidenceBlock per flagged group
     strategies: list[Any] = field(default_factory=list)  # (group label, StrategyTiles)
+    pool: Chart | None = None  # the actor timeline of the run section
 
 
 @functools.cache
