@@ -150,9 +150,7 @@ def autoscaling_cluster(
         out, _ = head.communicate(timeout=120)
         if head.returncode != 0:
             raise RuntimeError(f"ray start --head failed:\n{out[-3000:]}")
-        yield FakeCluster(
-            gcs, pgid, config_path, {"RAY_ADDRESS": gcs, "RAY_AUTH_MODE": "disabled"}
-        )
+        yield FakeCluster(gcs, pgid, config_path, {"RAY_ADDRESS": gcs, "RAY_AUTH_MODE": "disabled"})
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
