@@ -68,7 +68,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.run.inspect import inspect_audit
 
     cfg = load_config(args.config, overrides=args.set)
-    found = inspect_audit(cfg, sample=args.sample, calibrate=args.calibrate)
+    found = inspect_audit(
+        cfg, sample=args.sample, calibrate=args.calibrate, cluster_file=args.cluster
+    )
     print(found.text(found.group_by))
     if args.json:
         from dataclasses import asdict
@@ -164,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ins.add_argument("--sample", type=int, default=32, help="images decoded to check (32)")
     ins.add_argument("--calibrate", type=int, default=4, help="images timed for the ETA (4)")
+    ins.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help="plan the pool and its ETA for this deployment's node types (cluster.yaml, a "
+        "KubeRay RayCluster/RayJob/RayCronJob) as a cold cluster",
+    )
     ins.add_argument("--json", metavar="FILE", help="also write the findings as JSON")
     ins.set_defaults(func=_cmd_inspect)
 

@@ -174,6 +174,23 @@ def test_a_preempted_node_costs_no_image_and_duplicates_none(
     assert sum(e["shards"] for e in timeline) >= N_SHARDS  # the lost shard, computed again
 
 
+def test_inspect_times_a_worker_of_the_pool_on_the_cluster(gpu_cluster, image_set, tmp_path):
+    cfg = _write_config(image_set, tmp_path / "run", tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "inspect", str(cfg), "--sample", "4", "--calibrate",
+         "2"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **gpu_cluster.env},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    # planned as a run would be, there, and timed on a node the autoscaler started for it
+    assert "pool on the cluster at auto" in out and "gpu (up to 4 x {CPU: 1, GPU: 1})" in out, out
+    assert "cuda (the autoscaler can start GPU nodes" in out and "up to 4 actor(s)" in out, out
+    line = next(s for s in out.splitlines() if s.startswith("calibration:"))
+    assert "s/image per actor on cpu on node ffff" in line, line  # the simulated GPU's CPU
+    assert "ETA: unknown" not in out
+
+
 def cold_timeline(cold_run) -> list[dict]:
     return json.loads((cold_run[0] / "run.json").read_text())["actors"]
 

@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from importlib.metadata import version
 from importlib.util import find_spec
 from pathlib import Path
@@ -21,6 +22,9 @@ from ray.runtime_env import RuntimeEnv
 
 from pipeline.cluster.cli import add_submit_parser
 from pipeline.cluster.submit import SCHEDULE_TIME_ENV, UPLOAD_EXCLUDES
+from pipeline.config import Device, load_config
+from pipeline.run.offer import ClusterOffer, node_types_from_file
+from pipeline.run.pool import UNKNOWN_CAPACITY_ACTORS, actor_threads, plan_pool
 from tests.test_cluster import CLUSTER_YAML, uncommented_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,3 +286,36 @@ def test_cron_checker_accepts(expr: str) -> None:
 def test_cron_checker_rejects(expr: str) -> None:
     with pytest.raises(ValueError):
         check_cron(expr)
+
+
+DEPLOYMENTS = [CLUSTER_YAML, JOBS / "rayjob.yaml", JOBS / "raycronjob.yaml", JOBS / "cronjob.yaml"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda p: p.name)
+def test_the_nightly_pool_on_a_cold_deployment_asks_for_every_gpu(
+    deployment: Path, device: str
+) -> None:
+    """Only the CPU-less head is up; the node types are those the deployment's autoscaler
+    reads. The nightly config's pool asks for one GPU actor per GPU the types can start."""
+    cfg = load_config(JOBS / "nightly-audit.yaml", [f"cluster.device={device}"])
+    cold = ClusterOffer(({"CPU": 0.0},), node_types_from_file(str(deployment)), deployment.name)
+    plan = plan_pool(cfg.cluster, 10_000, cold)
+    assert (plan.device, plan.num_gpus, plan.actors) == ("cuda", 1.0, 8 * 1 + 2 * 8), plan
+    # each GPU actor asks for one CPU (both node types have at least 7 per GPU); its threads
+    # are its node's CPUs per GPU, decided where it lands
+    assert plan.num_cpus == 1.0 and plan.threads is None
+    assert actor_threads(plan.num_gpus, plan.num_cpus, {"CPU": 7.0, "GPU": 1.0}) == 7
+    if device == "auto":
+        assert plan.why.startswith("the autoscaler can start GPU nodes: worker-gpu1 (up to 8")
+
+
+def test_the_nightly_config_asks_for_gpus_where_ray_hides_the_node_types() -> None:
+    """KubeRay's autoscaler on Ray 2.60 does not report its worker groups: ``auto`` cannot
+    see that GPUs can come, which is why the nightly config says ``cuda``."""
+    cfg = load_config(JOBS / "nightly-audit.yaml")
+    hidden = ClusterOffer(({"CPU": 0.0},), None, "an autoscaler runs, but Ray does not say")
+    plan = plan_pool(cfg.cluster, 10_000, hidden)
+    assert (plan.device, plan.num_gpus, plan.actors) == ("cuda", 1.0, UNKNOWN_CAPACITY_ACTORS)
+    auto = plan_pool(replace(cfg.cluster, device=Device.AUTO), 10_000, hidden)
+    assert auto.device == "cpu" and "set cluster.device: cuda" in auto.why

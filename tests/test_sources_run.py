@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline import load_config, read_maps, run_audit
@@ -120,3 +121,28 @@ def test_inspect_eta_is_within_2x_of_a_real_run(data, tmp_path) -> None:
     )
     real = time.perf_counter() - t0
     assert real / 2 <= found.eta_s <= real * 2, (found.eta_s, real)
+
+
+def test_inspect_plans_the_pool_of_a_cold_deployment(data, tmp_path) -> None:
+    """``inspect --cluster cluster.yaml``: the pool the shipped launcher config leads to, and
+    no ETA for GPUs this machine does not have (rather than a CPU time passed off as one)."""
+    cfg = audit_config(
+        data["root"], tmp_path / "x", cluster={"device": "cuda", "actors": "auto", "shard_size": 1}
+    )
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "inspect", str(tmp_path / "a.yaml"), "--sample", "4",
+         "--calibrate", "2", "--cluster", str(root / "cluster.yaml")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    pool = next(s for s in lines if s.startswith("pool on "))
+    # 8 images in 8 shards; the node types could hold 24 GPU actors
+    assert "cluster.yaml, cold: cuda (cluster.device is cuda), up to 8 actor(s)" in pool, pool
+    assert "{GPU: 1, CPU: 1}" in pool
+    if not torch.cuda.is_available():
+        assert "ETA: unknown (this machine has no cuda; run inspect on the cluster" in proc.stdout
+    found = inspect_audit(load_config(tmp_path / "a.yaml"), sample=4, calibrate=2,
+                          cluster_file=str(root / "jobs" / "rayjob.yaml"))  # fmt: skip
+    assert found.actors == 8 and "rayjob.yaml, cold" in found.target

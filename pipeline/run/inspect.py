@@ -9,9 +9,7 @@ worker runs, with the worker's settings and threads, to give an ETA.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from pipeline.config import AuditConfig
 from pipeline.data.detect import open_source
@@ -19,11 +17,12 @@ from pipeline.data.foreground import load_item
 from pipeline.data.images import DataError
 from pipeline.data.plan import plan_source
 from pipeline.kernel.geometry import WindowGrid
+from pipeline.run.eta import estimate
 
 __all__ = ["Inspection", "inspect_audit"]
 
 # Starting an embedded Ray, its actors and their models, measured at 8-15 s on a 2-core
-# machine; joining a running cluster skips Ray's own start.
+# machine; joining a running cluster skips Ray's own start (not the nodes an autoscaler starts).
 STARTUP_LOCAL_S = 10.0
 STARTUP_CLUSTER_S = 4.0
 
@@ -47,9 +46,13 @@ class Inspection:
     draws: int = 0
     forward_passes: int = 0  # images x windows x draws, plus one clean pass per image
     seconds_per_image: float = math.nan  # one worker, calibrated
-    actors: int = 1
+    actors: int = 1  # the most actors the pool asks for on the target
     startup_s: float = 0.0
     eta_s: float = math.nan
+    target: str = "this machine"  # where the pool was planned
+    pool: str = ""  # the pool, in words
+    calibrated_on: str = ""  # the device (and node) the calibration ran on
+    note: str = ""  # why there is no ETA, if there is none
 
     def text(self, group_by: tuple[str, ...]) -> str:
         """The report ``inspect`` prints."""
@@ -69,8 +72,12 @@ class Inspection:
             *[f"  {e}" for e in self.sample_errors[:10]],
             f"forward passes: {self.forward_passes} ({self.images} images x {self.windows} "
             f"windows x {self.draws} draws, + {self.images} clean)",
-            f"calibration: {self.seconds_per_image:.3f} s/image per actor, {self.actors} actor(s)",
-            f"ETA: {_duration(self.eta_s)} (start-up {self.startup_s:.0f}s included)",
+            f"pool on {self.target}: {self.pool}",
+            f"calibration: {self.seconds_per_image:.3f} s/image per actor on "
+            f"{self.calibrated_on or 'nothing'}, {self.actors} actor(s)",
+            f"ETA: {_duration(self.eta_s)} (start-up {self.startup_s:.0f}s included)"
+            if not self.note
+            else f"ETA: unknown ({self.note})",
         ]
         return "\n".join(lines)
 
@@ -89,16 +96,22 @@ def _sample_rows(n: int, k: int) -> list[int]:
     return sorted({int(i * n / k) for i in range(k)})
 
 
-def inspect_audit(config: AuditConfig, sample: int = 32, calibrate: int = 4) -> Inspection:
+def inspect_audit(
+    config: AuditConfig, sample: int = 32, calibrate: int = 4, cluster_file: str | None = None
+) -> Inspection:
     """Inspect the source and cost of ``config``'s audit without writing anything.
 
     Args:
         config: the audit config.
         sample: images decoded to look for bad files and measure foreground areas.
-        calibrate: sample images timed through the worker's per-shard code (after one warm-up).
+        calibrate: sample images timed through the worker's per-shard code (after one warm-up),
+            on one worker of the pool the config asks for (:mod:`pipeline.run.eta`).
+        cluster_file: plan the pool for this deployment's node types (a cluster launcher
+            config or a KubeRay manifest) instead of ``cluster.address``.
 
     Raises:
         SourceError: the source cannot be opened (the CLI exits 2).
+        PoolStartError: the target cannot host the pool (the CLI exits 2).
     """
     source = open_source(config.dataset)
     config = replace(config, dataset=source.cfg)
@@ -121,12 +134,17 @@ def inspect_audit(config: AuditConfig, sample: int = 32, calibrate: int = 4) -> 
     grid = WindowGrid.create((3, *config.dataset.image_size), occ.window, occ.stride)
     windows = math.prod(grid.counts)
     draws = int(occ.n_baselines or 1)
-    per_image, actors, setup = _calibrate(config, good[: calibrate + 1], len(plan.shards))
-    local = str(config.cluster.address) == "local"
+    est = estimate(config, good[: calibrate + 1], len(plan.shards), cluster_file)
+    local = str(config.cluster.address) == "local" and cluster_file is None
     startup = STARTUP_LOCAL_S if local else STARTUP_CLUSTER_S
     if config.occlusion.compile:  # every actor compiles while it starts
-        startup += setup
-    eta = startup + per_image * plan.images / max(1, actors)
+        startup += est.setup_s
+    actors = est.pool.actors
+    eta = startup + est.seconds_per_image * plan.images / max(1, actors)
+    pool = (
+        f"{est.pool.device} ({est.pool.why}), up to {actors} actor(s) of "
+        f"{{GPU: {est.pool.num_gpus:g}, CPU: {est.pool.num_cpus:g}}}"
+    )
     return Inspection(
         format=plan.format,
         detected=plan.detected,
@@ -142,54 +160,12 @@ def inspect_audit(config: AuditConfig, sample: int = 32, calibrate: int = 4) -> 
         windows=windows,
         draws=draws,
         forward_passes=plan.images * (windows * draws + 1),
-        seconds_per_image=per_image,
+        seconds_per_image=est.seconds_per_image,
         actors=actors,
         startup_s=startup,
         eta_s=eta,
+        target=est.where,
+        pool=pool,
+        calibrated_on=est.calibrated_on,
+        note=est.note,
     )
-
-
-def _calibrate(config: AuditConfig, records: list[Any], n_shards: int) -> tuple[float, int, float]:
-    """Seconds per image of one worker on ``records`` (the first is a warm-up), the pool's
-    actors on this machine, and the seconds the worker's settings took to build (with
-    ``occlusion.compile``, the compile)."""
-    import torch
-
-    from pipeline.models import load_model
-    from pipeline.run.bank import Banks
-    from pipeline.run.pool import actor_threads, local_offer, machine_resources, plan_pool
-    from pipeline.run.settings import worker_compute
-    from pipeline.run.shard import process_shard
-
-    shape = plan_pool(config.cluster, max(1, n_shards), local_offer())
-    if len(records) < 2:
-        return math.nan, shape.actors, 0.0
-    before = torch.get_num_threads()
-    torch.set_num_threads(
-        shape.threads or actor_threads(shape.num_gpus, shape.num_cpus, machine_resources())
-    )
-    try:
-        device = torch.device(shape.device)
-        model = load_model(config.model, config.dataset.normalize, device)
-        t0 = time.perf_counter()
-        compute = worker_compute(config.occlusion, model, (3, *config.dataset.image_size), device)
-        setup = time.perf_counter() - t0
-        banks = None
-        if config.counterfactual.enabled:
-            with_fg = [r for r in records if r.fg is not None or config.dataset.static]
-            by_group: dict = {}
-            for r in with_fg:
-                key = tuple(r.groups.get(g) for g in config.dataset.group_by)
-                by_group.setdefault(key, []).append(r)
-            banks = Banks(by_group, config)
-
-        def once(part: list[Any]) -> float:
-            t0 = time.perf_counter()
-            evidence = banks.for_shard(part) if banks is not None else None
-            process_shard(model, part, config, 0, compute.options, None, evidence)
-            return time.perf_counter() - t0
-
-        once(records[:1])  # warm-up: first-call allocations, the engine's plan
-        return once(records[1:]) / len(records[1:]), shape.actors, setup
-    finally:
-        torch.set_num_threads(before)

@@ -45,6 +45,11 @@ __all__ = [
 # with one on a threaded actor, and 0.95x with one on the main thread.
 PER_ACTOR = 2
 
+# The most actors asked for where the autoscaler's node types are unknown (KubeRay's autoscaler
+# on Ray 2.60 does not report them): pending actors are the demand the autoscaler scales to,
+# and an unbounded number of them would only crowd Ray's scheduler. cluster.actors asks for more.
+UNKNOWN_CAPACITY_ACTORS = 64
+
 
 class PoolStartError(RuntimeError):
     """The pool cannot start: the cluster offers nothing the config asks for, or no actor came
@@ -115,7 +120,8 @@ def plan_pool(cluster: ClusterConfig, n_shards: int, offer: ClusterOffer) -> Poo
     ``device: auto`` takes GPUs when a GPU is up or a node type of the autoscaler has one;
     ``cuda`` asks for GPU actors whatever is up now, ``cpu`` for CPU actors. ``actors: auto``
     asks for as many actors as the cluster can hold at most (counting the nodes the
-    autoscaler can start), never more than shards.
+    autoscaler can start; :data:`UNKNOWN_CAPACITY_ACTORS` where that is unknown), never more
+    than shards.
 
     Raises:
         PoolStartError: ``cuda`` on a cluster that can have no GPU, or no node that can hold
@@ -132,7 +138,7 @@ def plan_pool(cluster: ClusterConfig, n_shards: int, offer: ClusterOffer) -> Poo
                 f"no node can hold an actor with cluster.gpus_per_actor {per_gpu:g} GPU(s): "
                 f"{offer.describe()}"
             )
-        actors = min(fixed or slots or n, n)
+        actors = min(fixed or slots or UNKNOWN_CAPACITY_ACTORS, n)
         # A GPU actor asks for half its node's CPUs per GPU share, at most one: the rest stays
         # for decoding threads, and a 2-core machine with 2 GPUs does not deadlock.
         per_slot = [c * per_gpu for c in offer.per_node("CPU", "GPU")]
@@ -143,7 +149,7 @@ def plan_pool(cluster: ClusterConfig, n_shards: int, offer: ClusterOffer) -> Poo
         node_cpus = [float(t.resources.get("CPU", 0) or 0) for t in offer.node_types]
         num_cpus = min([2.0, *(c for c in node_cpus if c > 0)])
         slots = offer.slots("CPU", num_cpus)
-        actors = min(fixed or slots or n, n)
+        actors = min(fixed or slots or UNKNOWN_CAPACITY_ACTORS, n)
         return PoolPlan(device, why, max(1, actors), 0.0, num_cpus, max(1, int(num_cpus)))
     actors = max(1, min(fixed or max(1, int(cpus // 2)), n))
     num_cpus = max(cpus / actors, 0.5) if cpus >= actors else 0.5
