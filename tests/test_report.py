@@ -273,3 +273,32 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
         assert im.size == (1280, 2400)
         pixels = np.asarray(im.convert("L"))
     assert pixels.std() > 5  # something was drawn, not a blank page
+
+
+def test_the_run_section_draws_the_actor_timeline(tmp_path: Path) -> None:
+    """A pool that scaled up on a cold cluster and lost a node: the plan in the run facts, the
+    timeline as a figure with what it says in its caption."""
+    node = "fffffffffffffffffffffffffffffffffffffffffffffffffff0000"
+
+    def up(actor: int, n: int, t0: float, t1: float, shards: int, end: str) -> dict:
+        return {"actor": actor, "up_s": t0, "down_s": t1, "shards": shards, "images": 2 * shards,
+                "end": end, "node_id": f"{node}{n}", "gpu_ids": ["0"], "device": "cuda"}  # fmt: skip
+
+    why = "the autoscaler can start GPU nodes: gpu (up to 3 x {CPU: 1, GPU: 1})"
+    pool = {"device": "cuda", "why": why, "actors": 3, "num_gpus": 1.0, "num_cpus": 0.5,
+            "threads": None, "per_actor": 2, "created_at": "2025-01-01T00:00:00+00:00"}  # fmt: skip
+    actors = [
+        up(0, 1, 8.0, 40.0, 9, "released"),
+        up(1, 2, 9.5, 20.0, 3, "preempted"),
+        up(2, 3, 11.0, 40.0, 8, "released"),
+        up(1, 4, 31.0, 40.0, 2, "released"),  # actor 1 again, on the node that replaced node 2
+    ]
+    run_dir = write_run(tmp_path / "run", standard_rows(), ["room"], extra={"pool": pool,
+                        "actors": actors})  # fmt: skip
+    page = write_report(run_dir, tmp_path / "report").read_text(encoding="utf-8")
+    run = page[page.index('<section id="run">') :]
+    assert '<figure class="chart" id="actor-timeline"><img src="data:image/png;base64,' in run
+    text = _text(run)
+    assert f"Pool cuda ({why}); up to 3 actor(s) of 1 GPU and 0.5 CPU each" in text
+    assert "asked for up to 3 cuda actor(s)" in text and "3 came up" in text
+    assert "22 of 22 shard(s) were computed on GPU actors" in text
