@@ -281,8 +281,8 @@ def test_the_run_section_draws_the_actor_timeline(tmp_path: Path) -> None:
     node = "fffffffffffffffffffffffffffffffffffffffffffffffffff0000"
 
     def up(actor: int, n: int, t0: float, t1: float, shards: int, end: str) -> dict:
-        return {"actor": actor, "up_s": t0, "down_s": t1, "shards": shards, "images": 2 * shards,
-                "end": end, "node_id": f"{node}{n}", "gpu_ids": ["0"], "device": "cuda"}  # fmt: skip
+        where = {"node_id": f"{node}{n}", "gpu_ids": ["0"], "device": "cuda"}
+        return {"actor": actor, "up_s": t0, "down_s": t1, "shards": shards, "end": end, **where}
 
     why = "the autoscaler can start GPU nodes: gpu (up to 3 x {CPU: 1, GPU: 1})"
     pool = {"device": "cuda", "why": why, "actors": 3, "num_gpus": 1.0, "num_cpus": 0.5,
