@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.audit.evidence import EVIDENCE_COLUMNS, evidence_stats
 from pipeline.audit.fdr import below_threshold_p, bh_qvalues
-from pipeline.audit.params import audit_params, read_run_record
+from pipeline.audit.params import audit_params
 from pipeline.audit.statistics import (
     STATUS_ORDER,
     GroupKey,
@@ -41,7 +41,6 @@ __all__ = [
     "audit_params",
     "iter_batches",
     "iter_groups",
-    "read_run_record",
     "read_summary",
 ]
 
@@ -298,8 +297,10 @@ def aggregate(
             f"no maps/part-*.parquet under {run_dir}: not a run folder, or the run has not "
             "stored a shard yet (run `occlusion-audit run` first)"
         )
+    record = folder.read_record()
+    folder.check_one_audit(record)
     params = audit_params(
-        folder.read_record(),
+        record,
         group_by=group_by,
         threshold=threshold,
         min_images=min_images,

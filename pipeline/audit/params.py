@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pipeline.config import AuditSettings
-from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
 
-__all__ = ["audit_params", "read_run_record"]
-
-
-def read_run_record(run_dir: str | os.PathLike[str]) -> RunRecord | None:
-    """The run's record (``run.json``), or None when the run has none yet."""
-    return RunFolder(run_dir).read_record()
+__all__ = ["audit_params"]
 
 
 def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:

@@ -89,6 +89,7 @@ def dispatch(
     progress: Progress,
     clock: Callable[[], float] = time.monotonic,
     extra: Callable[[int], Any] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> DispatchOutcome:
     """Process shards ``todo`` on ``actors`` (``ShardWorker`` handles, up or pending) until each
     is stored or given up.
@@ -97,7 +98,8 @@ def dispatch(
     again, up to ``max_retries`` times; then (or after ``startup_timeout_s`` without any live
     actor) it is recorded in ``lost``. A write failure reported by a worker stops the queue:
     shards in flight finish, the rest stay in ``lost``. ``extra(k)``, when given, is passed with
-    shard ``k`` (the counterfactual banks).
+    shard ``k`` (the counterfactual banks). ``should_stop()``, asked before every shard is
+    handed out, names a reason to stop the queue (the run lost its lock), or None.
 
     Raises:
         NoActorError: no actor came up within ``startup_timeout_s``.
@@ -132,9 +134,16 @@ def dispatch(
             a.entry.update(down_s=round(clock() - t0, 3), end=how)
         a.up, a.entry, a.next_probe = False, None, clock() + PROBE_EVERY_S
 
+    def halted() -> bool:
+        why = should_stop() if should_stop is not None else None
+        if why is not None:
+            stop(why)
+        return why is not None
+
     while queue or inflight:
+        halted()
         for i, a in sorted(enumerate(pool), key=lambda ia: ia[1].busy):
-            while queue and a.up and a.busy < per_actor:
+            while queue and a.up and a.busy < per_actor and not halted():
                 k = queue.popleft()
                 payload = () if extra is None else (extra(k),)
                 inflight[a.handle.process.remote(k, shards[k], *payload)] = (i, k)

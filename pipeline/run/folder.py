@@ -17,10 +17,8 @@ bucket (:class:`pipeline.run.lease.ObjectLock`).
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import json
 import os
-import socket
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +26,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.run.lease import LEASE_S, ObjectLock, RunLockedError
-from pipeline.run.record import RunRecord
+from pipeline.run.lease import LEASE_S, ObjectLock, RunLock, RunLockedError
+from pipeline.run.record import RunRecord, identity_digest
 from pipeline.storage.atomic import is_temporary
 from pipeline.storage.store import Store
 
 __all__ = [
+    "IDENTITY_KEY",
+    "LeaseLostError",
     "RunFolder",
     "RunFolderError",
     "RunLock",
@@ -41,6 +41,11 @@ __all__ = [
     "ShardWriteError",
     "read_maps",
 ]
+
+# Parquet schema metadata of every shard: the digest of the identity of the run that wrote it
+# (pipeline.run.preflight.identity_digest), so that shards of two audits in one folder are
+# told apart by the end check and by aggregate.
+IDENTITY_KEY = b"occlusion_audit.identity"
 
 
 class RunFolder:
@@ -70,10 +75,6 @@ class RunFolder:
         return self.store.remote
 
     @property
-    def maps_dir(self) -> Any:
-        return self._at(self.MAPS)
-
-    @property
     def record_path(self) -> Any:
         return self._at(self.RECORD)
 
@@ -100,20 +101,91 @@ class RunFolder:
         """The stored shard files (Paths, or URIs in object storage), in shard order."""
         return [self._at(n) for n in self.shard_names()]
 
-    def write_shard(self, shard: int, table: pa.Table) -> Any:
+    def write_shard(
+        self, shard: int, table: pa.Table, identity: str | None = None, fence: str | None = None
+    ) -> Any:
         """Write shard ``shard`` whole (zstd Parquet): a local file renamed into place, or one
         object under its final name. A retried shard overwrites; nothing partial is left.
 
+        Args:
+            identity: the digest of the writing run's identity, stored in the file's metadata.
+            fence: the writing run's lock token: the shard is written only while the lock
+                still holds it (:meth:`check_fence`).
+
         Raises:
+            LeaseLostError: the run no longer holds the lock; nothing was written.
             ShardWriteError: the file could not be written; nothing is left behind.
         """
+        if identity is not None:
+            meta = {**(table.schema.metadata or {}), IDENTITY_KEY: identity.encode()}
+            table = table.replace_schema_metadata(meta)
         try:
+            if fence is not None:
+                self.check_fence(fence)
             self._write_table(self.shard_name(shard), table, compression="zstd")
         except OSError as e:
             raise ShardWriteError(
                 f"cannot write {self.shard_path(shard)}: {e.strerror or e}"
             ) from None
         return self.shard_path(shard)
+
+    def check_fence(self, token: str) -> None:
+        """Refuse to go on unless the run lock still holds ``token``.
+
+        Locally the lock is an ``flock``, which no other run can take while its holder lives:
+        nothing to check. In a bucket the lock object is read (one small GET).
+
+        Raises:
+            LeaseLostError: another run holds the lock, or none does.
+        """
+        if not self.remote:
+            return
+        try:
+            held = json.loads(self.store.read_bytes(self.LOCK))
+        except FileNotFoundError:
+            held = {}
+        except ValueError:
+            held = {"holder": "an unreadable lock object"}
+        if not isinstance(held, dict) or held.get("token") != token:
+            holder = held.get("holder", "no run") if isinstance(held, dict) else "no run"
+            raise LeaseLostError(
+                f"{self.path}: the run lock is held by {holder}, not by this run: it lost its "
+                "lease, and writes nothing more"
+            )
+
+    def shard_identities(self, names: Sequence[str] | None = None) -> dict[str, str | None]:
+        """The identity digest each stored shard was written with (None: written before shards
+        carried one), from the Parquet footers."""
+        out: dict[str, str | None] = {}
+        for name in self.shard_names() if names is None else names:
+            with self.store.open(name) as f:
+                meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+            value = meta.get(IDENTITY_KEY)
+            out[name] = None if value is None else value.decode()
+        return out
+
+    def foreign_shards(self, digest: str, names: Sequence[str] | None = None) -> list[str]:
+        """Stored shards written by a run with another identity than ``digest``."""
+        found = self.shard_identities(names)
+        return [n for n, d in found.items() if d is not None and d != digest]
+
+    def check_one_audit(self, record: RunRecord | None) -> None:
+        """Refuse a folder whose shards were not all written with its run's settings: two
+        audits mixed in one folder (a run that lost its lock kept writing).
+
+        Raises:
+            RunFolderError: naming the foreign shards.
+        """
+        if record is None or not record.identity:
+            return
+        foreign = self.foreign_shards(identity_digest(record.identity))
+        if foreign:
+            more = ", ..." if len(foreign) > 5 else ""
+            raise RunFolderError(
+                f"{len(foreign)} shard(s) of {self.path} were written with other settings than "
+                f"its run.json ({', '.join(foreign[:5])}{more}): the folder mixes two audits; "
+                "`occlusion-audit run --resume` recomputes them"
+            )
 
     def remove_temporary(self) -> None:
         """Delete temporary files left by a killed writer (call with the lock held); object
@@ -125,12 +197,17 @@ class RunFolder:
                 if is_temporary(p.name):
                     p.unlink(missing_ok=True)
 
-    def complete_shards(self, expected_rows: Sequence[int]) -> set[int]:
+    def complete_shards(
+        self, expected_rows: Sequence[int], identity: str | None = None
+    ) -> set[int]:
         """Shards whose files exist, parse, and hold the expected number of rows (read from
-        each Parquet footer; one listing of the folder).
+        each Parquet footer; one listing of the folder), written by a run of ``identity`` (or
+        before shards recorded one).
 
         Args:
             expected_rows: rows of each shard, indexed by shard number.
+            identity: the resuming run's identity digest; a shard another identity wrote is
+                recomputed.
         """
         stored = set(self.shard_names())
         done = set()
@@ -140,7 +217,10 @@ class RunFolder:
                 continue
             try:
                 with self.store.open(name) as f:
-                    if pq.ParquetFile(f).metadata.num_rows == rows:
+                    footer = pq.ParquetFile(f)
+                    written = (footer.schema_arrow.metadata or {}).get(IDENTITY_KEY)
+                    ours = identity is None or written in (None, identity.encode())
+                    if footer.metadata.num_rows == rows and ours:
                         done.add(k)
             except (OSError, pa.ArrowException):
                 continue  # unreadable leftovers are recomputed and replaced
@@ -243,48 +323,10 @@ class ShardWriteError(OSError):
     """A shard's file could not be written (a full disk, a read-only or vanished folder)."""
 
 
+class LeaseLostError(ShardWriteError):
+    """The run lost its lock to another run: none of its shards may be written any more."""
+
+
 class RunFolderError(ValueError):
     """``output.dir`` cannot take this run: not writable, not a run folder, another run's
     settings."""
-
-
-class RunLock:
-    """An exclusive advisory lock on ``RUN_DIR/.lock`` (released when the process dies)."""
-
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
-        self.path = Path(run_dir) / RunFolder.LOCK
-        self._fh: Any = None
-
-    def __enter__(self) -> RunLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(self.path, "a+")  # held open for the lock's lifetime
-        except OSError as e:
-            raise RunFolderError(
-                f"cannot write the output folder {self.path.parent}: {e.strerror or e}; choose "
-                "a writable output.dir"
-            ) from None
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunLockedError(
-                    f"{self.path.parent} is locked by another run ({holder}); wait for it to "
-                    "finish or choose another output.dir"
-                ) from None
-            raise
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
-        self._fh = fh
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None

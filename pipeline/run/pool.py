@@ -201,9 +201,16 @@ def run_pool(
     todo: Sequence[int],
     show: bool,
     banks: Banks | None = None,
+    *,
+    identity: str | None = None,
+    lock: Any = None,
 ) -> tuple[DispatchOutcome, PoolPlan]:
     """Plan the pool, create its actors, run shards ``todo`` on them as they come up, stop the
     pool; return what happened and the plan.
+
+    ``identity`` (the run's identity digest) goes into every shard; ``lock`` (the run lock)
+    fences the workers' writes with its token and stops the queue once :meth:`check` finds it
+    lost or expired.
 
     Raises:
         PoolStartError: nothing to plan on, or no actor up within ``startup_timeout_s``.
@@ -232,7 +239,8 @@ def run_pool(
         # with one call at a time, Ray runs it on the worker's main thread (see PER_ACTOR)
         max_concurrency=plan.per_actor,
     )
-    actors = [remote.remote(cfg, plan.threads) for _ in range(plan.actors)]
+    fence = getattr(lock, "token", None)
+    actors = [remote.remote(cfg, plan.threads, identity, fence) for _ in range(plan.actors)]
     banks_ref = None if banks is None else ray.put(banks)  # sent once, shared by all shards
     started = time.time()
     try:
@@ -245,6 +253,7 @@ def run_pool(
             startup_timeout_s=float(cfg.cluster.startup_timeout_s),
             progress=Progress(sum(len(shards[k]) for k in todo), enabled=show),
             extra=None if banks_ref is None else (lambda k: banks_ref),
+            should_stop=None if lock is None else lock.check,
         )
     except NoActorError as e:
         raise PoolStartError(

@@ -8,6 +8,7 @@ it computes) and when it ends (counts, timings, failures). Readers (aggregate, r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -18,9 +19,16 @@ from typing import Any
 from pipeline.config import AuditConfig, config_to_dict, load_config
 from pipeline.storage.atomic import write_json
 
-__all__ = ["Counts", "RunRecord", "RunRecordError"]
+__all__ = ["Counts", "RunRecord", "RunRecordError", "identity_digest"]
 
 RECORD_VERSION = 1
+
+
+def identity_digest(identity: Mapping[str, Any]) -> str:
+    """The SHA-256 of a run's identity (``RunRecord.identity``) as canonical JSON: what each
+    shard file records of the run that wrote it (``pipeline.run.folder.IDENTITY_KEY``)."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class RunRecordError(ValueError):

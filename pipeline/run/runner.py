@@ -25,7 +25,7 @@ from pipeline.data.detect import open_source
 from pipeline.data.plan import check_stored_ids, hash_ids, plan_source
 from pipeline.run.bank import BankPlanner
 from pipeline.run.dispatch import DispatchOutcome
-from pipeline.run.folder import RunFolder, RunFolderError
+from pipeline.run.folder import IDENTITY_KEY, RunFolder, RunFolderError
 from pipeline.run.pool import PoolPlan, connect, run_pool
 from pipeline.run.preflight import (
     check_model,
@@ -34,7 +34,7 @@ from pipeline.run.preflight import (
     run_identity,
     versions,
 )
-from pipeline.run.record import Counts, RunRecord
+from pipeline.run.record import Counts, RunRecord, identity_digest
 from pipeline.schema import STATUS_OK
 
 __all__ = ["RunIncompleteError", "RunResult", "run_audit"]
@@ -89,7 +89,8 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
     shards = plan.shards
     identity = run_identity(config, model_sha, plan.digest)
 
-    with folder.lock(float(config.output.lock_lease_s)):
+    digest = identity_digest(identity)
+    with folder.lock(float(config.output.lock_lease_s)) as lock:
         before = claim_folder(folder, identity, resume)
         folder.remove_temporary()  # leftovers of a killed writer; we hold the lock
         record = RunRecord(
@@ -106,20 +107,25 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             folder.write_record(record)  # the identity is on disk before the first shard
         except OSError as e:
             raise RunFolderError(f"cannot write {folder.record_path}: {e.strerror or e}") from None
-        done = folder.complete_shards([len(ref) for ref in shards]) if resume else set()
+        sizes = [len(ref) for ref in shards]
+        done = folder.complete_shards(sizes, digest) if resume else set()
         todo = [k for k in range(len(shards)) if k not in done]
         started_ray = connect(str(config.cluster.address))
         try:
-            outcome, pool_plan = run_pool(config, shards, todo, progress, banks)
+            outcome, pool_plan = run_pool(
+                config, shards, todo, progress, banks, identity=digest, lock=lock
+            )
         finally:
             if started_ray:
                 ray.shutdown()
+        _check_lease(lock, folder)
         if outcome.lost:
             _stop(folder, record, outcome, pool_plan)
-        # one streaming read of the stored ids and statuses serves the check and the counts
-        hashes, failures = _stored(folder)
+        # one streaming read of the stored ids and statuses serves the checks and the counts
+        hashes, failures = _stored(folder, digest)
         check_stored_ids(hashes, plan, lambda: _all_ids(folder))
         result = _result(config, folder.path, failures, plan.images, time.time() - t0, len(done))
+        _check_lease(lock, folder)  # the final record is the lock holder's to write
         try:
             folder.write_record(_finished(record, result, outcome, pool_plan, t0))
         except OSError as e:
@@ -128,6 +134,16 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
                 f"({e.strerror or e}); free space and run again with --resume"
             ) from None
     return result
+
+
+def _check_lease(lock: Any, folder: RunFolder) -> None:
+    """Stop, writing nothing more, when another run may hold the folder's lock now."""
+    why = lock.check()
+    if why is not None:
+        raise RunIncompleteError(
+            f"{why}; this run handed out no shard since, its workers wrote none, and it leaves "
+            f"run.json to the lock's holder. Check that run before resuming {folder.path}"
+        )
 
 
 def _stop(folder: RunFolder, record: RunRecord, outcome: DispatchOutcome, plan: PoolPlan) -> None:
@@ -153,11 +169,19 @@ def _all_ids(folder: RunFolder) -> list[str]:
     return [i for column in folder.iter_ids() for i in column.to_pylist()]
 
 
-def _stored(folder: RunFolder) -> tuple[np.ndarray, list[dict[str, str]]]:
-    """Hashes of every stored id (8 bytes per image) and the error rows, shard by shard."""
-    hashes, failures = [], []
+def _stored(folder: RunFolder, digest: str) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Hashes of every stored id (8 bytes per image) and the error rows, shard by shard.
+
+    Raises:
+        RuntimeError: shards written by a run with another identity (a run that lost the lock
+            to this one, or this one's to another) are in the folder.
+    """
+    hashes, failures, foreign = [], [], []
     for name in folder.shard_names():
         t = folder.read_shard(name, ["image_id", "status", "error"])
+        stored = (t.schema.metadata or {}).get(IDENTITY_KEY)
+        if stored is not None and stored.decode() != digest:
+            foreign.append(name)
         hashes.append(hash_ids(t.column("image_id")))
         bad = t.filter(pc.not_equal(t.column("status"), STATUS_OK))
         failures += [
@@ -166,6 +190,13 @@ def _stored(folder: RunFolder) -> tuple[np.ndarray, list[dict[str, str]]]:
                 bad.column("image_id").to_pylist(), bad.column("error").to_pylist(), strict=True
             )
         ]
+    if foreign:
+        raise RuntimeError(
+            f"{len(foreign)} shard(s) of {folder.path} were written by a run with other "
+            f"settings ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): the "
+            "folder mixes two audits. Run again with --resume to recompute them with this run's "
+            "settings, or into an empty output.dir"
+        )
     return (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)), failures
 
 

@@ -86,12 +86,21 @@ class ShardWorker:
         cfg: the run's config, as validated by the driver.
         threads: torch intra-op threads; None: this actor's share of its node's CPUs
             (:func:`pipeline.run.pool.actor_threads`), decided on the node it landed on.
+        identity: the digest of the run's identity, recorded in every shard it writes.
+        fence: the run's lock token; a shard is written only while the lock holds it.
 
     Raises:
         RuntimeError: Ray gave a GPU that torch cannot see (see :func:`_device`).
     """
 
-    def __init__(self, cfg: AuditConfig, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AuditConfig,
+        threads: int | None = None,
+        identity: str | None = None,
+        fence: str | None = None,
+    ) -> None:
+        self.identity, self.fence = identity, fence
         self.gpu_ids, self.node_id, assigned, node = _ray_placement()
         self.device, self.fake_gpu = _device(self.gpu_ids)
         if threads is None and node:
@@ -163,7 +172,7 @@ class ShardWorker:
                 phases,
             )
         t_write = time.perf_counter()
-        self.folder.write_shard(shard, table)
+        self.folder.write_shard(shard, table, identity=self.identity, fence=self.fence)
         phases["write_s"] = time.perf_counter() - t_write
         status = table.column("status").to_pylist()
         errors = table.column("error").to_pylist()

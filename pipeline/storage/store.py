@@ -32,9 +32,44 @@ import pyarrow.fs as pafs
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.uri import _gcs_filesystem, _s3_filesystem, is_uri, s3_settings, split_uri
 
-__all__ = ["Store", "StoreVersion"]
+__all__ = ["Store", "StoreError", "StoreVersion"]
 
 StoreVersion = str  # an etag (S3), a generation (GCS) or an mtime (local): what changes on write
+
+
+class StoreError(OSError):
+    """A store request failed (an unreachable endpoint, a 5xx, a refused credential): botocore's
+    and pyarrow's own errors, as the ``OSError`` every caller already handles."""
+
+
+def _translated(method: Any) -> Any:
+    """Raise a store client's errors as :class:`StoreError` naming the operation and the file;
+    ``OSError`` (``FileNotFoundError`` included) passes as it is."""
+
+    @functools.wraps(method)
+    def call(self: Store, name: str = "", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, name, *args, **kwargs)
+        except OSError:
+            raise
+        except Exception as e:
+            if not _is_client_error(e):
+                raise
+            raise StoreError(
+                f"{self.uri(name)}: {method.__name__.strip('_')} failed: {type(e).__name__}: {e}"
+            ) from e
+
+    return call
+
+
+def _is_client_error(e: Exception) -> bool:
+    if isinstance(e, pa.ArrowException):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - without the [s3] extra there is no botocore
+        return False
+    return isinstance(e, BotoCoreError | ClientError)
 
 
 class Store:
@@ -88,6 +123,7 @@ class Store:
         return Path(self._path(name))
 
     # -- reading ---------------------------------------------------------------------------
+    @_translated
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self._path(name)).type == pafs.FileType.File
 
@@ -95,6 +131,7 @@ class Store:
         """No file at all under the folder (or no folder)."""
         return not self.list("", recursive=True)
 
+    @_translated
     def read_bytes(self, name: str) -> bytes:
         """The whole file (``FileNotFoundError`` when absent)."""
         try:
@@ -107,6 +144,7 @@ class Store:
                 raise FileNotFoundError(f"{self.uri(name)}: no such file") from e
             raise
 
+    @_translated
     def open(self, name: str) -> Any:
         """A seekable file for a Parquet reader, which then fetches only the footer and the
         columns it reads (ranged GETs on S3). A ``gs://`` object is read whole: pyarrow's GCS
@@ -115,6 +153,7 @@ class Store:
             return pa.BufferReader(self.read_bytes(name))
         return self.fs.open_input_file(self._path(name))
 
+    @_translated
     def list(self, folder: str = "", pattern: str = "*", recursive: bool = False) -> list[str]:
         """Names (relative to the store) of the files in ``folder`` matching ``pattern``, sorted."""
         selector = pafs.FileSelector(self._path(folder), allow_not_found=True, recursive=recursive)
@@ -127,6 +166,7 @@ class Store:
                 out.append(name)
         return sorted(out)
 
+    @_translated
     def version(self, name: str) -> StoreVersion | None:
         """What changes whenever ``name`` is written, or None when it does not exist."""
         if self.scheme == "s3":
@@ -144,6 +184,7 @@ class Store:
         return f"{info.mtime_ns}-{info.size}"
 
     # -- writing ---------------------------------------------------------------------------
+    @_translated
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write ``name`` whole; a reader sees the old content or the new, never a part."""
         if not self.remote:
@@ -152,6 +193,7 @@ class Store:
             f.write(data)
         return self.uri(name)
 
+    @_translated
     def delete(self, name: str) -> None:
         """Remove ``name`` (nothing when absent)."""
         if self.scheme == "s3":
@@ -162,6 +204,7 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self._path(name))
 
+    @_translated
     def put_if_absent(self, name: str, data: bytes) -> StoreVersion | None:
         """Create ``name`` holding ``data`` unless it exists.
 
@@ -198,6 +241,7 @@ class Store:
         self.write_bytes(name, data)
         return self.version(name)
 
+    @_translated
     def replace_if_match(
         self, name: str, data: bytes, version: StoreVersion
     ) -> StoreVersion | None:
