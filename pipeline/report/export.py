@@ -18,6 +18,7 @@ import pandas as pd
 
 from pipeline.audit.aggregate import read_summary
 from pipeline.audit.strategies import strategy_group_columns
+from pipeline.report.csv_safe import csv_text
 from pipeline.run.folder import RunFolder
 from pipeline.schema import FLOAT_METRICS
 from pipeline.storage.atomic import atomic_write
@@ -90,7 +91,7 @@ def export_run(
 
     Args:
         run_dir: the run folder.
-        to: ``parquet``, ``csv`` or ``fiftyone``.
+        to: ``parquet``, ``csv`` (text cells formula-escaped, :mod:`~.csv_safe`) or ``fiftyone``.
         out: the file for ``parquet``/``csv`` (default ``RUN_DIR/export.<to>``).
         dataset_name: the FiftyOne dataset (default ``occlusion-audit-<run name>``); an existing
             one is updated sample by sample (matched by ``image_id``).
@@ -101,7 +102,7 @@ def export_run(
             data = table.to_parquet(index=False)
         else:
             flat = table.drop(columns=["delta"]).assign(tags=table["tags"].map(";".join))
-            data = flat.to_csv(index=False).encode("utf-8")
+            data = csv_text(flat).encode("utf-8")
         if out:
             return str(atomic_write(out, lambda p: p.write_bytes(data)))
         return str(RunFolder(run_dir).write_file(f"export.{to}", data))
