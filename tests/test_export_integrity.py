@@ -1,16 +1,25 @@
-"""``occlusion-audit export`` on a real run: CSV cells a spreadsheet would run are escaped."""
+"""``occlusion-audit export`` on a real run: CSV cells a spreadsheet would run are escaped, and a
+run folder in a bucket (moto on loopback) exports to every target."""
 
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import aggregate, load_config, read_maps, run_audit
 from pipeline.cli import main
+from tests._data_helpers import mongod_server, moto_server, use_s3
 from tests._dataset import audit_config, image_set_with_model
 
 pytestmark = pytest.mark.slow
@@ -78,3 +87,82 @@ def test_csv_export_escapes_every_cell_a_spreadsheet_would_run(run, tmp_path, ca
     assert main(["report", str(run), "--out", str(report)]) == 0
     curation = {r[0] for r in _cells(report / "curation.csv")[1:]}
     assert curation and curation <= set(column["image_id"])
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One MongoDB (FiftyOne's bundled ``mongod``) that every export process connects to."""
+    with mongod_server(tmp_path_factory.mktemp("mongo")) as uri:
+        yield uri
+
+
+def _fiftyone_env(database: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "FIFTYONE_DATABASE_URI": database,
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_DATABASE_VALIDATION": "false",
+    }
+
+
+_READ_BACK = """
+import json, sys
+import fiftyone as fo
+ds = fo.load_dataset(sys.argv[1])
+print(json.dumps([{"image_id": s["image_id"], "tags": sorted(s.tags), "score": s["score"],
+                   "map": s["occlusion"] is not None} for s in ds]))
+"""
+
+
+def _read_back(env: dict[str, str], name: str) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_BACK, name], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _export(run_dir: Path | str, env: dict[str, str], name: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipeline", "export", str(run_dir), "--to", "fiftyone"]
+    return subprocess.Popen(
+        [*cmd, "--dataset", name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _wait(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+def test_export_of_a_run_folder_in_a_bucket(run, database, tmp_path, monkeypatch) -> None:
+    """Every ``--to`` target from ``s3://``; files land in the run folder, as for a local one."""
+    import boto3
+
+    with moto_server() as endpoint:
+        use_s3(monkeypatch, endpoint)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="audits")
+        for f in sorted(p for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            client.upload_file(str(f), "audits", f"runs/night/{f.relative_to(run).as_posix()}")
+        url = "s3://audits/runs/night"
+        for to in ("csv", "parquet"):
+            assert main(["export", url, "--to", to]) == 0
+        assert main(["export", url, "--to", "csv", "--out", f"{url}/copies/e.csv"]) == 0
+        local = {to: tmp_path / f"local.{to}" for to in ("csv", "parquet")}
+        for to, path in local.items():
+            assert main(["export", str(run), "--to", to, "--out", str(path)]) == 0
+
+        def body(key: str) -> bytes:
+            return client.get_object(Bucket="audits", Key=key)["Body"].read()
+
+        assert body("runs/night/export.csv") == local["csv"].read_bytes()
+        assert body("runs/night/copies/e.csv") == body("runs/night/export.csv")
+        (tmp_path / "b.parquet").write_bytes(body("runs/night/export.parquet"))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "b.parquet"), pd.read_parquet(local["parquet"])
+        )
+        env = _fiftyone_env(database)  # the environment now points at the bucket
+        _wait(_export(url, env, "from-bucket"))
+        samples = _read_back(env, "from-bucket")
+    assert sorted(s["image_id"] for s in samples) == sorted(read_maps(run)["image_id"])

@@ -22,7 +22,8 @@ from pipeline.report.csv_safe import csv_text
 from pipeline.run.folder import RunFolder
 from pipeline.schema import FLOAT_METRICS
 from pipeline.storage.atomic import atomic_write
-from pipeline.storage.uri import base_name, join_under
+from pipeline.storage.store import Store
+from pipeline.storage.uri import base_name, is_uri, join_under
 
 __all__ = ["export_records", "export_run"]
 
@@ -50,7 +51,8 @@ def export_records(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     maps = folder.read_maps()
     group_by = list(record.config.dataset.group_by) if record is not None else []
     root = record.config.dataset.root if record is not None else None
-    summary = read_summary(run_dir) if folder.summary_path.exists() else None
+    # the folder's store, not summary_path: that is a Path locally but a URI text in a bucket
+    summary = read_summary(run_dir) if folder.store.exists(folder.SUMMARY) else None
     verdicts: dict[Any, Any] = {}
     if summary is not None:
         for _, s in summary.iterrows():
@@ -90,9 +92,10 @@ def export_run(
     """Export a run; returns the file written or the FiftyOne dataset's name.
 
     Args:
-        run_dir: the run folder.
+        run_dir: the run folder, local or in a bucket.
         to: ``parquet``, ``csv`` (text cells formula-escaped, :mod:`~.csv_safe`) or ``fiftyone``.
-        out: the file for ``parquet``/``csv`` (default ``RUN_DIR/export.<to>``).
+        out: the file for ``parquet``/``csv``, local or in a bucket (default
+            ``RUN_DIR/export.<to>``).
         dataset_name: the FiftyOne dataset (default ``occlusion-audit-<run name>``); an existing
             one is updated sample by sample (matched by ``image_id``).
     """
@@ -103,14 +106,23 @@ def export_run(
         else:
             flat = table.drop(columns=["delta"]).assign(tags=table["tags"].map(";".join))
             data = csv_text(flat).encode("utf-8")
-        if out:
-            return str(atomic_write(out, lambda p: p.write_bytes(data)))
-        return str(RunFolder(run_dir).write_file(f"export.{to}", data))
+        if not out:
+            return str(RunFolder(run_dir).write_file(f"export.{to}", data))
+        return _write_file(str(out), data)
     if to == "fiftyone":
         record = RunFolder(run_dir).read_record()
         name = dataset_name or f"occlusion-audit-{record.name if record else base_name(run_dir)}"
         return _to_fiftyone(table, name)
     raise ValueError(f"--to must be parquet, csv or fiftyone, got {to!r}")
+
+
+def _write_file(out: str, data: bytes) -> str:
+    """Write ``data`` whole to ``out``: a local file atomically, or one object in a bucket."""
+    if is_uri(out):
+        folder, _, name = out.rpartition("/")
+        Store(folder).write_bytes(name, data)
+        return out
+    return str(atomic_write(out, lambda p: p.write_bytes(data)))
 
 
 def _to_fiftyone(table: pd.DataFrame, name: str) -> str:
