@@ -1,11 +1,13 @@
-"""``occlusion-audit export`` on a real run: CSV cells a spreadsheet would run are escaped, and a
-run folder in a bucket (moto on loopback) exports to every target."""
+"""``occlusion-audit export`` on a real run: CSV cells a spreadsheet would run are escaped, a run
+folder in a bucket (moto on loopback) exports to every target, and FiftyOne datasets hold one
+sample per image however many exports write into them, at once or one after another."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -133,6 +135,38 @@ def _export(run_dir: Path | str, env: dict[str, str], name: str) -> subprocess.P
 def _wait(proc: subprocess.Popen) -> None:
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+def test_fiftyone_exports_at_once_and_again_leave_one_sample_per_image(run, database) -> None:
+    env = _fiftyone_env(database)
+    both = [_export(run, env, "twice") for _ in range(2)]  # two exports into one new dataset
+    for proc in both:
+        _wait(proc)
+    samples = _read_back(env, "twice")
+    ids = sorted(s["image_id"] for s in samples)
+    assert ids == sorted(read_maps(run, columns=["image_id"])["image_id"])  # once each
+    assert all(s["map"] for s in samples)
+    _wait(_export(run, env, "twice"))  # again, nothing changed: the same samples
+    again = _read_back(env, "twice")
+    assert sorted(s["image_id"] for s in again) == ids
+    assert {s["image_id"]: s["score"] for s in again} == {
+        s["image_id"]: s["score"] for s in samples
+    }
+
+
+def test_fiftyone_reexport_takes_the_latest_values(run, database, tmp_path) -> None:
+    """A group's verdict changes between two exports: the tags are replaced, not merged."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    env = _fiftyone_env(database)
+    aggregate(copy, threshold=1e9, min_images=1, fdr="off")  # every group flagged
+    _wait(_export(copy, env, "latest"))
+    first = _read_back(env, "latest")
+    assert all("audit:flagged" in s["tags"] for s in first)
+    aggregate(copy, threshold=1e-9, min_images=1, fdr="off")  # no group flagged
+    _wait(_export(copy, env, "latest"))
+    second = _read_back(env, "latest")
+    assert len(second) == N and not any(t.startswith("audit:") for s in second for t in s["tags"])
 
 
 def test_export_of_a_run_folder_in_a_bucket(run, database, tmp_path, monkeypatch) -> None:
