@@ -19,6 +19,7 @@ from pipeline.data.foreground import load_item
 from pipeline.data.images import DataError
 from pipeline.data.plan import plan_source
 from pipeline.kernel.geometry import WindowGrid
+from pipeline.terminal import printable
 
 __all__ = ["Inspection", "inspect_audit"]
 
@@ -52,7 +53,8 @@ class Inspection:
     eta_s: float = math.nan
 
     def text(self, group_by: tuple[str, ...]) -> str:
-        """The report ``inspect`` prints."""
+        """The report ``inspect`` prints; values from the data are escaped for the terminal
+        (:func:`pipeline.terminal.printable`)."""
         lines = [
             f"format: {self.format} ({self.detected})",
             f"  {self.found}",
@@ -60,13 +62,14 @@ class Inspection:
             f"groups ({', '.join(group_by) or 'one group'}):",
         ]
         for key, n in sorted(self.groups.items(), key=lambda kv: [str(v) for v in kv[0]]):
-            lines.append(f"  {', '.join('-' if v is None else str(v) for v in key) or 'all'}: {n}")
+            shown = ", ".join("-" if v is None else printable(v) for v in key)  # one line each
+            lines.append(f"  {shown or 'all'}: {n}")
         area = "n/a" if math.isnan(self.mean_fg_area) else f"{self.mean_fg_area:.3f}"
         lines += [
             f"foreground: {self.with_fg} of {self.images} images; mean area {area} "
             f"(sample of {self.sampled})",
             f"sample: {len(self.sample_errors)} of {self.sampled} unreadable",
-            *[f"  {e}" for e in self.sample_errors[:10]],
+            *[f"  {printable(e)}" for e in self.sample_errors[:10]],
             f"forward passes: {self.forward_passes} ({self.images} images x {self.windows} "
             f"windows x {self.draws} draws, + {self.images} clean)",
             f"calibration: {self.seconds_per_image:.3f} s/image per actor, {self.actors} actor(s)",
