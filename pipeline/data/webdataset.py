@@ -58,7 +58,9 @@ def _samples(url: str, want: Any) -> Iterator[tuple[str, dict[str, bytes | None]
         fh = open_file(url)
     except FileNotFoundError as e:
         raise SourceError(f"tar shard not found: {url}") from e
-    key, members, pos, name = None, {}, -1, None
+    key: str | None = None
+    members: dict[str, bytes | None] = {}
+    pos, name = -1, None  # the sample's position in the tar, the last member's name
     with fh:
         try:
             with tarfile.open(fileobj=fh, mode="r:") as tar:
