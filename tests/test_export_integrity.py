@@ -84,7 +84,7 @@ def test_csv_export_escapes_every_cell_a_spreadsheet_would_run(run, tmp_path, ca
     maps = read_maps(run, columns=["image_id", "room", "label"])
     for name, values in column.items():
         assert values == ["'" + v for v in maps[name]], name  # one leading ' and nothing else
-    # the same escaping as the report's own CSV files (one helper)
+    # the same escaping as the report's own CSV files (one function)
     report = tmp_path / "report"
     assert main(["report", str(run), "--out", str(report)]) == 0
     curation = {r[0] for r in _cells(report / "curation.csv")[1:]}
