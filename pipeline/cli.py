@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pipeline.terminal import printable  # every line printed from the data goes through it
+
 __all__ = ["main"]
 
 
@@ -15,12 +17,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, overrides=args.set)
     result = run_audit(cfg, resume=args.resume, progress=not args.quiet)
-    print(
+    done = (
         f"maps: {result.ok} ok, {result.errors} failed of {result.images} images "
         f"in {result.seconds:.1f}s -> {result.run_dir}"
     )
+    print(printable(done))
     for f in result.failures[:10]:
-        print(f"  error {f['image_id']}: {f['error']}", file=sys.stderr)
+        print(printable(f"  error {f['image_id']}: {f['error']}"), file=sys.stderr)
     if not args.no_report:
         _aggregate_and_report(result.run_dir, None)
         if cfg.trend.runs_dir is not None or cfg.notify.webhook is not None:
@@ -37,7 +40,7 @@ def _aggregate_and_report(run_dir: object, out: str | None) -> None:
     summary = aggregate(run_dir)
     _print_summary(summary)
     path = write_report(run_dir, out)
-    print(f"report: {path}")
+    print(printable(f"report: {path}"))
 
 
 def _print_summary(summary: object) -> None:
@@ -45,8 +48,13 @@ def _print_summary(summary: object) -> None:
 
     assert isinstance(summary, pd.DataFrame)
     cols = [c for c in summary.columns if c not in _HIDDEN_COLUMNS]
+    # group values are escaped cell by cell, so that one holding a newline keeps its row
+    shown = summary[cols].apply(
+        lambda col: col.map(lambda v: printable(v) if isinstance(v, str) else v)
+    )
     with pd.option_context("display.width", 120, "display.max_columns", 20):
-        print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        text = shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+    print(printable(text, lines=True))
 
 
 _HIDDEN_COLUMNS = {
@@ -71,7 +79,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     found = inspect_audit(
         cfg, sample=args.sample, calibrate=args.calibrate, cluster_file=args.cluster
     )
-    print(found.text(found.group_by))
+    print(printable(found.text(found.group_by), lines=True))
     if args.json:
         from dataclasses import asdict
 
@@ -102,7 +110,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report.build import write_report
 
-    print(f"report: {write_report(args.run_dir, args.out)}")
+    print(printable(f"report: {write_report(args.run_dir, args.out)}"))
     return 0
 
 
@@ -110,7 +118,7 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     from pipeline.data.manifest import build_manifest
 
     table = build_manifest(args.image_dir, args.out, masks_dir=args.masks, group_column=args.group)
-    print(f"manifest: {table.num_rows} images -> {args.out}")
+    print(printable(f"manifest: {table.num_rows} images -> {args.out}"))
     return 0
 
 
@@ -281,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code is None:
             raise  # a bug: the traceback is the most useful report
         # Expected failures (bad config, missing files, a locked run, a full disk) get one line.
-        print(f"occlusion-audit {args.command}: error: {e}", file=sys.stderr)
+        print(printable(f"occlusion-audit {args.command}: error: {e}"), file=sys.stderr)
         return code
 
 

@@ -1,4 +1,5 @@
-"""Data-test helpers: image files, loopback S3 and GCS servers, a Hugging Face hub cache."""
+"""Data-test helpers: image files, loopback S3, GCS and MongoDB servers, a Hugging Face hub
+cache."""
 
 from __future__ import annotations
 
@@ -88,6 +89,42 @@ def gcs_server(bucket: str) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def mongod_server(dbpath: Path) -> Iterator[str]:
+    """FiftyOne's bundled ``mongod`` on a free loopback port, its data in ``dbpath``; yields the
+    ``mongodb://127.0.0.1:PORT`` URI for ``FIFTYONE_DATABASE_URI``.
+
+    One server that every process connects to, as a shared database is deployed: FiftyOne's own
+    service would start a ``mongod`` per database folder, and processes starting at the same
+    moment race for it (or attach to another folder's server on the same machine).
+    """
+    import importlib.util
+    import subprocess
+    import time
+
+    spec = importlib.util.find_spec("fiftyone")  # not imported: importing connects nothing yet
+    assert spec is not None and spec.origin is not None, "FiftyOne is not installed"
+    mongod = Path(spec.origin).parent / "db" / "bin" / "mongod"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dbpath.mkdir(parents=True, exist_ok=True)
+    args = ["--dbpath", str(dbpath), "--port", str(port), "--bind_ip", "127.0.0.1"]
+    log = ["--logpath", str(dbpath / "mongod.log"), "--nounixsocket"]
+    server = subprocess.Popen([str(mongod), *args, *log], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert server.poll() is None and time.monotonic() < deadline, "mongod did not start"
+            time.sleep(0.2)
+        yield f"mongodb://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def gcs_put(endpoint: str, bucket: str, objects: Mapping[str, bytes]) -> None:

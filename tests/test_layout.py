@@ -40,9 +40,10 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"kernel", "storage", "schema"},
     "data": {"config", "storage", "schema"},
     "models": {"config", "storage"},
-    "run": {"config", "data", "kernel", "incremental", "models", "storage", "schema"},
+    # ``terminal`` (text from the data made safe to print) serves what prints: inspect, reports
+    "run": {"config", "data", "kernel", "incremental", "models", "storage", "schema", "terminal"},
     "audit": {"config", "run", "storage", "schema"},
-    "report": {"audit", "config", "data", "kernel", "run", "storage", "schema"},
+    "report": {"audit", "config", "data", "kernel", "run", "storage", "schema", "terminal"},
     "cluster": {"config", "storage"},
     "bench": {"config", "data", "kernel", "incremental", "models", "run", "storage", "schema"},
     "demo": set(SUBPACKAGES) | {"schema"},

@@ -2,7 +2,8 @@
 computes on.
 
 Owns: the sources of every format (``table``, ``huggingface``, ``coco``, ``webdataset``,
-``imagefolder``) behind one interface (``source``), format detection (``detect``), the driver's
+``imagefolder``) behind one interface (``source``), the structure a COCO file must have
+(``coco_schema``), format detection (``detect``), the driver's
 one streaming pass over a source (``plan``), Parquet/CSV row ranges (``rows``) and their text and
 box columns (``columns``), the records
 workers read (``records``), foregrounds from masks, class ids, boxes, COCO segments or a static

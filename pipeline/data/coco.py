@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config.dataset import DatasetConfig
+from pipeline.data.coco_schema import check_coco
 from pipeline.data.records import CocoSegments, ImageRecord
 from pipeline.data.source import ShardRef, Source, SourceError, light_schema
 from pipeline.storage.uri import read_bytes
@@ -49,17 +50,21 @@ def _parse(path: str) -> _Parsed:
         raise SourceError(f"COCO file not found: {path} ({e})") from e
     except ValueError as e:
         raise SourceError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError:
+        raise SourceError(f"{path}: not a COCO file: its JSON is nested too deeply") from None
     if not looks_like_coco(data):
         raise SourceError(f"{path}: a COCO file needs 'images' and 'annotations' lists")
+    check_coco(data, path)  # below, every entry has the types the reader relies on
     anns: dict[Any, list[dict[str, Any]]] = {}
     for a in data["annotations"]:
-        anns.setdefault(a.get("image_id"), []).append(a)
-    cats = {c.get("id"): c for c in data.get("categories", [])}
+        anns.setdefault(a["image_id"], []).append(a)
+    cats = {c["id"]: c for c in data.get("categories") or []}
     return _Parsed(list(data["images"]), anns, cats)
 
 
 def _area(a: dict[str, Any]) -> float:
-    if isinstance(a.get("area"), int | float):
+    """The instance's ``area`` (pixels), else its bbox's (checked finite by :func:`check_coco`)."""
+    if a.get("area") is not None:
         return float(a["area"])
     bbox = a.get("bbox") or [0, 0, 0, 0]
     return float(bbox[2]) * float(bbox[3])
@@ -134,7 +139,7 @@ class CocoSource(Source):
                 bboxes=tuple(
                     tuple(float(v) for v in (a.get("bbox") or (0, 0, 0, 0))) for a in anns
                 ),
-                height=int(im.get("height") or 0),
+                height=int(im.get("height") or 0),  # whole pixels (check_coco)
                 width=int(im.get("width") or 0),
                 name=f"coco:{image_id}",
             )

@@ -6,7 +6,9 @@ the image is the first member with an image extension (``columns.image`` names a
 mask the member ``columns.mask`` (``mask.png``), and group columns and the label come from the
 ``json`` member. Tars are read in place, never unpacked to disk: the driver reads the headers
 and the ``json`` members (seeking over the rest); a run shard is a range of one tar's samples,
-and its worker reads just those members.
+and its worker reads just those members. A tar that stops before its end-of-archive blocks (cut
+at a member boundary or inside a header) or inside a member's data is a :class:`SourceError`
+naming it, never a tar with fewer samples.
 """
 
 from __future__ import annotations
@@ -46,25 +48,68 @@ def split_key(name: str) -> tuple[str, str]:
 def _samples(url: str, want: Any) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """``(key, {extension: data})`` per sample of one tar, in order. ``want(ext, position)``
     says whether a member's bytes are read (False: only its presence is noted, its bytes are
-    skipped over)."""
+    skipped over).
+
+    Raises:
+        SourceError: the tar is missing, is no tar, or was cut short (:func:`_check_end`): a
+            reader that reaches the end has seen every sample or says why not.
+    """
     try:
         fh = open_file(url)
     except FileNotFoundError as e:
         raise SourceError(f"tar shard not found: {url}") from e
-    with fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-        key, members, pos = None, {}, -1
-        for info in tar:
-            if not info.isfile() or posixpath.basename(info.name).startswith("."):
-                continue
-            k, ext = split_key(info.name)
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members, pos = k, {}, pos + 1
-            reader = tar.extractfile(info) if want(ext, pos) else None
-            members[ext] = reader.read() if reader is not None else None
-        if key is not None:
-            yield key, members
+    key: str | None = None
+    members: dict[str, bytes | None] = {}
+    pos, name = -1, None  # the sample's position in the tar, the last member's name
+    with fh:
+        try:
+            with tarfile.open(fileobj=fh, mode="r:") as tar:
+                for info in tar:
+                    name = info.name
+                    if not info.isfile() or posixpath.basename(info.name).startswith("."):
+                        continue
+                    k, ext = split_key(info.name)
+                    if k != key:
+                        if key is not None:
+                            yield key, members
+                        key, members, pos = k, {}, pos + 1
+                    reader = tar.extractfile(info) if want(ext, pos) else None
+                    members[ext] = reader.read() if reader is not None else None
+                # tarfile ends its iteration silently at a missing or unreadable header, so
+                # a tar cut at a member boundary or inside a header would lose samples unseen
+                _check_end(url, fh, tar.offset, name)
+        except tarfile.TarError as e:  # a member's data runs past the end, or no tar at all
+            where = f"in member {name!r}" if name else "at its start"
+            raise SourceError(
+                f"{url}: not a complete tar ({e} {where}): it was cut short or is damaged; "
+                "copy or write it again"
+            ) from None
+    if key is not None:
+        yield key, members
+
+
+def _check_end(url: str, fh: Any, offset: int, last: str | None) -> None:
+    """Refuse a tar whose member headers stop at byte ``offset`` without the end-of-archive
+    marker, two 512-byte zero blocks (POSIX.1-1988 ustar): what follows is not an archive's end
+    but a cut (a partial copy or upload) or damage.
+
+    Raises:
+        SourceError: naming the tar, the byte and the last member read.
+    """
+    fh.seek(offset)
+    tail = fh.read(2 * tarfile.BLOCKSIZE)
+    if tail == bytes(2 * tarfile.BLOCKSIZE):
+        return
+    after = f"after member {last!r}" if last else "before its first member"
+    if any(tail[: tarfile.BLOCKSIZE]):
+        what = "is cut inside" if len(tail) < tarfile.BLOCKSIZE else "has a damaged"
+        problem = f"{what} the member header at byte {offset} ({after})"
+    else:
+        problem = (
+            f"ends at byte {offset + len(tail)} ({after}) without its end-of-archive blocks "
+            "(two 512-byte zero blocks): it was cut short"
+        )
+    raise SourceError(f"{url}: {problem}; samples may be missing, copy or write it again")
 
 
 class WebDatasetSource(Source):
@@ -173,12 +218,18 @@ class WebDatasetSource(Source):
 
     def read(self, ref: ShardRef) -> list[ImageRecord]:
         lo, hi = ref.start - ref.offset, ref.stop - ref.offset
-        out = []
+        out, seen = [], 0
         for pos, (key, members) in enumerate(_samples(ref.part, lambda _e, p: lo <= p < hi)):
+            seen = pos + 1
             if lo <= pos < hi:
                 out.append(self._record(ref.part, key, members))
             if pos >= hi:
                 break
+        if len(out) != hi - lo:  # the tar changed since the driver counted its samples
+            raise SourceError(
+                f"{ref.part}: holds {seen} samples, but shard {ref.index} of the run needs "
+                f"samples {lo}..{hi - 1}; was the tar replaced during the run? Run again"
+            )
         return out
 
     def take(self, rows: Sequence[int]) -> list[ImageRecord]:

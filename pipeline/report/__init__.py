@@ -5,7 +5,7 @@ words and the jinja2 templates of the page (``html``, ``templates/``).
 
 May import: ``pipeline.audit``, ``pipeline.run`` (the run folder), ``pipeline.kernel`` (map
 expansion), ``pipeline.data`` (images for the galleries), ``pipeline.storage``,
-``pipeline.schema``. Never Ray.
+``pipeline.schema``, ``pipeline.terminal`` (what the subcommands print). Never Ray.
 """
 
 from pipeline.report.build import write_report

@@ -4,7 +4,7 @@ Writes ``index.html`` (self-contained), ``summary.csv``, ``flags.csv`` and ``cur
 streaming pass over the stored metrics (never the ``delta`` grids) gathers the per-group
 histograms, the most background-reliant images of each flagged or inconclusive group and the rows
 to review; only those few gallery rows are then read in full to draw their maps. Text cells of the
-CSV files are escaped against spreadsheet formula injection (:func:`escape_formula`).
+CSV files are escaped against spreadsheet formula injection (:mod:`~.csv_safe`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pipeline.audit.aggregate import (
 )
 from pipeline.data.stored import StoredImages
 from pipeline.report import html as rh
+from pipeline.report.csv_safe import csv_text, escape_formula
 from pipeline.report.evidence_section import run_evidence
 from pipeline.report.figures import (
     HIST_EDGES,
@@ -50,8 +51,6 @@ __all__ = ["escape_formula", "write_report"]
 
 _SCAN_COLUMNS = ("image_id", "path", "status", "error", "fg_bg_ratio", "fg_share", "metric_note")
 _REVIEW_STATUSES = ("flagged", "inconclusive")
-# a spreadsheet reads a cell starting with one of these as a formula (OWASP "CSV injection")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 GroupKey = tuple[str | None, ...]
 
 
@@ -174,29 +173,6 @@ def _galleries(
     return galleries
 
 
-def escape_formula(value: Any) -> Any:
-    """A CSV cell a spreadsheet shows as text: a string starting ``=``, ``+``, ``-``, ``@``, tab or
-    carriage return gets a leading ``'``; anything else (numbers included) is returned as is.
-
-    Example:
-        >>> escape_formula("=HYPERLINK(1)"), escape_formula(-0.5), escape_formula("kitchen")
-        ("'=HYPERLINK(1)", -0.5, 'kitchen')
-    """
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
-
-
-def _csv_text(df: pd.DataFrame) -> str:
-    """``df`` as CSV text, its header and text cells passed through :func:`escape_formula`."""
-    safe = df.rename(columns=escape_formula)
-    for k in range(safe.shape[1]):
-        col = safe.iloc[:, k]
-        if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
-            safe.isetitem(k, col.astype(object).map(escape_formula))
-    return safe.to_csv(index=False)
-
-
 def _charts(
     summary: pd.DataFrame, group_by: Sequence[str], scan: _Scan, params: Mapping, max_groups: int
 ) -> list[rh.Chart]:
@@ -233,16 +209,16 @@ def _write_tables(
     out: Path, summary: pd.DataFrame, scan: _Scan, group_by: Sequence[str], params: Mapping
 ) -> list[tuple[str, str]]:
     """Write the three CSV files (formula-escaped); returns the (status, sentence) findings."""
-    write_text(out / "summary.csv", _csv_text(summary))
+    write_text(out / "summary.csv", csv_text(summary))
     flags = summary[summary["status"].isin(_REVIEW_STATUSES)]
     reasons = [rh.finding_sentence(s, group_by, params) for _, s in flags.iterrows()]
     flags = flags[[*group_by, "status", "n", "n_valid", "gmean_ratio", "ci_low", "ci_high"]]
     flags = flags.assign(
         threshold=float(params["threshold"]), confidence=float(params["confidence"]), reason=reasons
     )
-    write_text(out / "flags.csv", _csv_text(flags))
+    write_text(out / "flags.csv", csv_text(flags))
     curation = _curation(scan, group_by, float(params["threshold"]))
-    write_text(out / "curation.csv", _csv_text(curation))
+    write_text(out / "curation.csv", csv_text(curation))
     return list(zip(flags["status"].astype(str), reasons, strict=True))
 
 

@@ -7,6 +7,8 @@ import argparse
 import sys
 from typing import Any
 
+from pipeline.terminal import printable
+
 __all__ = ["add_runs_parsers"]
 
 # exit status of `compare --fail-on` when a listed verdict occurs
@@ -36,10 +38,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     )
     out = write_comparison(c, args.out)
     counts = c.summary["counts"]
-    print(", ".join(f"{n} {v}" for v, n in counts.items()) + f" -> {out / 'compare.html'}")
+    tally = ", ".join(f"{n} {v}" for v, n in counts.items())
+    print(printable(f"{tally} -> {out / 'compare.html'}"))
     for verdict in ("new-flag", "regressed", "cleared", "improved"):
         for label in c.summary["groups"][verdict]:
-            print(f"  {verdict:<10} {label}")
+            print(printable(f"  {verdict:<10} {label}"))
     hits = [v for v in args.fail_on if counts.get(v)]
     if hits:
         print(f"compare: failing on {', '.join(hits)} (--fail-on)", file=sys.stderr)
@@ -54,7 +57,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
     runs = find_runs(args.runs)
     history = run_history(runs)
     out = write_history(history, args.out or _default_out(args.runs))
-    print(f"history of {len(runs)} runs -> {out / 'history.html'}")
+    print(printable(f"history of {len(runs)} runs -> {out / 'history.html'}"))
     return 0
 
 
@@ -66,19 +69,22 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     table = discover(args.run_dir, group_by, clusters, seed=args.seed)
     marked = table[table["fixed_place"] | table["off_object"]] if len(table) else table
     groups = len(table[group_by].drop_duplicates()) if len(table) else 0
-    print(f"{len(table)} strategies in {groups} groups -> {args.run_dir}/strategies.parquet")
+    written = f"{args.run_dir}/strategies.parquet"
+    print(printable(f"{len(table)} strategies in {groups} groups -> {written}"))
     for _, r in marked.iterrows():
         where = ", ".join(f"{g}={r[g]}" for g in group_by)
         kind = "fixed place" if r["fixed_place"] else "off the object"
-        print(f"  {where} cluster {r['cluster']}: {r['n']} images ({r['share']:.0%}), {kind} "
-              f"at cell ({r['peak_row']}, {r['peak_col']})")  # fmt: skip
+        line = (f"  {where} cluster {r['cluster']}: {r['n']} images ({r['share']:.0%}), {kind} "
+                f"at cell ({r['peak_row']}, {r['peak_col']})")  # fmt: skip
+        print(printable(line))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.report.export import export_run
 
-    print(f"export: {export_run(args.run_dir, args.to, args.out, dataset_name=args.dataset)}")
+    written = export_run(args.run_dir, args.to, args.out, dataset_name=args.dataset)
+    print(printable(f"export: {written}"))
     return 0
 
 

@@ -18,10 +18,12 @@ import pandas as pd
 
 from pipeline.audit.aggregate import read_summary
 from pipeline.audit.strategies import strategy_group_columns
+from pipeline.report.csv_safe import csv_text
 from pipeline.run.folder import RunFolder
 from pipeline.schema import FLOAT_METRICS
 from pipeline.storage.atomic import atomic_write
-from pipeline.storage.uri import base_name, join_under
+from pipeline.storage.store import Store
+from pipeline.storage.uri import base_name, is_uri, join_under
 
 __all__ = ["export_records", "export_run"]
 
@@ -49,7 +51,8 @@ def export_records(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     maps = folder.read_maps()
     group_by = list(record.config.dataset.group_by) if record is not None else []
     root = record.config.dataset.root if record is not None else None
-    summary = read_summary(run_dir) if folder.summary_path.exists() else None
+    # the folder's store, not summary_path: that is a Path locally but a URI text in a bucket
+    summary = read_summary(run_dir) if folder.store.exists(folder.SUMMARY) else None
     verdicts: dict[Any, Any] = {}
     if summary is not None:
         for _, s in summary.iterrows():
@@ -89,11 +92,13 @@ def export_run(
     """Export a run; returns the file written or the FiftyOne dataset's name.
 
     Args:
-        run_dir: the run folder.
-        to: ``parquet``, ``csv`` or ``fiftyone``.
-        out: the file for ``parquet``/``csv`` (default ``RUN_DIR/export.<to>``).
-        dataset_name: the FiftyOne dataset (default ``occlusion-audit-<run name>``); an existing
-            one is updated sample by sample (matched by ``image_id``).
+        run_dir: the run folder, local or in a bucket.
+        to: ``parquet``, ``csv`` (text cells formula-escaped, :mod:`~.csv_safe`) or ``fiftyone``.
+        out: the file for ``parquet``/``csv``, local or in a bucket (default
+            ``RUN_DIR/export.<to>``).
+        dataset_name: the FiftyOne dataset (default ``occlusion-audit-<run name>``); samples are
+            upserted by ``image_id``: one sample per image however often, or however many
+            exports at once, write into it.
     """
     table = export_records(run_dir)
     if to in ("parquet", "csv"):
@@ -101,15 +106,24 @@ def export_run(
             data = table.to_parquet(index=False)
         else:
             flat = table.drop(columns=["delta"]).assign(tags=table["tags"].map(";".join))
-            data = flat.to_csv(index=False).encode("utf-8")
-        if out:
-            return str(atomic_write(out, lambda p: p.write_bytes(data)))
-        return str(RunFolder(run_dir).write_file(f"export.{to}", data))
+            data = csv_text(flat).encode("utf-8")
+        if not out:
+            return str(RunFolder(run_dir).write_file(f"export.{to}", data))
+        return _write_file(str(out), data)
     if to == "fiftyone":
         record = RunFolder(run_dir).read_record()
         name = dataset_name or f"occlusion-audit-{record.name if record else base_name(run_dir)}"
         return _to_fiftyone(table, name)
     raise ValueError(f"--to must be parquet, csv or fiftyone, got {to!r}")
+
+
+def _write_file(out: str, data: bytes) -> str:
+    """Write ``data`` whole to ``out``: a local file atomically, or one object in a bucket."""
+    if is_uri(out):
+        folder, _, name = out.rpartition("/")
+        Store(folder).write_bytes(name, data)
+        return out
+    return str(atomic_write(out, lambda p: p.write_bytes(data)))
 
 
 def _to_fiftyone(table: pd.DataFrame, name: str) -> str:
@@ -119,27 +133,62 @@ def _to_fiftyone(table: pd.DataFrame, name: str) -> str:
         raise RuntimeError(
             "FiftyOne is not installed: pip install 'occlusion-audit[fiftyone]'"
         ) from e
+    from pymongo.errors import OperationFailure
+
+    dataset = _open_dataset(fo, name)
+    samples = [_sample(fo, row) for row in table.to_dict("records")]
+    for attempt in range(_UPSERT_TRIES):
+        try:
+            # An upsert: an existing image's fields are replaced (tags as a whole), new images
+            # added. merge_samples first creates a unique index on image_id (its $merge matches
+            # on it), so the database refuses a second sample for an image, whoever inserts it.
+            dataset.merge_samples(samples, key_field="image_id", merge_lists=False, progress=False)
+            break
+        except OperationFailure as e:
+            # a concurrent export inserted one of these images after our $merge looked for it;
+            # merging again finds it and updates it
+            if e.code != _DUPLICATE_KEY:
+                raise
+            if attempt == _UPSERT_TRIES - 1:  # the dataset itself holds an image twice
+                raise RuntimeError(
+                    f"FiftyOne dataset {name!r} cannot take one sample per image_id "
+                    f"({e.details.get('errmsg') if e.details else e}); an earlier export may "
+                    "have added an image twice: delete that dataset or export with --dataset NEW"
+                ) from None
+    return name
+
+
+_UPSERT_TRIES = 5
+_DUPLICATE_KEY = 11000  # MongoDB's error code for a unique index violation
+
+
+def _open_dataset(fo: Any, name: str) -> Any:
+    """The persistent dataset ``name``, created when missing (by this or a concurrent export)."""
+    from pymongo.errors import OperationFailure
+
+    if not fo.dataset_exists(name):
+        try:
+            return fo.Dataset(name, persistent=True)
+        except ValueError:  # "not available": another export created it since the check
+            pass
+        except OperationFailure as e:  # it did so at the same moment: the name index refused ours
+            if e.code != _DUPLICATE_KEY:
+                raise
+    return fo.load_dataset(name)
+
+
+def _sample(fo: Any, row: dict[str, Any]) -> Any:
+    """One image's sample: its fields, tags and, for an ``ok`` image, the map as a heatmap."""
     from pipeline.kernel.occlusion import expand_map
 
-    dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name)
-    dataset.persistent = True
-    existing = {s["image_id"]: s for s in dataset} if len(dataset) else {}
-    samples = []
-    for row in table.to_dict("records"):
-        sample = existing.get(row["image_id"]) or fo.Sample(filepath=row["filepath"])
-        for key, value in row.items():
-            if key in ("delta", "window", "stride", "tags", "filepath", "path"):
-                continue
-            if value is None or (isinstance(value, float) and np.isnan(value)):
-                continue  # an undefined metric is an absent field, as FiftyOne expects
-            sample[key] = value.item() if isinstance(value, np.generic) else value
-        sample.tags = list(row["tags"])
-        if row["status"] == "ok":
-            sample["occlusion"] = fo.Heatmap(map=np.asarray(expand_map(row), dtype=np.float32))
-        if row["image_id"] in existing:
-            sample.save()
-        else:
-            samples.append(sample)
-    if samples:
-        dataset.add_samples(samples)
-    return name
+    sample = fo.Sample(filepath=row["filepath"])
+    for key, value in row.items():
+        if key in ("delta", "window", "stride", "tags", "filepath", "path"):
+            continue
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            continue  # an undefined metric is an absent field, as FiftyOne expects
+        sample[key] = value.item() if isinstance(value, np.generic) else value
+    sample.tags = list(row["tags"])
+    if row["status"] == "ok":
+        sample["occlusion"] = fo.Heatmap(map=np.asarray(expand_map(row), dtype=np.float32))
+    return sample

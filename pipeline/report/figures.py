@@ -19,10 +19,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from pipeline.terminal import printable
+
 __all__ = [
     "HIST_EDGES",
     "STATUS_COLORS",
     "distribution_chart",
+    "drawn",
     "fmt_threshold",
     "gallery_figure",
     "log_histogram",
@@ -50,6 +53,12 @@ def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def drawn(labels: Sequence[str]) -> list[str]:
+    """Labels from the data as a figure draws them: control characters have no glyph, and
+    matplotlib's warning about each would quote it raw on the terminal (``printable``)."""
+    return [printable(s) for s in labels]
 
 
 def fmt_threshold(t: float) -> str:
@@ -114,7 +123,7 @@ def ratio_chart(
         ax.plot([g], [yi], "o", color=color, markersize=6)
     ax.axvline(threshold, color="#222222", linestyle="--", linewidth=1)
     set_log_x(ax)
-    ax.set_yticks(y, labels)
+    ax.set_yticks(y, drawn(labels))
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_xlabel(
         f"geometric-mean fg/bg ratio, {confidence:.0%} bootstrap interval\n"
@@ -175,7 +184,7 @@ def distribution_chart(
     lo_x = min(10.0 ** HIST_EDGES[lo], threshold) / 1.25
     hi_x = max(10.0 ** HIST_EDGES[hi], threshold) * 1.25
     ax.set_xlim(max(lo_x, 10.0 ** HIST_EDGES[0]), min(hi_x, 10.0 ** HIST_EDGES[-1]))
-    ax.set_yticks(np.arange(n)[::-1] + 0.3, labels)
+    ax.set_yticks(np.arange(n)[::-1] + 0.3, drawn(labels))
     ax.set_ylim(-0.2, n)
     ax.set_xlabel("per-image fg/bg ratio (log scale; values beyond 0.01-100 drawn at the ends)")
     ax.grid(axis="x", which="major", alpha=0.25)

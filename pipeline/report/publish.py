@@ -18,6 +18,7 @@ from typing import Any
 from pipeline.config import AuditConfig
 from pipeline.report.outdir import join
 from pipeline.storage.uri import is_uri
+from pipeline.terminal import printable
 
 __all__ = ["post_json", "publish_run", "run_summary"]
 
@@ -80,13 +81,13 @@ def publish_run(cfg: AuditConfig, run_dir: Path) -> dict[str, Any]:
                     "cleared": c.summary["groups"]["cleared"],
                     "counts": c.summary["counts"],
                 }
-                print(f"compare with {previous}: {c.summary['counts']}")
+                print(printable(f"compare with {previous}: {c.summary['counts']}"))
             except CompareError as e:  # another occlusion setting: say so, chart the rest
                 doc["compare"] = {"previous": previous, "refused": str(e)}
-                print(f"compare with {previous} refused: {e}", file=sys.stderr)
+                print(printable(f"compare with {previous} refused: {e}"), file=sys.stderr)
         out = write_history(run_history(runs), join(report_dir, "history"))
         doc["history"] = {"runs": len(runs), "page": join(out, "history.html")}
-        print(f"history: {len(runs)} runs -> {join(out, 'history.html')}")
+        print(printable(f"history: {len(runs)} runs -> {join(out, 'history.html')}"))
     if cfg.notify.webhook is not None:
         post_json(cfg.notify.webhook, doc, cfg.notify.timeout_s)
     return doc
@@ -105,5 +106,5 @@ def post_json(url: str, doc: dict[str, Any], timeout_s: float) -> bool:
             response.read()
         return True
     except (urllib.error.URLError, OSError) as e:
-        print(f"notify: POST to {url} failed: {e}", file=sys.stderr)
+        print(printable(f"notify: POST to {url} failed: {e}"), file=sys.stderr)
         return False

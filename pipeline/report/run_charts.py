@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from pipeline.report.figures import STATUS_COLORS, fmt_threshold, png_bytes, set_log_x
+from pipeline.report.figures import STATUS_COLORS, drawn, fmt_threshold, png_bytes, set_log_x
 
 __all__ = ["VERDICT_COLORS", "dumbbell_chart", "trend_chart"]
 
@@ -58,7 +58,7 @@ def dumbbell_chart(
             ax.plot([b], [yi], "o", color=color, markersize=7)
     ax.axvline(threshold, color="#222222", linestyle="--", linewidth=1)
     set_log_x(ax)
-    ax.set_yticks(y, labels)
+    ax.set_yticks(y, drawn(labels))
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_xlabel(
         "geometric-mean fg/bg ratio: run A (open) to run B (filled)\n"
@@ -91,7 +91,7 @@ def trend_chart(
     x = np.arange(len(runs))
     for label, (g, lo, hi, status) in series.items():
         g, lo, hi = (np.asarray(v, dtype=float) for v in (g, lo, hi))
-        (line,) = ax.plot(x, g, linewidth=1.5, label=label)
+        (line,) = ax.plot(x, g, linewidth=1.5, label=drawn([label])[0])
         ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
         for xi, gi, s in zip(x, g, status, strict=True):
             if math.isfinite(gi):
@@ -101,7 +101,7 @@ def trend_chart(
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
-    ax.set_xticks(x, runs, rotation=30, ha="right")
+    ax.set_xticks(x, drawn(runs), rotation=30, ha="right")
     ax.set_ylabel("geometric-mean fg/bg ratio (log scale)")
     ax.set_title("dots: the group's verdict in that run; bands: bootstrap intervals", fontsize=9)
     ax.grid(axis="y", which="both", alpha=0.25)

@@ -7,7 +7,8 @@ actor deaths (``dispatch``), the stateful worker (``worker``), one shard's compu
 for CPU workers (``heap``) and the progress bar (``progress``).
 
 May import: ``pipeline.config``, ``pipeline.data``, ``pipeline.kernel``, ``pipeline.incremental``,
-``pipeline.models``, ``pipeline.storage``, ``pipeline.schema``. Ray is imported only by the
+``pipeline.models``, ``pipeline.storage``, ``pipeline.schema``, ``pipeline.terminal`` (the text
+``inspect`` prints). Ray is imported only by the
 modules that talk to it (``runner``, ``pool``, ``dispatch``, and ``worker`` for its placement)
 and only inside functions.
 """

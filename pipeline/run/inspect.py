@@ -18,6 +18,7 @@ from pipeline.data.images import DataError
 from pipeline.data.plan import plan_source
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.run.eta import estimate
+from pipeline.terminal import printable
 
 __all__ = ["Inspection", "inspect_audit"]
 
@@ -55,7 +56,8 @@ class Inspection:
     note: str = ""  # why there is no ETA, if there is none
 
     def text(self, group_by: tuple[str, ...]) -> str:
-        """The report ``inspect`` prints."""
+        """The report ``inspect`` prints; values from the data are escaped for the terminal
+        (:func:`pipeline.terminal.printable`)."""
         lines = [
             f"format: {self.format} ({self.detected})",
             f"  {self.found}",
@@ -63,13 +65,14 @@ class Inspection:
             f"groups ({', '.join(group_by) or 'one group'}):",
         ]
         for key, n in sorted(self.groups.items(), key=lambda kv: [str(v) for v in kv[0]]):
-            lines.append(f"  {', '.join('-' if v is None else str(v) for v in key) or 'all'}: {n}")
+            shown = ", ".join("-" if v is None else printable(v) for v in key)  # one line each
+            lines.append(f"  {shown or 'all'}: {n}")
         area = "n/a" if math.isnan(self.mean_fg_area) else f"{self.mean_fg_area:.3f}"
         lines += [
             f"foreground: {self.with_fg} of {self.images} images; mean area {area} "
             f"(sample of {self.sampled})",
             f"sample: {len(self.sample_errors)} of {self.sampled} unreadable",
-            *[f"  {e}" for e in self.sample_errors[:10]],
+            *[f"  {printable(e)}" for e in self.sample_errors[:10]],
             f"forward passes: {self.forward_passes} ({self.images} images x {self.windows} "
             f"windows x {self.draws} draws, + {self.images} clean)",
             f"pool on {self.target}: {self.pool}",
