@@ -34,6 +34,7 @@ from pipeline.config.sections import (
 )
 from pipeline.config.typed import ConfigError, build, check_key, fail, to_plain
 from pipeline.config.yaml_safe import load_yaml, load_yaml_text
+from pipeline.kernel.geometry import WindowGrid
 from pipeline.storage.uri import resolve_local
 
 __all__ = ["AuditConfig", "config_to_dict", "load_config"]
@@ -61,10 +62,13 @@ class AuditConfig:
         run_dir = resolve_local(out.dir or os.path.join("runs", self.name), None)
         report_dir = resolve_local(out.report_dir or os.path.join("reports", self.name), None)
         object.__setattr__(self, "output", replace(out, dir=run_dir, report_dir=report_dir))
-        h, w = self.occlusion.window[-2:]
-        if h > self.dataset.image_size[0] or w > self.dataset.image_size[1]:
-            size = list(self.dataset.image_size)
-            fail("occlusion.window", f"[{h}, {w}] exceeds dataset.image_size {size}")
+        # the kernel's own rule for the window grid (a window inside the image, a stride that
+        # skips no pixel), checked once here for the whole run instead of per image in a worker
+        occ = self.occlusion
+        try:
+            WindowGrid.create((3, *self.dataset.image_size), occ.window, occ.stride)
+        except ValueError as e:
+            fail("occlusion.stride" if str(e).startswith("stride") else "occlusion.window", str(e))
 
 
 # Keys holding local paths; relative ones resolve against the config file's folder.

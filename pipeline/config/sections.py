@@ -23,7 +23,14 @@ from pipeline.config.dataset import (
 )
 from pipeline.config.typed import fail
 from pipeline.kernel import defaults
-from pipeline.kernel.defaults import Baseline, Engine, Precision, default_draws, default_stride
+from pipeline.kernel.defaults import (
+    Baseline,
+    Engine,
+    Precision,
+    check_blur_sigma,
+    default_draws,
+    default_stride,
+)
 from pipeline.kernel.options import check_threshold
 from pipeline.kernel.targets import Score, Task
 from pipeline.storage.hub import HubFile
@@ -158,7 +165,10 @@ class OcclusionConfig:
             fail("window", f"channel extent must be <= 3 (RGB), got {self.window[0]}")
         if isinstance(self.value, tuple) and len(self.value) not in (1, 3):
             fail("value", f"must be one value or 3 (per channel), got {list(self.value)!r}")
-        _positive("blur_sigma", self.blur_sigma)
+        try:
+            check_blur_sigma(self.blur_sigma)
+        except ValueError as e:
+            fail("blur_sigma", str(e).removeprefix("blur_sigma "))
         k = self.n_baselines
         if k is None:
             object.__setattr__(self, "n_baselines", default_draws(self.baseline))

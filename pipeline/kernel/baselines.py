@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.kernel import defaults
-from pipeline.kernel.defaults import Baseline
+from pipeline.kernel.defaults import Baseline, check_blur_sigma
 
 __all__ = ["draw_generator", "gaussian_blur", "make_baselines"]
 
@@ -73,6 +73,8 @@ def make_baselines(
         for per-pixel fills, on ``images.device`` in ``images.dtype``.
     """
     kind = Baseline(kind)
+    if kind is Baseline.BLUR:
+        check_blur_sigma(blur_sigma)
     n, c, h, w = images.shape
     if len(image_ids) != n:
         raise ValueError(f"got {len(image_ids)} image_ids for {n} images")

@@ -7,6 +7,7 @@ the Python API with the same settings compute the same maps (a test compares the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from enum import Enum
 
@@ -97,6 +98,17 @@ APPROX_THRESHOLD = 0.4
 # Engine.APPROXIMATE: windows per image (seeded by seed and image id) whose exact score is also
 # computed, to measure the approximation's error on that image (0: not measured).
 APPROX_CHECK_WINDOWS = 4
+
+
+def check_blur_sigma(sigma: float) -> float:
+    """The blur baseline's sigma if it is a finite number of pixels > 0.
+
+    Raises:
+        ValueError: zero, negative, NaN or infinite (a zero sigma divides by zero).
+    """
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"blur_sigma must be a finite number of pixels > 0, got {sigma!r}")
+    return float(sigma)
 
 
 def default_draws(kind: Baseline | str) -> int:

@@ -75,8 +75,9 @@ class WindowGrid:
                 raise ValueError(f"window {names[axis]} must be >= 1, got {wv}")
             if wv > dim:
                 raise ValueError(
-                    f"window {list(win)} is larger than the image {[c, h, w]} along "
-                    f"{names[axis]} ({wv} > {dim}); use a smaller window or a larger image_size"
+                    f"window {[int(v) for v in window]} is larger than the image "
+                    f"{[h, w] if len(tuple(window)) == 2 else [c, h, w]} along {names[axis]} "
+                    f"({wv} > {dim}); use a smaller window or a larger image_size"
                 )
             if sv < 1:
                 raise ValueError(f"stride must be positive, got {sv} along {names[axis]}")
