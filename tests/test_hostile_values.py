@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from pipeline import attribute
 from pipeline.audit.aggregate import aggregate
@@ -95,3 +96,24 @@ def test_attribute_refuses_a_blur_sigma_that_is_no_length(sigma) -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)).eval()
     with pytest.raises(ValueError, match="blur_sigma must be a finite number of pixels > 0"):
         attribute(model, torch.rand(1, 3, 8, 8), window=[4, 4], baseline="blur", blur_sigma=sigma)
+
+
+@pytest.mark.parametrize("key", ["dir", "report_dir"])
+def test_an_output_folder_inside_a_folder_dataset_is_refused(tmp_path, key) -> None:
+    """An image folder lists its files to find classes and images: a run folder (Parquet) or a
+    report (PNGs) inside it would be read as data by the next run, resume or inspect."""
+    folder = tmp_path / "data" / "val"
+    for i, group in enumerate(["cat", "dog"]):
+        (folder / group).mkdir(parents=True)
+        Image.new("RGB", (24, 24), (40 * i, 90, 200)).save(folder / group / f"img{i}.png")
+    cfg = {
+        "dataset": {"manifest": str(folder), "image_size": [24, 24]},
+        "model": {"torchscript": str(tmp_path / "m.pt")},
+        "output": {key: str(Path(folder) / "audit-run")},
+    }
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    before = sorted(p.relative_to(folder) for p in Path(folder).rglob("*"))
+    _one_line(_cli("run", str(path)), "run", f"output.{key}", "lies inside the dataset")
+    # the refused attempt left nothing there: no run folder, no lock
+    assert sorted(p.relative_to(folder) for p in Path(folder).rglob("*")) == before

@@ -62,6 +62,16 @@ class AuditConfig:
         run_dir = resolve_local(out.dir or os.path.join("runs", self.name), None)
         report_dir = resolve_local(out.report_dir or os.path.join("reports", self.name), None)
         object.__setattr__(self, "output", replace(out, dir=run_dir, report_dir=report_dir))
+        # A folder dataset (images, `datasets` Parquet, tars) is listed to find its files: a run's
+        # own Parquet shards or a report's PNGs inside it would be read as data next time.
+        data = self.dataset.manifest.rstrip("/")
+        for key, folder in (("dir", run_dir), ("report_dir", report_dir)):
+            if folder.rstrip("/") == data or folder.startswith(data + "/"):
+                fail(
+                    f"output.{key}",
+                    f"{folder} lies inside the dataset {data}, whose files are listed to find "
+                    "the images: its own files would be read as data; choose a folder outside it",
+                )
         # the kernel's own rule for the window grid (a window inside the image, a stride that
         # skips no pixel), checked once here for the whole run instead of per image in a worker
         occ = self.occlusion
