@@ -142,7 +142,8 @@ def _check_lease(lock: Any, folder: RunFolder) -> None:
     if why is not None:
         raise RunIncompleteError(
             f"{why}; this run handed out no shard since, its workers wrote none, and it leaves "
-            f"run.json to the lock's holder. Check that run before resuming {folder.path}"
+            f"run.json to the lock's holder. Once no other run holds {folder.path}, run again "
+            "with --resume to finish it"
         )
 
 
