@@ -15,6 +15,7 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from pipeline.incremental.select import attribute
 from pipeline.kernel import (
     Baseline,
     ComputeOptions,
@@ -23,7 +24,6 @@ from pipeline.kernel import (
     Precision,
     Score,
     Task,
-    attribute,
     expand_map,
 )
 

@@ -4,6 +4,7 @@ error it measures itself that equals the exact engine's maps computed independen
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from pipeline.config import OcclusionConfig
 from pipeline.incremental import ApproximateEngine, IncrementalEngine
 from pipeline.incremental.ops import run_node
 from pipeline.incremental.plan import _changed_boxes, cap_side
+from pipeline.incremental.select import select_engine
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.occlusion import check_windows
-from pipeline.kernel.options import resolve_engine
 from pipeline.models.nets import SeedCNN
 from pipeline.run.settings import worker_compute
 from tests.test_incremental import MODELS, Gated, ResNetish, VGGish, _eval
@@ -157,7 +158,7 @@ def test_invalid_threshold_names_the_setting(tau):
         ComputeOptions(engine="approximate", approx_threshold=tau)
     model = NETS["seedcnn"]()
     with pytest.raises(ValueError, match="approx_threshold"):
-        resolve_engine(Engine.APPROXIMATE, model, (3, 32, 32), "cpu", tau)
+        select_engine(Engine.APPROXIMATE, model, (3, 32, 32), "cpu", tau)
     exact = IncrementalEngine.build(model, (3, 32, 32), "cpu")
     assert exact is not None
     with pytest.raises(ValueError, match="approx_threshold"):
@@ -172,11 +173,11 @@ def test_invalid_check_windows_names_the_setting(checks):
 
 def test_resolve_and_worker_compute_build_the_approximate_engine():
     model = NETS["resnet"]()
-    engine, note = resolve_engine("approximate", model, (3, 32, 32), "cpu", 0.4)
+    engine, note = select_engine("approximate", model, (3, 32, 32), "cpu", 0.4)
     assert isinstance(engine, ApproximateEngine) and engine.threshold == 0.4
     assert note == "approximate: projective fields capped at tau=0.4"
     occ = OcclusionConfig(window=(8, 8), stride=(4, 4), engine="approximate")
-    wc = worker_compute(occ, model, (3, 32, 32), torch.device("cpu"), approx_threshold=0.6)
+    wc = worker_compute(replace(occ, approx_threshold=0.6), model, (3, 32, 32), "cpu")
     assert wc.engine_name == "approximate" and "tau=0.6" in wc.engine_note
     assert isinstance(wc.options.engine, ApproximateEngine)
     assert wc.options.engine.threshold == wc.options.approx_threshold == 0.6

@@ -17,9 +17,8 @@ import torch
 import yaml
 from torch._dynamo.utils import counters
 
-from pipeline import load_config, read_maps, run_audit
+from pipeline import ComputeOptions, attribute, load_config, read_maps, run_audit
 from pipeline.config import OcclusionConfig
-from pipeline.kernel import ComputeOptions, attribute
 from pipeline.kernel.compiled import CompileError
 from pipeline.models import SeedCNN, SeedCNNWithGAP
 from pipeline.run.settings import worker_compute

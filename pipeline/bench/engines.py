@@ -9,7 +9,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from pipeline.config import OcclusionConfig
+from pipeline.incremental.select import attribute
 from pipeline.kernel import defaults
 from pipeline.kernel.baselines import make_baselines
-from pipeline.kernel.occlusion import OcclusionResult, attribute
+from pipeline.kernel.occlusion import OcclusionResult
 from pipeline.kernel.options import precision_context
 from pipeline.kernel.targets import Score, Task
 from pipeline.run.heap import trim_heap
@@ -157,7 +158,7 @@ class Setup:
             occ = bench_occlusion(self.args, engine, compile_)
             shape = (int(self.x.shape[1]), int(self.x.shape[2]), int(self.x.shape[3]))
             tau = bench_threshold(self.args)
-            wc = worker_compute(occ, self.model, shape, self.d.dev, approx_threshold=tau)
+            wc = worker_compute(replace(occ, approx_threshold=tau), self.model, shape, self.d.dev)
             self._compute[key] = (occ, wc)
         return self._compute[key]
 

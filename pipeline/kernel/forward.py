@@ -10,16 +10,17 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from pipeline.kernel.defaults import Precision
+from pipeline.kernel.defaults import Engine, Precision
 from pipeline.kernel.geometry import WindowGrid
-from pipeline.kernel.options import precision_context
+from pipeline.kernel.options import ComputeOptions, default_max_batch, precision_context
 from pipeline.kernel.targets import Score, Task, output_scores
 
-__all__ = ["PLAIN_BATCH", "Forward", "OccludedBatch", "accepts_channels_last"]
+__all__ = ["PLAIN_BATCH", "Forward", "OccludedBatch", "accepts_channels_last", "resolve_options"]
 
 # Images per unoccluded pass. There are N such images against N*K*P occluded copies, so padding
 # them to max_batch under fixed_batch would waste up to max_batch - 1 passes per call: a small
@@ -66,6 +67,36 @@ def accepts_channels_last(
     with contextlib.suppress(TypeError):  # a model object that cannot be weakly referenced
         _CHANNELS_LAST[model] = ok
     return ok
+
+
+def resolve_options(
+    options: ComputeOptions,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image_shape: tuple[int, ...],
+    device: torch.device,
+) -> ComputeOptions:
+    """``options`` with ``max_batch`` and ``channels_last`` decided for ``model`` on ``device``:
+    the one place either is resolved, for the kernel, the public API and every worker.
+
+    ``options.engine`` must be ``generic`` or an engine object: choosing an engine for a model
+    (``auto``, ``incremental``, ``approximate``) is the job of
+    :func:`pipeline.incremental.select.resolve_compute`, above the kernel.
+
+    Raises:
+        ValueError: an engine choice that is not resolved yet.
+    """
+    engine = options.engine
+    if isinstance(engine, Engine) and engine is not Engine.GENERIC:
+        raise ValueError(
+            f"engine '{engine}' is a choice the kernel does not make: pipeline.attribute (or "
+            "pipeline.incremental.select.resolve_compute) turns it into an engine object"
+        )
+    obj = None if engine is Engine.GENERIC else engine
+    max_batch = options.max_batch or default_max_batch(device, obj)
+    channels_last = options.channels_last
+    if channels_last is None:  # auto: full passes of a model that takes it run channels-last
+        channels_last = obj is None and accepts_channels_last(model, tuple(image_shape), device)
+    return replace(options, max_batch=max_batch, channels_last=channels_last)
 
 
 class Forward:

@@ -20,13 +20,13 @@ import torch
 from pipeline.kernel import defaults
 from pipeline.kernel.baselines import draw_generator, make_baselines
 from pipeline.kernel.compiled import compiled
-from pipeline.kernel.defaults import Baseline, default_draws
-from pipeline.kernel.forward import Forward, OccludedBatch, accepts_channels_last
+from pipeline.kernel.defaults import Baseline, Engine, default_draws
+from pipeline.kernel.forward import Forward, OccludedBatch, resolve_options
 from pipeline.kernel.geometry import WindowGrid
-from pipeline.kernel.options import ComputeOptions, default_max_batch, resolve_engine
+from pipeline.kernel.options import ComputeOptions
 from pipeline.kernel.targets import Score, TargetSpec, Task, resolve_targets
 
-__all__ = ["OcclusionResult", "attribute", "check_windows", "expand_map"]
+__all__ = ["OcclusionResult", "check_windows", "expand_map", "model_device", "occlude"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ class OcclusionResult:
         return self.grid.expand(self.delta)
 
 
-def _model_device(model: Any, images: torch.Tensor) -> torch.device:
+def model_device(model: Any, images: torch.Tensor) -> torch.device:
+    """Where ``model``'s parameters (or buffers) live; the images' device for a model without
+    any (a plain function)."""
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             return p.device
@@ -85,7 +87,7 @@ def _resolve_baseline(
 
 
 @torch.inference_mode()
-def attribute(
+def occlude(
     model: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     *,
@@ -129,32 +131,31 @@ def attribute(
         task: ``classification`` or ``regression``.
         score: ``logit`` or ``probability`` (classification only).
         return_full: also return ``(N, T, C, H, W)`` full-resolution maps.
-        options: how to compute (:class:`ComputeOptions`; default: its defaults, which pick the
-            incremental engine where the model allows it).
+        options: how to compute (:class:`ComputeOptions`); its engine is ``generic`` or an
+            engine object (default: generic full passes). :func:`pipeline.attribute` takes an
+            engine choice (``auto``, the default there) and resolves it before calling this.
 
     Returns:
         An :class:`OcclusionResult`.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
-        >>> r = attribute(net, torch.rand(2, 3, 8, 8), window=[4, 4], stride=[2, 2])
+        >>> r = occlude(net, torch.rand(2, 3, 8, 8), window=[4, 4], stride=[2, 2])
         >>> r.delta.shape, r.full().shape
         (torch.Size([2, 1, 1, 3, 3]), torch.Size([2, 1, 3, 8, 8]))
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    opts = ComputeOptions() if options is None else options
+    opts = ComputeOptions(engine=Engine.GENERIC) if options is None else options
     n = images.shape[0]
     grid = WindowGrid.create(images.shape[1:], window, stride)
     ids = [str(i) for i in range(n)] if image_ids is None else [str(i) for i in image_ids]
     kind, value = _resolve_baseline(baseline, value)
     k = default_draws(kind) if n_baselines is None else int(n_baselines)
-    device = _model_device(model, images)
-    engine, _ = resolve_engine(opts.engine, model, images.shape[1:], device, opts.approx_threshold)
-    max_batch = default_max_batch(device, engine) if opts.max_batch is None else opts.max_batch
-    channels_last = opts.channels_last
-    if channels_last is None:  # auto: full passes of a model that takes it run channels-last
-        channels_last = engine is None and accepts_channels_last(model, images.shape[1:], device)
+    device = model_device(model, images)
+    opts = resolve_options(opts, model, tuple(images.shape[1:]), device)
+    engine = None if opts.engine is Engine.GENERIC else opts.engine
+    max_batch, channels_last = int(opts.max_batch or 1), bool(opts.channels_last)
     fwd = Forward(
         compiled(model) if opts.compile else model,
         device,
@@ -253,7 +254,7 @@ def check_windows(n_windows: int, count: int, image_ids: Sequence[str], seed: in
         n_windows: ``P``, windows per image.
         count: windows wanted per image; all ``P`` when ``count >= P``.
         image_ids: the ``N`` image ids.
-        seed: the ``seed`` of :func:`attribute`.
+        seed: the ``seed`` of :func:`occlude`.
 
     Returns:
         ``(N, min(count, P))`` int64 window indices (row-major grid order), ascending per row.

@@ -1,16 +1,15 @@
 """How the kernel computes: batch size, precision, memory format and engine.
 
 What a map *is* (window, stride, baseline, draws, target) is given to :func:`pipeline.attribute`
-as keywords; how it is computed is one :class:`ComputeOptions`. A run builds its options with
-:func:`pipeline.run.settings.worker_compute`, so the Python API given the same options computes
-the same maps, bit for bit.
+as keywords; how it is computed is one :class:`ComputeOptions`. The public API and every worker
+resolve options the same way (:func:`pipeline.incremental.select.resolve_compute`), so the
+Python API given the same options computes the same maps as a run, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +24,6 @@ __all__ = [
     "check_threshold",
     "default_max_batch",
     "precision_context",
-    "resolve_engine",
 ]
 
 _AUTOCAST = {Precision.FP32: None, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
@@ -133,55 +131,3 @@ def default_max_batch(device: torch.device | str, engine: Any = None) -> int:
     224x224 on 2 cores: 128 -> 32 cut peak RSS from 2.7 to 1.0 GiB at the same speed).
     """
     return 256 if engine is not None or torch.device(device).type != "cpu" else 32
-
-
-def resolve_engine(
-    choice: Engine | OccludedEngine | None,
-    model: Any,
-    image_shape: Sequence[int],
-    device: torch.device | str,
-    threshold: float = defaults.APPROX_THRESHOLD,
-) -> tuple[OccludedEngine | None, str]:
-    """The engine object for ``choice``, and a note saying which path was taken and why.
-
-    Args:
-        choice: ``auto`` (incremental where the model allows it), ``generic`` (full forward
-            passes), ``incremental`` (an error when the model does not allow it),
-            ``approximate`` (incremental with projective fields capped at ``threshold``; an
-            error when the model does not allow incremental inference), or an engine object,
-            returned as it is.
-        model: the pixel-space model.
-        image_shape: ``(C, H, W)`` of the images, pixels.
-        device: where the model runs.
-        threshold: ``approximate`` only: tau in (0, 1], the largest side of each layer's
-            recomputed region as a fraction of that layer's output side.
-
-    Returns:
-        ``(engine, note)``; ``engine`` is None for full forward passes.
-
-    Raises:
-        ValueError: ``incremental`` or ``approximate`` was asked for and the model does not
-            allow incremental inference, or ``threshold`` is not in (0, 1].
-    """
-    if isinstance(choice, str):
-        choice = Engine(choice)
-    if choice is None or choice is Engine.GENERIC:
-        return None, "generic engine requested"
-    if not isinstance(choice, Engine):
-        return choice, f"engine object {type(choice).__name__}"
-    tau = check_threshold(threshold) if choice is Engine.APPROXIMATE else threshold
-    # The incremental engine builds on this kernel's window geometry, so it is imported here,
-    # when it is asked for, not when the kernel is.
-    from pipeline.incremental import ApproximateEngine, auto_engine
-
-    engine, reason = auto_engine(model, tuple(image_shape), device)
-    if engine is None and choice in (Engine.INCREMENTAL, Engine.APPROXIMATE):
-        raise ValueError(
-            f"engine '{choice}' was asked for but the model does not allow incremental "
-            f"inference: {reason}"
-        )
-    if choice is Engine.APPROXIMATE:
-        assert engine is not None
-        note = f"approximate: projective fields capped at tau={tau:g}"
-        return ApproximateEngine(engine, tau), note
-    return engine, reason or "incremental: the model's trunk is local"

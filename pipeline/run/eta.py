@@ -131,9 +131,8 @@ def time_worker(
     the worker's settings took to build (with ``occlusion.compile``, the compile)."""
     import torch
 
-    from pipeline.models import load_model
     from pipeline.run.bank import Banks
-    from pipeline.run.settings import worker_compute
+    from pipeline.run.settings import worker_setup
     from pipeline.run.shard import process_shard
 
     if len(records) < 2:
@@ -141,9 +140,8 @@ def time_worker(
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
-        model = load_model(config.model, config.dataset.normalize, device)
         t0 = time.perf_counter()
-        compute = worker_compute(config.occlusion, model, (3, *config.dataset.image_size), device)
+        model, compute = worker_setup(config, device)  # as a worker starts, compile included
         setup = time.perf_counter() - t0
         banks = None
         if config.counterfactual.enabled:

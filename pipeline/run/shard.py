@@ -22,7 +22,7 @@ from pipeline.config import AuditConfig, Target
 from pipeline.data.foreground import load_item
 from pipeline.data.images import DataError
 from pipeline.kernel.metrics import image_metrics, nan_metrics
-from pipeline.kernel.occlusion import OcclusionResult, attribute
+from pipeline.kernel.occlusion import OcclusionResult, occlude
 from pipeline.kernel.options import ComputeOptions
 from pipeline.run.bank import ShardEvidence
 from pipeline.run.evidence import evidence_rows, localisation_rows
@@ -168,7 +168,7 @@ def _attribute_all(
 
     def run(part: Sequence[_Loaded], recs: Sequence[Any]) -> OcclusionResult:
         with _timed(ctx.phases, "kernel_s"):
-            return attribute(
+            return occlude(
                 ctx.model,
                 torch.stack([it.image for it in part]),  # type: ignore[misc]  # (N, 3, H, W)
                 image_ids=[rec.image_id for rec in recs],

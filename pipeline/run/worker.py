@@ -17,12 +17,11 @@ import torch
 from pipeline.config import AuditConfig
 from pipeline.data.detect import open_source
 from pipeline.data.source import ShardRef, Source
-from pipeline.models import load_model
 from pipeline.run.bank import Banks
 from pipeline.run.folder import RunFolder
 from pipeline.run.heap import tune_heap
 from pipeline.run.pool import actor_threads
-from pipeline.run.settings import worker_compute
+from pipeline.run.settings import worker_setup
 from pipeline.run.shard import load_bank, load_shard, process_shard
 
 __all__ = ["FAKE_GPUS_ENV", "ShardWorker"]
@@ -111,9 +110,7 @@ class ShardWorker:
         self.heap_tuned = tune_heap()
         self.cfg = cfg
         self.folder = RunFolder(str(cfg.output.dir))
-        self.model = load_model(cfg.model, cfg.dataset.normalize, self.device)
-        shape = (3, *cfg.dataset.image_size)
-        self.compute = worker_compute(cfg.occlusion, self.model, shape, self.device)
+        self.model, self.compute = worker_setup(cfg, self.device)
         self._compute = threading.Lock()
         self.source: Source | None = None
 

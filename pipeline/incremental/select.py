@@ -1,0 +1,125 @@
+"""Choosing how occluded scores are computed, and the public :func:`attribute`.
+
+The one place where an engine choice (``auto``, ``generic``, ``incremental``, ``approximate``)
+becomes an engine object for a model, and where the kernel's options are resolved for it
+(:func:`resolve_compute`). :func:`attribute`, the package's public entry point, and every
+worker (:func:`pipeline.run.settings.worker_compute`) go through it, so the Python API and a run
+given the same settings compute the same maps, bit for bit. The kernel itself
+(:func:`pipeline.kernel.occlusion.occlude`) only computes with what it is given.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from pipeline.incremental.approximate import ApproximateEngine
+from pipeline.incremental.engine import auto_engine
+from pipeline.kernel import defaults
+from pipeline.kernel.defaults import Engine
+from pipeline.kernel.forward import resolve_options
+from pipeline.kernel.occlusion import OcclusionResult, model_device, occlude
+from pipeline.kernel.options import ComputeOptions, OccludedEngine, check_threshold
+
+__all__ = ["Compute", "attribute", "resolve_compute", "select_engine"]
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Options resolved for one model: what the kernel computes with, and which engine."""
+
+    options: ComputeOptions  # engine: an object or generic; max_batch, channels_last decided
+    engine_name: str  # "incremental" | "approximate" | "generic" | an engine object's name
+    engine_note: str  # why that engine
+
+
+def select_engine(
+    choice: Engine | OccludedEngine | str | None,
+    model: Any,
+    image_shape: Sequence[int],
+    device: torch.device | str,
+    threshold: float = defaults.APPROX_THRESHOLD,
+) -> tuple[OccludedEngine | None, str]:
+    """The engine object for ``choice``, and a note saying which path was taken and why.
+
+    Args:
+        choice: ``auto`` (incremental where the model allows it), ``generic`` (full forward
+            passes), ``incremental`` (an error when the model does not allow it),
+            ``approximate`` (incremental with projective fields capped at ``threshold``; an
+            error when the model does not allow incremental inference), or an engine object,
+            returned as it is.
+        model: the pixel-space model.
+        image_shape: ``(C, H, W)`` of the images, pixels.
+        device: where the model runs.
+        threshold: ``approximate`` only: tau in (0, 1], the largest side of each layer's
+            recomputed region as a fraction of that layer's output side.
+
+    Returns:
+        ``(engine, note)``; ``engine`` is None for full forward passes.
+
+    Raises:
+        ValueError: ``incremental`` or ``approximate`` was asked for and the model does not
+            allow incremental inference, or ``threshold`` is not in (0, 1].
+    """
+    if isinstance(choice, str):
+        choice = Engine(choice)
+    if choice is None or choice is Engine.GENERIC:
+        return None, "generic engine requested"
+    if not isinstance(choice, Engine):
+        return choice, f"engine object {type(choice).__name__}"
+    tau = check_threshold(threshold) if choice is Engine.APPROXIMATE else threshold
+    engine, reason = auto_engine(model, tuple(image_shape), device)
+    if engine is None and choice in (Engine.INCREMENTAL, Engine.APPROXIMATE):
+        raise ValueError(
+            f"engine '{choice}' was asked for but the model does not allow incremental "
+            f"inference: {reason}"
+        )
+    if choice is Engine.APPROXIMATE:
+        assert engine is not None
+        note = f"approximate: projective fields capped at tau={tau:g}"
+        return ApproximateEngine(engine, tau), note
+    return engine, reason or "incremental: the model's trunk is local"
+
+
+def resolve_compute(
+    options: ComputeOptions,
+    model: Any,
+    image_shape: Sequence[int],
+    device: torch.device | str,
+) -> Compute:
+    """``options`` resolved for ``model``: the engine chosen, then ``max_batch`` and
+    ``channels_last`` decided (:func:`pipeline.kernel.forward.resolve_options`).
+
+    Raises:
+        ValueError: see :func:`select_engine`.
+    """
+    device = torch.device(device)
+    engine, note = select_engine(
+        options.engine, model, image_shape, device, options.approx_threshold
+    )
+    chosen = replace(options, engine=Engine.GENERIC if engine is None else engine)
+    resolved = resolve_options(chosen, model, tuple(image_shape), device)
+    name = "generic" if engine is None else str(getattr(engine, "name", "incremental"))
+    return Compute(resolved, name, note)
+
+
+@functools.wraps(occlude, assigned=())  # the signature (inspect follows __wrapped__)
+def attribute(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    *,
+    options: ComputeOptions | None = None,
+    **keywords: Any,
+) -> OcclusionResult:
+    """:func:`pipeline.kernel.occlusion.occlude` (same keywords, same result) with the engine of
+    ``options`` (default: ``auto``, incremental where the model allows it) chosen for
+    ``model`` first."""
+    opts = ComputeOptions() if options is None else options
+    if images.dim() == 4:  # else the kernel names the wrong shape
+        resolved = resolve_compute(opts, model, images.shape[1:], model_device(model, images))
+        opts = resolved.options
+    return occlude(model, images, options=opts, **keywords)
