@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pipeline.exit_codes import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_USAGE
 from pipeline.terminal import printable  # every line printed from the data goes through it
 
 __all__ = ["main"]
@@ -291,14 +292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Expected failures (bad config, missing files, a locked run, a full disk) get one line.
         print(printable(f"occlusion-audit {args.command}: error: {e}"), file=sys.stderr)
         return code
-
-
-EXIT_OK = 0  # every image ok (or failures within cluster.max_failures)
-EXIT_IMAGE_ERRORS = 1  # the run finished; more images failed than cluster.max_failures
-EXIT_USAGE = 2  # bad config or arguments, missing input, model that cannot load, refused folder
-EXIT_DUPLICATE_JOB = 3  # submit: Ray already has a job with this submission id
-EXIT_INCOMPLETE = 4  # infrastructure failed (disk, actors); stored shards kept: --resume
-EXIT_INTERRUPTED = 130
 
 
 def _exit_code(e: BaseException) -> int | None:

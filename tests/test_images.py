@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageFile
 
 from pipeline.data.images import DataError, load_image, load_mask
-from pipeline.storage.uri import PathEscapeError, join_under
+from pipeline.storage.paths import PathEscapeError, join_under
 from tests._data_helpers import (
     COMMIT,
     image_bytes,

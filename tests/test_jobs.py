@@ -23,8 +23,8 @@ from ray.runtime_env import RuntimeEnv
 from pipeline.cluster.cli import add_submit_parser
 from pipeline.cluster.submit import SCHEDULE_TIME_ENV, UPLOAD_EXCLUDES
 from pipeline.config import Device, load_config
-from pipeline.run.offer import ClusterOffer, node_types_from_file
-from pipeline.run.pool import UNKNOWN_CAPACITY_ACTORS, actor_threads, plan_pool
+from pipeline.run.offer import ClusterOffer, actor_threads, node_types_from_file
+from pipeline.run.pool import UNKNOWN_CAPACITY_ACTORS, plan_pool
 from tests.test_cluster import CLUSTER_YAML, uncommented_keys
 
 ROOT = Path(__file__).resolve().parents[1]

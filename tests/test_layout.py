@@ -43,8 +43,19 @@ ALLOWED: dict[str, set[str]] = {
     # ``terminal`` (text from the data made safe to print) serves what prints: inspect, reports
     "run": {"config", "data", "kernel", "incremental", "models", "storage", "schema", "terminal"},
     "audit": {"config", "run", "storage", "schema"},
-    "report": {"audit", "config", "data", "kernel", "run", "storage", "schema", "terminal"},
-    "cluster": {"config", "storage"},
+    # ``exit_codes``: what each command's exit status means, defined once
+    "report": {
+        "audit",
+        "config",
+        "data",
+        "kernel",
+        "run",
+        "storage",
+        "schema",
+        "terminal",
+        "exit_codes",
+    },
+    "cluster": {"config", "storage", "exit_codes"},
     "bench": {"config", "data", "kernel", "incremental", "models", "run", "storage", "schema"},
     "demo": set(SUBPACKAGES) | {"schema"},
 }
@@ -142,3 +153,39 @@ def test_config_and_api_share_every_occlusion_default():
         )
         checked.append(f.name)
     assert {"blur_sigma", "n_baselines", "stride", "engine", "channels_last"} <= set(checked)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycle_between_modules():
+    """Imports anywhere in a module (function bodies too) form no cycle: a module that needs
+    another only inside a function still depends on it."""
+    modules = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for imported in _imports(path):
+            while imported and imported not in modules:  # `from pipeline.x import y`: pipeline.x
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                deps.add(imported)
+        graph[name] = {d for d in deps if not d.startswith(name + ".") and d != "pipeline"}
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(dep) :], dep]))
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from pipeline import load_config, read_maps, run_audit
-from pipeline.storage.uri import read_bytes
+from pipeline.storage.read import read_bytes
 from tests._data_helpers import gcs_put, gcs_server, moto_server, s3_put, use_s3
 from tests._dataset import audit_config, make_image_set, save_gap_model
 

@@ -14,8 +14,8 @@ import pandas as pd
 
 from pipeline.audit.aggregate import aggregate
 from pipeline.run.folder import RunFolder
+from pipeline.storage.paths import base_name
 from pipeline.storage.store import Store
-from pipeline.storage.uri import base_name
 
 __all__ = ["History", "find_runs", "run_history"]
 

@@ -39,6 +39,14 @@ from typing import IO, Any
 
 import yaml
 
+from pipeline.exit_codes import (
+    EXIT_DUPLICATE_JOB,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
+
 __all__ = [
     "EXIT_DUPLICATE",
     "SCHEDULE_TIME_ENV",
@@ -55,7 +63,8 @@ SCHEDULE_TIME_ENV = "OCCLUSION_AUDIT_SCHEDULE_TIME"  # scheduled time of this ru
 ID_PREFIX = "occlusion-audit"
 # gitignore-style patterns, relative to the working dir; Ray also honours .gitignore there.
 UPLOAD_EXCLUDES = (".venv/", ".git/", "/runs/", "/reports/", "__pycache__/", ".*_cache/")
-EXIT_OK, EXIT_FAILED, EXIT_NOT_SUBMITTED, EXIT_DUPLICATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_NOT_SUBMITTED = EXIT_USAGE  # unreachable, token refused, invalid config
+EXIT_DUPLICATE = EXIT_DUPLICATE_JOB
 _POLL_S = 1.0  # status/log polling period when the log stream is unavailable
 _CRON_JOB_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*-(\d{7,})")  # <cronjob>-<epoch minutes>
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config.typed import fail
 from pipeline.schema import LABEL_GROUP, maps_schema
-from pipeline.storage.uri import parent, resolve_local
+from pipeline.storage.paths import parent, resolve_local
 
 __all__ = ["CocoConfig", "ColumnsConfig", "DataFormat", "DatasetConfig", "NormalizeConfig"]
 

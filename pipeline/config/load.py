@@ -35,7 +35,7 @@ from pipeline.config.sections import (
 from pipeline.config.typed import ConfigError, build, check_key, fail, to_plain
 from pipeline.config.yaml_safe import load_yaml, load_yaml_text
 from pipeline.kernel.geometry import WindowGrid
-from pipeline.storage.uri import resolve_local
+from pipeline.storage.paths import resolve_local
 
 __all__ = ["AuditConfig", "config_to_dict", "load_config"]
 

@@ -34,7 +34,7 @@ from pipeline.kernel.defaults import (
 from pipeline.kernel.options import check_threshold
 from pipeline.kernel.targets import Score, Task
 from pipeline.storage.hub import HubFile
-from pipeline.storage.uri import is_uri
+from pipeline.storage.paths import check_folder_uri
 
 __all__ = [
     "AuditSettings",
@@ -318,12 +318,8 @@ class OutputConfig:
         _positive("lock_lease_s", self.lock_lease_s)
         for key in ("dir", "report_dir"):
             value = getattr(self, key)
-            if value is None or not is_uri(value):
-                continue
-            scheme, _, rest = value.partition("://")
-            if scheme.lower() not in ("s3", "gs") or not rest.strip("/").partition("/")[0]:
-                fail(
-                    key,
-                    f"must be a local folder, s3://bucket/prefix or gs://bucket/prefix, "
-                    f"got {value!r}",
-                )
+            try:
+                if value is not None:
+                    check_folder_uri(value)
+            except ValueError as e:
+                fail(key, str(e))

@@ -24,7 +24,7 @@ from pipeline.config.dataset import DatasetConfig
 from pipeline.data.coco_schema import check_coco
 from pipeline.data.records import CocoSegments, ImageRecord
 from pipeline.data.source import ShardRef, Source, SourceError, light_schema
-from pipeline.storage.uri import read_bytes
+from pipeline.storage.read import read_bytes
 
 __all__ = ["CocoSource", "looks_like_coco"]
 

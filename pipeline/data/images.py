@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.storage.uri import PathEscapeError, UnreadableFileError, join_under, read_bytes
+from pipeline.storage.paths import PathEscapeError, join_under
+from pipeline.storage.read import UnreadableFileError, read_bytes
 
 __all__ = [
     "DataError",

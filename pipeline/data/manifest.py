@@ -24,7 +24,7 @@ from pipeline.config.dataset import DatasetConfig
 from pipeline.data.records import ImageRecord
 from pipeline.data.table import records_of
 from pipeline.storage.atomic import atomic_write
-from pipeline.storage.uri import read_bytes
+from pipeline.storage.read import read_bytes
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -15,7 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.storage.files import open_file
-from pipeline.storage.uri import read_bytes
+from pipeline.storage.read import read_bytes
 
 __all__ = ["CsvRows", "MemoryRows", "ParquetRows", "Rows"]
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig, NormalizeConfig
 from pipeline.storage.hub import HubFile, UnpinnedRevisionWarning, fetch
-from pipeline.storage.uri import is_uri
+from pipeline.storage.paths import is_uri
 
 __all__ = [
     "ModelLoadError",

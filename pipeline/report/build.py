@@ -45,7 +45,7 @@ from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
 from pipeline.schema import STATUS_OK
 from pipeline.storage.atomic import write_text
-from pipeline.storage.uri import base_name, is_uri
+from pipeline.storage.paths import base_name, is_uri
 
 __all__ = ["escape_formula", "write_report"]
 

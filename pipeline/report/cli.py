@@ -7,12 +7,12 @@ import argparse
 import sys
 from typing import Any
 
+from pipeline.exit_codes import EXIT_FAILED
 from pipeline.terminal import printable
 
 __all__ = ["add_runs_parsers"]
 
 # exit status of `compare --fail-on` when a listed verdict occurs
-EXIT_GATE = 1
 
 
 def _verdicts(text: str) -> tuple[str, ...]:
@@ -46,7 +46,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     hits = [v for v in args.fail_on if counts.get(v)]
     if hits:
         print(f"compare: failing on {', '.join(hits)} (--fail-on)", file=sys.stderr)
-        return EXIT_GATE
+        return EXIT_FAILED
     return 0
 
 

@@ -19,7 +19,7 @@ from pipeline.report.outdir import join, local_out
 from pipeline.report.run_charts import VERDICT_COLORS, dumbbell_chart
 from pipeline.run.folder import RunFolder
 from pipeline.storage.atomic import atomic_write, write_json, write_text
-from pipeline.storage.uri import is_uri
+from pipeline.storage.paths import is_uri
 
 __all__ = ["write_comparison"]
 

@@ -22,8 +22,8 @@ from pipeline.report.csv_safe import csv_text
 from pipeline.run.folder import RunFolder
 from pipeline.schema import FLOAT_METRICS
 from pipeline.storage.atomic import atomic_write
+from pipeline.storage.paths import base_name, is_uri, join_under
 from pipeline.storage.store import Store
-from pipeline.storage.uri import base_name, is_uri, join_under
 
 __all__ = ["export_records", "export_run"]
 

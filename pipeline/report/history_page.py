@@ -12,7 +12,7 @@ from pipeline.report.html import environment, fmt
 from pipeline.report.outdir import local_out
 from pipeline.report.run_charts import trend_chart
 from pipeline.storage.atomic import atomic_write, write_text
-from pipeline.storage.uri import is_uri
+from pipeline.storage.paths import is_uri
 
 __all__ = ["write_history"]
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.storage.paths import base_name
 from pipeline.storage.store import Store
-from pipeline.storage.uri import base_name
 
 __all__ = ["join", "local_out", "report_dir"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import AuditConfig
 from pipeline.report.outdir import join
-from pipeline.storage.uri import is_uri
+from pipeline.storage.paths import is_uri
 from pipeline.terminal import printable
 
 __all__ = ["post_json", "publish_run", "run_summary"]

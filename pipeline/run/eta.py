@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import AuditConfig
-from pipeline.run.offer import ClusterOffer, node_types_from_file
-from pipeline.run.pool import PoolPlan, actor_threads, local_offer, machine_resources, plan_pool
+from pipeline.run.offer import ClusterOffer, actor_threads, node_types_from_file
+from pipeline.run.pool import PoolPlan, local_offer, machine_resources, plan_pool
 
 __all__ = ["Estimate", "estimate"]
 

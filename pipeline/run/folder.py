@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.run.lease import LEASE_S, ObjectLock, RunLock, RunLockedError
+from pipeline.run.lease import ObjectLock, RunLock, RunLockedError
 from pipeline.run.record import RunRecord, identity_digest
 from pipeline.storage.atomic import is_temporary
 from pipeline.storage.store import Store
@@ -301,8 +301,9 @@ class RunFolder:
         except FileNotFoundError:
             return None
 
-    def lock(self, lease_s: float = LEASE_S) -> Any:
-        """The folder's run lock: an ``flock`` locally, a leased lock object in a bucket."""
+    def lock(self, lease_s: float) -> Any:
+        """The folder's run lock: an ``flock`` locally, a leased lock object in a bucket whose
+        lease lasts ``lease_s`` seconds (``output.lock_lease_s``)."""
         return ObjectLock(self.store, lease_s) if self.remote else RunLock(self.path)
 
 

@@ -31,10 +31,9 @@ from typing import Any
 
 from pipeline.storage.store import Store
 
-__all__ = ["LEASE_S", "LOCK_NAME", "ObjectLock", "RunLock", "RunLockedError"]
+__all__ = ["LOCK_NAME", "ObjectLock", "RunLock", "RunLockedError"]
 
 LOCK_NAME = ".lock"  # in the run folder, locally and in a bucket
-LEASE_S = 60.0  # a killed driver's lock is taken over this long after its last renewal
 _log = logging.getLogger(__name__)
 
 
@@ -51,7 +50,7 @@ class ObjectLock:
         name: the lock object's name in the folder.
     """
 
-    def __init__(self, store: Store, lease_s: float = LEASE_S, name: str = LOCK_NAME) -> None:
+    def __init__(self, store: Store, lease_s: float, name: str = LOCK_NAME) -> None:
         self.store, self.lease_s, self.name = store, float(lease_s), name
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
         self.token = uuid.uuid4().hex

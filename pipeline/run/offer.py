@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "ClusterOffer",
     "NodeType",
+    "actor_threads",
     "node_types_from_file",
     "node_types_from_kuberay",
     "node_types_from_launcher",
@@ -126,6 +127,15 @@ class ClusterOffer:
 
 def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def actor_threads(plan_gpus: float, plan_cpus: float, node: Mapping[str, float]) -> int:
+    """Torch threads of an actor on ``node`` (its total resources): a GPU actor takes its share
+    of the node's CPUs (8 on a node with 8 CPUs and 1 GPU), a CPU actor the CPUs it asked for."""
+    gpus, cpus = float(node.get("GPU", 0) or 0), float(node.get("CPU", 0) or 0)
+    if plan_gpus > 0 and gpus > 0:
+        return max(1, int(cpus * plan_gpus / gpus))
+    return max(1, int(plan_cpus))
 
 
 def read_offer() -> ClusterOffer:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +22,12 @@ from pipeline.config import AuditConfig, ClusterConfig, Device
 from pipeline.data.source import ShardRef
 from pipeline.run.bank import Banks
 from pipeline.run.dispatch import DispatchOutcome, NoActorError, WorkerStartError, dispatch
-from pipeline.run.offer import ClusterOffer, read_offer
+from pipeline.run.offer import ClusterOffer, actor_threads, read_offer
 from pipeline.run.progress import Progress
 
 __all__ = [
     "PoolPlan",
     "PoolStartError",
-    "actor_threads",
     "connect",
     "local_offer",
     "machine_resources",
@@ -184,15 +183,6 @@ def worker_threads_here(gpus: bool = True) -> int:
     here = local_offer(gpus)
     plan = plan_pool(ClusterConfig(), 1 << 20, here)
     return plan.threads or actor_threads(plan.num_gpus, plan.num_cpus, here.nodes[0])
-
-
-def actor_threads(plan_gpus: float, plan_cpus: float, node: Mapping[str, float]) -> int:
-    """Torch threads of an actor on ``node`` (its total resources): a GPU actor takes its share
-    of the node's CPUs (8 on a node with 8 CPUs and 1 GPU), a CPU actor the CPUs it asked for."""
-    gpus, cpus = float(node.get("GPU", 0) or 0), float(node.get("CPU", 0) or 0)
-    if plan_gpus > 0 and gpus > 0:
-        return max(1, int(cpus * plan_gpus / gpus))
-    return max(1, int(plan_cpus))
 
 
 def run_pool(

@@ -20,7 +20,7 @@ from pipeline.data.source import ShardRef, Source
 from pipeline.run.bank import Banks
 from pipeline.run.folder import RunFolder
 from pipeline.run.heap import tune_heap
-from pipeline.run.pool import actor_threads
+from pipeline.run.offer import actor_threads
 from pipeline.run.settings import worker_setup
 from pipeline.run.shard import load_bank, load_shard, process_shard
 

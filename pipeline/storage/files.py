@@ -1,6 +1,6 @@
 """Random access, listing and size of files in any supported store.
 
-``read_bytes`` (:mod:`pipeline.storage.uri`) reads a whole file. Sources of data need more: a
+``read_bytes`` (:mod:`pipeline.storage.read`) reads a whole file. Sources of data need more: a
 Parquet footer and a few row groups of a large file, the members of a tar shard without
 unpacking it, and the files of a folder. These work on local paths, ``s3://``, ``gs://`` and
 ``hf://`` (a file in the hub cache, fetched unless offline) alike.
@@ -17,25 +17,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.storage.uri import _gcs_filesystem, _s3_filesystem, is_uri, read_bytes, split_uri
+from pipeline.storage.paths import is_uri
+from pipeline.storage.read import locate, read_bytes, scheme_of
 
 __all__ = ["file_size", "is_folder", "list_files", "open_file"]
-
-
-def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem holding ``path`` and the path within it."""
-    if not is_uri(path):
-        return pafs.LocalFileSystem(), os.path.abspath(path)
-    scheme, rest = split_uri(path)
-    if scheme == "hf":
-        from pipeline.storage.hub import hf_local_path
-
-        return pafs.LocalFileSystem(), hf_local_path(path)
-    if scheme == "s3":
-        return _s3_filesystem(), rest
-    if scheme == "gs":
-        return _gcs_filesystem(), rest
-    raise ValueError(f"{path}: random access needs a local path, s3://, gs:// or hf://")
 
 
 def open_file(path: str) -> Any:
@@ -49,13 +34,13 @@ def open_file(path: str) -> Any:
         FileNotFoundError: no such file.
         OSError: any other I/O failure.
     """
-    fs, inner = _resolve(path)
+    fs, inner = locate(path)
     info = fs.get_file_info(inner)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{path}: no such file")
     if info.type != pafs.FileType.File:
         raise IsADirectoryError(f"{path}: not a file")
-    if is_uri(path) and split_uri(path)[0] == "gs":
+    if scheme_of(path).whole_object:
         return pa.BufferReader(_whole(path, int(info.size), info.mtime_ns))
     return fs.open_input_file(inner)
 
@@ -70,7 +55,7 @@ def _whole(path: str, size: int, mtime_ns: int | None) -> bytes:
 
 def file_size(path: str) -> int:
     """Size of ``path`` in bytes (``FileNotFoundError`` when absent)."""
-    fs, inner = _resolve(path)
+    fs, inner = locate(path)
     info = fs.get_file_info(inner)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{path}: no such file")
@@ -79,9 +64,9 @@ def file_size(path: str) -> int:
 
 def is_folder(path: str) -> bool:
     """Whether ``path`` is a folder (an ``s3://``/``gs://`` prefix holding objects counts)."""
-    if is_uri(path) and split_uri(path)[0] == "hf":
+    if not scheme_of(path).folders:
         return False  # hf:// names files; a folder of the hub is listed by pattern
-    fs, inner = _resolve(path)
+    fs, inner = locate(path)
     return fs.get_file_info(inner).type == pafs.FileType.Directory
 
 
@@ -90,7 +75,7 @@ def list_files(folder: str, pattern: str = "*", recursive: bool = True) -> list[
 
     Hidden files and folders (a name starting with ``.``) are skipped.
     """
-    fs, inner = _resolve(folder)
+    fs, inner = locate(folder)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive))
     base = inner.rstrip("/")
     out = []

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.storage.uri import split_uri
+from pipeline.storage.paths import split_uri
 
 __all__ = ["HubFile", "UnpinnedRevisionWarning", "fetch", "hf_local_path"]
 

@@ -30,7 +30,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.storage.atomic import atomic_write
-from pipeline.storage.uri import _gcs_filesystem, _s3_filesystem, is_uri, s3_settings, split_uri
+from pipeline.storage.cloud import s3_settings
+from pipeline.storage.paths import check_folder_uri, is_uri, split_uri
+from pipeline.storage.read import locate, scheme_of
 
 __all__ = ["Store", "StoreError", "StoreVersion"]
 
@@ -87,15 +89,14 @@ class Store:
         text = str(location)
         self.remote = is_uri(text)
         if self.remote:
+            try:
+                check_folder_uri(text)
+            except ValueError as e:
+                raise ValueError(f"a run or report folder {e}") from None
             scheme, rest = split_uri(text)
-            if scheme not in ("s3", "gs") or not rest.strip("/") or rest.startswith("/"):
-                raise ValueError(
-                    f"{text}: a run or report folder must be a local folder, s3://bucket/prefix "
-                    "or gs://bucket/prefix"
-                )
             self.scheme, self.root = scheme, rest.rstrip("/")
             self.location = f"{scheme}://{self.root}"
-            self.fs = _s3_filesystem() if scheme == "s3" else _gcs_filesystem()
+            self.fs = locate(self.location)[0]
         else:
             self.scheme, self.root = "file", os.path.abspath(text)
             self.location = self.root
@@ -149,7 +150,7 @@ class Store:
         """A seekable file for a Parquet reader, which then fetches only the footer and the
         columns it reads (ranged GETs on S3). A ``gs://`` object is read whole: pyarrow's GCS
         random-access reader stalls on its size request against the GCS emulator."""
-        if self.scheme == "gs":
+        if self.remote and scheme_of(self.location).whole_object:
             return pa.BufferReader(self.read_bytes(name))
         return self.fs.open_input_file(self._path(name))
 
