@@ -73,8 +73,6 @@ def _area(a: dict[str, Any]) -> float:
 class CocoSource(Source):
     """Images and instance masks of a COCO instances JSON."""
 
-    format = "coco"
-
     def __init__(self, cfg: DatasetConfig) -> None:
         super().__init__(cfg)
         self.coco = _parse(cfg.manifest)

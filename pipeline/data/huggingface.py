@@ -57,8 +57,6 @@ def parquet_files(path: str) -> list[str]:
 class HuggingFaceSource(Source):
     """Parquet files of a ``datasets`` dataset (local, ``s3://``, ``gs://``, ``hf://``)."""
 
-    format = "huggingface"
-
     def __init__(self, cfg: DatasetConfig) -> None:
         super().__init__(cfg)
         try:

@@ -70,8 +70,6 @@ def _boxes(cfg: DatasetConfig, ids: list[str]) -> pa.Array:
 class ImageFolderSource(TableSource):
     """Class folders of images, read as a table ``image_id, path, class, label[, mask, boxes]``."""
 
-    format = "imagefolder"
-
     def __init__(self, cfg: DatasetConfig) -> None:
         folder = cfg.manifest.rstrip("/")
         try:

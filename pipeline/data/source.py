@@ -61,7 +61,8 @@ class ShardRef:
 
 
 class Source:
-    """Base of the formats. Subclasses set ``format`` and ``found`` and implement the methods.
+    """Base of the formats. Subclasses set ``found`` and implement the methods; ``format`` is
+    set by :func:`pipeline.data.detect.open_source` from the registry.
 
     Args:
         cfg: the dataset section; its ``format`` is the subclass's.

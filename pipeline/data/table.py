@@ -81,8 +81,6 @@ class TableSource(Source):
             configured ones.
     """
 
-    format = "table"
-
     def __init__(
         self,
         cfg: DatasetConfig,

@@ -115,8 +115,6 @@ def _check_end(url: str, fh: Any, offset: int, last: str | None) -> None:
 class WebDatasetSource(Source):
     """Samples of WebDataset tar shards (local, ``s3://``, ``gs://``, ``hf://``)."""
 
-    format = "webdataset"
-
     def __init__(self, cfg: DatasetConfig) -> None:
         super().__init__(cfg)
         self.urls = expand_urls(cfg.manifest)

@@ -10,7 +10,7 @@ finds the object and is refused with the holder's name; a lock whose lease has e
 driver was killed) is taken over, with a message, by replacing exactly the expired object. The
 lock object is deleted on release.
 
-A store without conditional writes (``Store.conditional`` is False: GCS through pyarrow) gets
+A store without conditional writes (GCS through pyarrow, which sends no preconditions) gets
 the same protocol with a check-then-write in place of each conditional write: two runs that
 start within the same moment can both take the lock there.
 """

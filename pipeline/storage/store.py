@@ -10,7 +10,7 @@ Create-if-absent (:meth:`Store.put_if_absent`) and replace-if-unchanged
 (:meth:`Store.replace_if_match`) are conditional writes: ``O_EXCL`` locally, ``If-None-Match: *``
 and ``If-Match: <etag>`` on S3 (boto3, the ``[s3]`` extra). A store without conditional writes
 (GCS through pyarrow, which sends no preconditions) gets a check-then-write, which two writers
-starting within the same instant can both pass; ``Store.conditional`` says which one a store has.
+starting within the same instant can both pass (docs/design.md, "Run folder").
 Both return the version they wrote, so a caller that writes again conditionally needs no second
 request to learn it.
 """
@@ -105,11 +105,6 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.location!r})"
 
-    @property
-    def conditional(self) -> bool:
-        """Whether create-if-absent and replace-if-unchanged are atomic in this store."""
-        return self.scheme in ("file", "s3")
-
     def _path(self, name: str) -> str:
         return posixpath.join(self.root, name) if name else self.root
 
@@ -127,10 +122,6 @@ class Store:
     @_translated
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self._path(name)).type == pafs.FileType.File
-
-    def is_empty(self) -> bool:
-        """No file at all under the folder (or no folder)."""
-        return not self.list("", recursive=True)
 
     @_translated
     def read_bytes(self, name: str) -> bytes:
