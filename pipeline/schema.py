@@ -65,7 +65,7 @@ MAPS_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("path", pa.string()),  # image path as given in the manifest
-        pa.field("mask", pa.string()),  # mask path, or "box:x0,y0,x1,y1", or null
+        pa.field("mask", pa.string()),  # where the foreground came from (docs/design.md)
         pa.field("label", pa.string()),  # manifest label as text (class index, value or name)
         pa.field("target", pa.int64()),  # output index explained by this map
         pa.field("score", pa.float32()),  # unoccluded score of the target (logit/prob/value)

@@ -269,22 +269,22 @@ def test_cron_checker_accepts(expr: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "expr",
+    ("expr", "why"),
     [
-        "0 2 * *",
-        "0 2 * * * *",
-        "60 2 * * *",
-        "0 24 * * *",
-        "0 2 0 * *",
-        "@daily",
-        "0 2 * * MON",
-        "5-1 * * * *",
-        "*/0 * * * *",
-        "0  2 * * *",
+        ("0 2 * *", "want 5 space-separated fields, got 4"),
+        ("0 2 * * * *", "want 5 space-separated fields, got 6"),
+        ("60 2 * * *", "minute '60' is outside 0-59"),
+        ("0 24 * * *", "hour '24' is outside 0-23"),
+        ("0 2 0 * *", "day '0' is outside 1-31"),
+        ("@daily", "want 5 space-separated fields, got 1"),
+        ("0 2 * * MON", "dow item 'MON' is not"),
+        ("5-1 * * * *", "minute '5-1' is outside 0-59 or reversed"),
+        ("*/0 * * * *", "minute step must be >= 1"),
+        ("0  2 * * *", "want 5 space-separated fields, got 6"),
     ],
 )
-def test_cron_checker_rejects(expr: str) -> None:
-    with pytest.raises(ValueError):
+def test_cron_checker_rejects(expr: str, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
         check_cron(expr)
 
 
