@@ -81,3 +81,17 @@ def audit_config(root: Path, out: Path, **sections: Any) -> dict[str, Any]:
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value}
     return cfg
+
+
+def stored_deltas(run_dir: Path, n: int) -> np.ndarray:
+    """The stored maps of images ``img000`` .. of a run over :func:`make_image_set`, in id
+    order, after checking every one of the ``n`` images is stored exactly once.
+
+    Returns:
+        ``(n, grid_c * grid_h * grid_w)`` score drops.
+    """
+    from pipeline import read_maps
+
+    maps = read_maps(run_dir).set_index("image_id").sort_index()
+    assert list(maps.index) == [f"img{i:03d}" for i in range(n)]
+    return np.stack(maps["delta"].to_list())

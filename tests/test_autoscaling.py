@@ -20,10 +20,9 @@ import pytest
 import ray
 import yaml
 
-from pipeline import read_maps
 from pipeline.run.worker import FAKE_GPUS_ENV
 from tests._autoscaler import FakeCluster, autoscaling_cluster, kill_node, worker_node_ids
-from tests._dataset import audit_config, image_set_with_model
+from tests._dataset import audit_config, image_set_with_model, stored_deltas
 from tests._faults import shard_files, wait_until
 
 pytestmark = pytest.mark.slow
@@ -96,12 +95,6 @@ def _gpu_nodes(cluster: FakeCluster) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _deltas(run_dir: Path) -> np.ndarray:
-    maps = read_maps(run_dir).set_index("image_id").sort_index()
-    assert list(maps.index) == [f"img{i:03d}" for i in range(N_IMAGES)]
-    return np.stack(maps["delta"].to_list())  # (N, grid_h * grid_w)
-
-
 @pytest.fixture(scope="module")
 def cold_run(gpu_cluster, image_set, tmp_path_factory):
     """The audit on the cold cluster: no worker node exists when it starts."""
@@ -160,7 +153,7 @@ def test_a_preempted_node_costs_no_image_and_duplicates_none(
     # exactly once, and the maps of the uninterrupted run, bit for bit
     assert f"{N_IMAGES} ok, 0 failed of {N_IMAGES}" in stdout
     assert len(shard_files(out)) == N_SHARDS
-    assert np.array_equal(_deltas(out), _deltas(cold_run[0]))
+    assert np.array_equal(stored_deltas(out, N_IMAGES), stored_deltas(cold_run[0], N_IMAGES))
     facts = json.loads((out / "run.json").read_text())
     timeline = facts["actors"]
     lost = [e for e in timeline if e["node_id"] == victim]

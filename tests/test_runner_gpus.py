@@ -20,10 +20,10 @@ import pytest
 import ray
 import torch
 
-from pipeline import load_config, read_maps, run_audit
+from pipeline import load_config, run_audit
 from pipeline.run.pool import PoolStartError
 from pipeline.run.worker import FAKE_GPUS_ENV
-from tests._dataset import audit_config, image_set_with_model
+from tests._dataset import audit_config, image_set_with_model, stored_deltas
 from tests._faults import Background
 
 N_IMAGES = 20
@@ -80,9 +80,7 @@ def _facts(run_dir: Path) -> dict:
 
 
 def _deltas(run_dir: Path) -> np.ndarray:
-    maps = read_maps(run_dir).set_index("image_id").sort_index()
-    assert list(maps.index) == [f"img{i:03d}" for i in range(N_IMAGES)]
-    return np.stack(maps["delta"].to_list())  # (N, grid_h * grid_w)
+    return stored_deltas(run_dir, N_IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +125,9 @@ def test_one_actor_per_gpu_with_distinct_ids_and_the_same_maps(
     assert facts["pool"]["per_actor"] == 2
     assert [a["main_thread"] for a in facts["actors"]] == [False, False]
     # same maps, bit for bit, as the CPU-only pool
-    assert np.array_equal(_deltas(tmp_path / "run"), _deltas(cpu_run))
+    assert np.array_equal(
+        stored_deltas(tmp_path / "run", N_IMAGES), stored_deltas(cpu_run, N_IMAGES)
+    )
 
 
 def test_half_a_gpu_per_actor_puts_two_actors_on_each_gpu(
@@ -145,7 +145,9 @@ def test_half_a_gpu_per_actor_puts_two_actors_on_each_gpu(
     per_gpu = Counter(g for a in facts["actors"] for g in a["gpu_ids"])
     assert per_gpu == {"0": 2, "1": 2}, facts["actors"]
     assert all(len(a["gpu_ids"]) == 1 for a in facts["actors"])
-    assert np.array_equal(_deltas(tmp_path / "run"), _deltas(cpu_run))
+    assert np.array_equal(
+        stored_deltas(tmp_path / "run", N_IMAGES), stored_deltas(cpu_run, N_IMAGES)
+    )
 
 
 def test_a_gpu_actor_whose_torch_sees_no_cuda_stops_the_run_in_one_line(
@@ -189,4 +191,6 @@ def test_device_cpu_keeps_a_gpu_cluster_on_cpu_actors(ray_with_gpus, image_set, 
     assert facts["pool"]["device"] == "cpu" and facts["pool"]["num_gpus"] == 0.0
     assert facts["pool"]["why"] == "cluster.device is cpu"
     assert all(a["gpu_ids"] == [] for a in facts["actors"])
-    assert np.array_equal(_deltas(tmp_path / "run"), _deltas(cpu_run))
+    assert np.array_equal(
+        stored_deltas(tmp_path / "run", N_IMAGES), stored_deltas(cpu_run, N_IMAGES)
+    )
