@@ -91,8 +91,16 @@ def transformers_folder(ref: str, revision: str | None) -> Path:
     Raises:
         FileNotFoundError: the folder holds no ``config.json``, or the repo is not found.
     """
-    local = is_local_folder(ref)
-    folder = Path(ref) if local else fetch_snapshot(ref, revision, TRANSFORMERS_FILES)
+    if is_local_folder(ref):
+        folder = Path(ref)
+    else:
+        try:
+            folder = fetch_snapshot(ref, revision, TRANSFORMERS_FILES)
+        except FileNotFoundError as err:  # a mistyped folder reads as a repo id
+            raise FileNotFoundError(
+                f"model.transformers {ref!r} is neither a folder beside the config nor a Hub "
+                f"repo found: {err}"
+            ) from err
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"model.transformers {ref!r}: {folder} holds no config.json; give the folder that "
