@@ -158,8 +158,8 @@ def _zoo_model(name: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Mod
     try:
         if kind == "transformers":  # PATH: a folder or a cached repo id holding config.json
             return _Scores(random_transformers(ref, {"num_labels": num_classes, **kwargs}))
-        spec = ModelConfig(**{kind: ref, "kwargs": {"num_classes": num_classes, **kwargs}})
-        return load_model(spec)
+        fields: dict[str, Any] = {kind: ref, "kwargs": {"num_classes": num_classes, **kwargs}}
+        return load_model(ModelConfig(**fields))
     except ImportError as err:  # the library is an extra: say which, as a usage error
         raise ValueError(str(err)) from err
 
