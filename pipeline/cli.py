@@ -221,7 +221,18 @@ def _parser() -> argparse.ArgumentParser:
     add_runs_parsers(sub)
 
     b = sub.add_parser("bench", help="time our kernel against Captum and the forward roofline")
-    b.add_argument("--model", default="seed-cnn", help="seed-cnn | seed-cnn-gap | resnet50")
+    b.add_argument(
+        "--model",
+        default="seed-cnn",
+        help="seed-cnn | seed-cnn-gap | resnet50 | vgg-small, or your architecture with random "
+        "weights: timm:NAME | torchvision:NAME | transformers:PATH (a folder with config.json)",
+    )
+    b.add_argument(
+        "--model-kwargs",
+        metavar="JSON",
+        help="keyword arguments of a timm, torchvision or transformers architecture, e.g. "
+        "'{\"img_size\": 64}'",
+    )
     b.add_argument("--image-size", type=int, default=224, help="square side, pixels")
     b.add_argument("--window", type=int, default=32)
     b.add_argument("--stride", type=int, default=16)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import ray
-import torch
+from tests._torchvision_ops import allow_torchvision_without_its_extension
+
+# before anything imports torchvision (timm and transformers do): see tests/_torchvision_ops.py
+allow_torchvision_without_its_extension()
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
 
 # The test process shares two cores with Ray workers and Chromium; a second intra-op thread
 # mostly spins waiting for a busy core (the many small ops of the incremental engine suffer most).

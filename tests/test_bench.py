@@ -148,3 +148,29 @@ def test_bench_end_to_end_times_a_real_run_the_kernel_and_a_captum_script(tmp_pa
     assert facts["ratios"]["run/kernel"] == pytest.approx(run / kernel)
     assert set(facts["ratios"]) == {"run/kernel", "run/captum-script"}
     assert "run/captum-script" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["timm:resnet10t", "torchvision:resnet18", "transformers"])
+def test_bench_times_a_library_architecture_with_random_weights(model, tmp_path, capsys):
+    from tests._zoo import hf_folder
+
+    if model == "transformers":  # a folder with the architecture's config.json
+        model = f"transformers:{hf_folder('convnext', tmp_path / 'hf')}"
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", model, "--image-size", "32", "--window", "16", "--stride", "16"]
+    argv += ["--k", "1", "--images", "1", "--repeats", "1", "--no-captum", "--json", str(out)]
+    assert main(argv) == 0
+    facts = json.loads(out.read_text())
+    # the engine a run would pick: ResNets' trunks are local, a transformers model is not traced
+    expected = "generic" if model.startswith("transformers") else "incremental"
+    assert facts["ours"] == expected and facts["ok"]
+    assert f"bench {model} 32px" in capsys.readouterr().out
+
+
+def test_bench_model_names_and_kwargs_are_checked():
+    with pytest.raises(ValueError, match=r"timm:NAME, torchvision:NAME, transformers:PATH"):
+        build_bench_model("resnet18", 32)
+    with pytest.raises(ValueError, match=r"applies to LIBRARY:NAME models"):
+        build_bench_model("seed-cnn", 32, kwargs={"img_size": 32})
+    vit = build_bench_model("timm:vit_tiny_patch16_224", 32, kwargs={"img_size": 32, "depth": 1})
+    assert vit(torch.zeros(1, 3, 32, 32)).shape == (1, 10)

@@ -85,7 +85,8 @@ def _measure(args: argparse.Namespace, d: Device) -> tuple[list[Row], OcclusionR
         (:meth:`Setup.score_noise`).
     """
     n, size = int(args.images), int(args.image_size)
-    model = build_bench_model(args.model, size).to(d.dev)
+    extra = json.loads(args.model_kwargs) if getattr(args, "model_kwargs", None) else None
+    model = build_bench_model(args.model, size, kwargs=extra).to(d.dev)
     x = torch.rand((n, 3, size, size), generator=torch.Generator().manual_seed(0)).to(d.dev)
     s = Setup(model, x, [f"bench-{i:04d}" for i in range(n)], args, d)
     res = s.ours(n, "generic")  # warm-up, and the predicted targets every engine explains

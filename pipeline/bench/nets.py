@@ -1,4 +1,6 @@
-"""Networks for ``occlusion-audit bench``: the shipped seed CNNs plus two standard-sized ones.
+"""Networks for ``occlusion-audit bench``: the shipped seed CNNs, two standard-sized ones, and
+any timm, torchvision or Hugging Face ``transformers`` architecture (``timm:NAME``,
+``torchvision:NAME``, ``transformers:PATH``) with random weights, so that users time their own.
 
 ``resnet50`` is a ResNet-50 (He et al. 2016, https://arxiv.org/abs/1512.03385): bottleneck blocks
 ``[3, 4, 6, 3]`` with BatchNorm, 23.5M parameters plus ``2048 * num_classes`` in the head (25.6M
@@ -10,14 +12,22 @@ instead of growing block after block (random-init running statistics are 0 and 1
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.config import ModelConfig
+from pipeline.kernel.targets import score_tensor
+from pipeline.models import load_model
 from pipeline.models.nets import SeedCNN, SeedCNNWithGAP
+from pipeline.models.zoo import random_transformers
 
-__all__ = ["BENCH_MODELS", "ResNet50", "VGGSmall", "build_bench_model"]
+__all__ = ["BENCH_MODELS", "ZOO", "ResNet50", "VGGSmall", "build_bench_model"]
+
+#: libraries whose architectures ``--model LIBRARY:NAME`` builds with random weights
+ZOO = ("timm", "torchvision", "transformers")
 
 
 class _Bottleneck(nn.Module):
@@ -130,26 +140,65 @@ BENCH_MODELS: dict[str, Factory] = {
 }
 
 
+class _Scores(nn.Module):
+    """The score tensor of a model that returns a ``ModelOutput`` (``logits``), so that every
+    engine of the bench, Captum's and the roofline's included, sees a tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return score_tensor(self.model(x))  # (N, num_classes)
+
+
+def _zoo_model(name: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
+    """``timm:NAME``, ``torchvision:NAME`` or ``transformers:PATH`` with random weights."""
+    kind, _, ref = name.partition(":")
+    try:
+        if kind == "transformers":  # PATH: a folder or a cached repo id holding config.json
+            return _Scores(random_transformers(ref, {"num_labels": num_classes, **kwargs}))
+        fields: dict[str, Any] = {kind: ref, "kwargs": {"num_classes": num_classes, **kwargs}}
+        return load_model(ModelConfig(**fields))
+    except ImportError as err:  # the library is an extra: say which, as a usage error
+        raise ValueError(str(err)) from err
+
+
 def build_bench_model(
-    name: str, image_size: int, num_classes: int = 10, seed: int = 0
+    name: str,
+    image_size: int,
+    num_classes: int = 10,
+    seed: int = 0,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A seeded benchmark network in eval mode, BatchNorm statistics calibrated.
 
     Args:
-        name: a key of :data:`BENCH_MODELS`.
+        name: a key of :data:`BENCH_MODELS`, or ``timm:NAME``, ``torchvision:NAME`` or
+            ``transformers:PATH`` (a folder or Hub repo id with a ``config.json``).
         image_size: square input side in pixels.
         num_classes: outputs of the head.
         seed: seeds the weights and the calibration batch.
+        kwargs: keyword arguments of a library's architecture (``{"img_size": 64}``).
 
     Example:
         >>> build_bench_model("seed-cnn-gap", 32)(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 10])
     """
-    if name not in BENCH_MODELS:
-        raise ValueError(f"unknown bench model {name!r}; choose one of {sorted(BENCH_MODELS)}")
+    zoo = name.partition(":")[0] in ZOO and ":" in name
+    if not zoo and name not in BENCH_MODELS:
+        raise ValueError(
+            f"unknown bench model {name!r}; choose one of {sorted(BENCH_MODELS)} or "
+            "timm:NAME, torchvision:NAME, transformers:PATH"
+        )
+    if kwargs and not zoo:
+        raise ValueError(f"--model-kwargs applies to LIBRARY:NAME models, not {name!r}")
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
         torch.manual_seed(seed)
-        model = BENCH_MODELS[name](image_size, num_classes)
+        if zoo:
+            model = _zoo_model(name, num_classes, kwargs or {})
+        else:
+            model = BENCH_MODELS[name](image_size, num_classes)
     _calibrate_batchnorm(model, image_size, seed)
     return model.eval()
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pipeline.config.model import is_local_folder
 from pipeline.config.sections import (
     AuditSettings,
     ClusterConfig,
@@ -90,7 +91,9 @@ _PATH_KEYS = (
     ("dataset", "boxes"),
     ("model", "torchscript"),
     ("model", "export"),
+    ("model", "onnx"),
     ("model", "weights"),
+    ("model", "factory_dir"),
     ("output", "dir"),
     ("output", "report_dir"),
     ("trend", "runs_dir"),
@@ -159,9 +162,25 @@ def load_config(
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and base_dir is not None:
             data[section][key] = resolve_local(value, base_dir)
+    if isinstance(data.get("model"), dict) and base_dir is not None:
+        _model_beside_config(data["model"], base_dir)
     for override in overrides or ():
         _apply_override(data, override)
     return build(AuditConfig, data)
+
+
+def _model_beside_config(model: dict[str, Any], base_dir: str) -> None:
+    """Code and folders of ``model`` found beside the config: a ``factory`` module there is
+    imported from there (``factory_dir``), and a ``transformers`` folder there is that folder
+    rather than a Hub repo id of the same spelling."""
+    factory, ref = model.get("factory"), model.get("transformers")
+    if isinstance(factory, str) and "factory_dir" not in model:
+        stem = os.path.join(base_dir, *factory.partition(":")[0].split("."))
+        if os.path.isfile(stem + ".py") or os.path.isfile(os.path.join(stem, "__init__.py")):
+            model["factory_dir"] = base_dir
+    beside = isinstance(ref, str) and os.path.isdir(os.path.join(base_dir, ref))
+    if isinstance(ref, str) and (is_local_folder(ref) or beside):
+        model["transformers"] = resolve_local(ref, base_dir)
 
 
 def config_to_dict(cfg: AuditConfig) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from pipeline.config.dataset import (
     ColumnsConfig,
@@ -21,6 +20,7 @@ from pipeline.config.dataset import (
     _local,
     _positive,
 )
+from pipeline.config.model import ModelConfig, Target
 from pipeline.config.typed import fail
 from pipeline.kernel import defaults
 from pipeline.kernel.defaults import (
@@ -32,7 +32,6 @@ from pipeline.kernel.defaults import (
     default_stride,
 )
 from pipeline.kernel.options import check_threshold
-from pipeline.kernel.targets import Score, Task
 from pipeline.storage.hub import HubFile
 from pipeline.storage.paths import check_folder_uri
 
@@ -57,68 +56,9 @@ __all__ = [
 ]
 
 
-# "module:callable", both parts Python dotted names: the one check of model.factory
-_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
-
 class _Option(str, enum.Enum):
     def __str__(self) -> str:  # messages and f-strings show the YAML spelling
         return str(self.value)
-
-
-class Target(_Option):
-    PREDICTED = "predicted"  # the unoccluded argmax
-    LABEL = "label"  # the manifest label, as a class index
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Where the model comes from and what score of it is explained."""
-
-    torchscript: str | None = None  # torch.jit.save archive: local path or hf://
-    export: str | None = None  # torch.export program (.pt2): local path or hf://
-    factory: str | None = None  # "module:callable" returning an nn.Module
-    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)  # for factory
-    weights: str | None = None  # factory's state_dict (local or hf://), read weights_only
-    hub: HubFile | None = None  # a model file on the Hub; with factory: its state_dict
-    task: Task = Task.CLASSIFICATION
-    score: Score = Score.LOGIT  # classification only
-    target: int | Target = Target.PREDICTED  # output explained: predicted, label or an index
-
-    def __post_init__(self) -> None:
-        for key in ("torchscript", "export", "weights"):
-            value = getattr(self, key)
-            if value is not None and not str(value).strip():
-                fail(key, "must be a non-empty path")
-            object.__setattr__(self, key, _local(value))
-        object.__setattr__(self, "kwargs", dict(self.kwargs))  # a copy the caller cannot edit
-        sources = [k for k in ("torchscript", "export", "factory", "hub") if getattr(self, k)]
-        if sources == ["factory", "hub"]:
-            if self.weights is not None:
-                fail("weights", "give either weights or hub as the factory's state_dict")
-        elif len(sources) != 1:
-            found = ", ".join(sources) or "none"
-            fail("", f"needs exactly one of torchscript, export, factory, hub; got {found}")
-        if self.factory is not None and not _FACTORY.fullmatch(self.factory):
-            fail(
-                "factory",
-                f"must be 'module:callable' (e.g. pipeline.models:SeedCNN), got {self.factory!r}",
-            )
-        if self.factory and self.hub and self.hub.filename.endswith(".pt2"):
-            fail(
-                "hub.filename",
-                f"{self.hub.filename!r} is a torch.export archive, not a state_dict; drop "
-                "model.factory to load it as an archive",
-            )
-        if (self.kwargs or self.weights) and self.factory is None:
-            fail("kwargs" if self.kwargs else "weights", "applies only with factory")
-        if isinstance(self.target, int) and self.target < 0:
-            fail("target", f"must be >= 0, got {self.target}")
-        if self.task is Task.REGRESSION:
-            if self.score is Score.PROBABILITY:
-                fail("score", "'probability' applies only to task: classification")
-            if self.target is Target.LABEL:
-                fail("target", "'label' is a class index; use predicted or an output index")
 
 
 @dataclass(frozen=True)

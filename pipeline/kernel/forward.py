@@ -18,7 +18,7 @@ import torch
 from pipeline.kernel.defaults import Engine, Precision
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import ComputeOptions, default_max_batch, precision_context
-from pipeline.kernel.targets import Score, Task, output_scores
+from pipeline.kernel.targets import Score, Task, output_scores, score_tensor
 
 __all__ = ["PLAIN_BATCH", "Forward", "OccludedBatch", "accepts_channels_last", "resolve_options"]
 
@@ -54,13 +54,10 @@ def accepts_channels_last(
         gen = torch.Generator().manual_seed(0)
         x = torch.rand((2, *image_shape), generator=gen).to(device)
         try:
-            plain = model(x)
-            last = model(x.contiguous(memory_format=torch.channels_last))
-            ok = (
-                isinstance(plain, torch.Tensor)
-                and isinstance(last, torch.Tensor)
-                and plain.shape == last.shape
-                and torch.allclose(plain.float(), last.float(), rtol=1e-3, atol=1e-5)
+            plain = score_tensor(model(x))
+            last = score_tensor(model(x.contiguous(memory_format=torch.channels_last)))
+            ok = plain.shape == last.shape and torch.allclose(
+                plain.float(), last.float(), rtol=1e-3, atol=1e-5
             )
         except Exception:
             ok = False

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
+from typing import Any
 
 import torch
 
-__all__ = ["Score", "TargetSpec", "Task", "output_scores", "resolve_targets"]
+__all__ = ["Score", "TargetSpec", "Task", "output_scores", "resolve_targets", "score_tensor"]
 
 
 class Task(str, Enum):
@@ -24,18 +25,49 @@ class Score(str, Enum):
 TargetSpec = str | int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None
 
 
-def output_scores(out: torch.Tensor, batch: int, task: Task, score: Score) -> torch.Tensor:
+def score_tensor(out: Any) -> torch.Tensor:
+    """The score tensor of a model output: the tensor itself; of a mapping (a Hugging Face
+    ``ModelOutput``, a dict) its ``logits``, else its first tensor value; of a tuple or list its
+    first tensor. ``model.output`` picks another entry (:class:`pipeline.models.SelectOutput`).
+
+    Raises:
+        TypeError: the output holds no tensor.
+
+    Example:
+        >>> score_tensor({"loss": None, "logits": torch.ones(2, 3)}).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        logits = out.get("logits")
+        items = [logits, *out.values()]
+        what = f"a {type(out).__name__} with keys {list(out.keys())}"
+    elif isinstance(out, tuple | list):
+        items, what = list(out), f"a {type(out).__name__} of {len(out)}"
+    else:
+        items, what = [], f"a {type(out).__name__}"
+    found = next((v for v in items if isinstance(v, torch.Tensor)), None)
+    if found is None:
+        raise TypeError(
+            f"the model returned {what} without a tensor; return the scores as a tensor, or set "
+            "model.output to the key or index of the score tensor"
+        )
+    return found
+
+
+def output_scores(out: Any, batch: int, task: Task, score: Score) -> torch.Tensor:
     """Turn a model output into per-output scores.
 
     Args:
-        out: model output, ``(B,)`` or ``(B, O)``.
+        out: model output, ``(B,)`` or ``(B, O)``, or a mapping or tuple holding it
+            (:func:`score_tensor`).
         batch: the input batch size ``B`` the output must follow.
 
     Returns:
         ``(B, O)`` float32 scores.
     """
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model returned {type(out).__name__}, expected a tensor")
+    out = score_tensor(out)
     if out.dim() == 0 or out.shape[0] != batch:
         raise ValueError(
             f"the model returned shape {tuple(out.shape)} for a batch of {batch} inputs: its "

@@ -1,18 +1,19 @@
-"""Model loading: TorchScript, torch.export archives, or a factory plus a ``state_dict``.
+"""Model loading: every ``model`` source of the config becomes a module in eval mode.
 
-Files are local paths or Hugging Face Hub files (a :class:`HubFile` or an
-``hf://owner/name@<commit>/file`` address, :mod:`pipeline.storage.hub`). The loaded model is in eval
-mode on the requested device and, given a mean/std, wrapped in :class:`Normalized`: occlusion
-happens in ``[0, 1]`` pixel space and normalisation belongs to the model (docs/design.md).
+Archives (TorchScript, ``torch.export``, ONNX) and builders (a factory, timm, torchvision,
+``transformers``) with an optional ``state_dict``. Files are local paths or Hugging Face Hub
+files (a :class:`HubFile` or an ``hf://owner/name@<commit>/file`` address,
+:mod:`pipeline.storage.hub`). The loaded model is in eval mode on the requested device and, given
+a mean/std, wrapped in :class:`Normalized`: occlusion happens in ``[0, 1]`` pixel space and
+normalisation belongs to the model (docs/design.md).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
-import importlib
-import types
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,18 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig, NormalizeConfig
+from pipeline.config.model import ARCHIVES, BUILDERS
+from pipeline.models.exported import load_export
+from pipeline.models.factory import ModelLoadError, build_factory, load_state_dict
+from pipeline.models.onnxrt import load_onnx
+from pipeline.models.outputs import SelectOutput
+from pipeline.models.zoo import (
+    TRANSFORMERS_FILES,
+    build_timm,
+    build_torchvision,
+    build_transformers,
+    transformers_folder,
+)
 from pipeline.storage.hub import HubFile, UnpinnedRevisionWarning, fetch
 from pipeline.storage.paths import is_uri
 
@@ -27,16 +40,11 @@ __all__ = [
     "ModelLoadError",
     "Normalized",
     "UnpinnedRevisionWarning",
+    "build_factory",
     "load_model",
     "model_hash",
     "resolve_model_file",
 ]
-
-_EXPORT_SUFFIX = ".pt2"
-
-
-class ModelLoadError(RuntimeError):
-    """A model file exists but cannot become the module it should be (format, keys, shapes)."""
 
 
 def _check_normalize(pair: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -83,29 +91,19 @@ class Normalized(nn.Module):
 
 def _source(spec: ModelConfig) -> tuple[str, str, str | HubFile | None]:
     """(how to load, the field naming the file, the file reference or None)."""
-    if spec.factory is not None:
-        return ("factory", "hub", spec.hub) if spec.hub else ("factory", "weights", spec.weights)
+    builder = next((k for k in BUILDERS if getattr(spec, k)), None)
+    if builder is not None:
+        return (builder, "hub", spec.hub) if spec.hub else (builder, "weights", spec.weights)
     if spec.hub is not None:
-        kind = "export" if spec.hub.filename.endswith(_EXPORT_SUFFIX) else "torchscript"
-        return kind, "hub", spec.hub
-    if spec.torchscript is not None:
-        return "torchscript", "torchscript", spec.torchscript
-    return "export", "export", spec.export
+        name = spec.hub.filename
+        kind = "export" if name.endswith(".pt2") else "onnx" if name.endswith(".onnx") else ""
+        return kind or "torchscript", "hub", spec.hub
+    kind = next(k for k in ARCHIVES if getattr(spec, k))
+    return kind, kind, getattr(spec, kind)
 
 
-def resolve_model_file(spec: ModelConfig) -> Path | None:
-    """Local path of the spec's archive or weights, fetching a Hub file into the cache if needed.
-
-    Hub files go to ``HF_HUB_CACHE`` (else ``HF_HOME/hub``), read at call time; with
-    ``HF_HUB_OFFLINE=1`` they come from that cache only.
-
-    Args:
-        spec: the ``model`` config section.
-
-    Returns:
-        The file to load and to hash with :func:`model_hash`; ``None`` for a bare factory.
-    """
-    _, field_name, ref = _source(spec)
+def _file(field_name: str, ref: str | HubFile | None) -> Path | None:
+    """The local path of a model file reference, fetched from the Hub if needed."""
     if isinstance(ref, str) and ref.startswith("hf://"):
         ref = HubFile.parse(ref)
     if ref is None:
@@ -123,18 +121,63 @@ def resolve_model_file(spec: ModelConfig) -> Path | None:
     return path
 
 
+def resolve_model_file(spec: ModelConfig) -> Path | None:
+    """Local path of the spec's archive or weights, fetching a Hub file into the cache if needed.
+
+    Hub files go to ``HF_HUB_CACHE`` (else ``HF_HOME/hub``), read at call time; with
+    ``HF_HUB_OFFLINE=1`` they come from that cache only. A ``transformers`` source without
+    ``weights`` is its folder (a Hub repo's snapshot in the cache).
+
+    Args:
+        spec: the ``model`` config section.
+
+    Returns:
+        The file (or folder) to load and to hash with :func:`model_hash`; ``None`` for a
+        builder without weights (random or built-in weights).
+    """
+    _, field_name, ref = _source(spec)
+    path = _file(field_name, ref)
+    if path is None and spec.transformers is not None:
+        return transformers_folder(spec.transformers, spec.revision)
+    return path
+
+
 def model_hash(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes, streamed in 1 MiB chunks (symlinks followed).
+    """SHA-256 hex digest of a file's bytes, streamed in 1 MiB chunks (symlinks followed); of a
+    folder (a ``transformers`` checkpoint), the digest of its checkpoint files' names and
+    digests.
 
     Example:
         >>> len(model_hash(__file__))
         64
     """
+    path = Path(path).resolve()
+    if path.is_dir():
+        names = sorted(
+            p.name
+            for p in path.iterdir()
+            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in TRANSFORMERS_FILES)
+        )
+        lines = "".join(f"{name}\0{model_hash(path / name)}\n" for name in names)
+        return hashlib.sha256(lines.encode("utf-8")).hexdigest()
     digest = hashlib.sha256()
-    with Path(path).resolve().open("rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _build(kind: str, spec: ModelConfig, folder: Path | None) -> nn.Module:
+    """The module of a builder source, before any state_dict."""
+    if kind == "factory":
+        return build_factory(str(spec.factory), spec.kwargs, spec.factory_dir)
+    if kind == "timm":
+        return build_timm(str(spec.timm), spec.kwargs)
+    if kind == "torchvision":
+        return build_torchvision(str(spec.torchvision), spec.kwargs)
+    if folder is None:
+        folder = transformers_folder(str(spec.transformers), spec.revision)
+    return build_transformers(folder, spec.kwargs)
 
 
 def load_model(
@@ -145,8 +188,9 @@ def load_model(
     """Load the model a ``model`` config section describes, ready for ``[0, 1]`` RGB input.
 
     Args:
-        spec: where the model comes from (``torchscript``, ``export``, ``factory`` with
-            ``kwargs`` and ``weights``, or ``hub``).
+        spec: where the model comes from: an archive (``torchscript``, ``export``, ``onnx``,
+            ``hub``) or a builder (``factory``, ``timm``, ``torchvision``, ``transformers``)
+            with ``kwargs`` and optional ``weights``; ``output`` picks the score tensor.
         normalize: the dataset's per-channel mean/std, applied inside the model.
         device: where to put the model.
 
@@ -162,13 +206,19 @@ def load_model(
     device = torch.device(device)
     kind = _source(spec)[0]
     path = resolve_model_file(spec)
-    if kind == "factory":
-        model = build_factory(str(spec.factory), spec.kwargs)
-        if path is not None:
-            _load_state_dict(model, path, str(spec.factory))
+    if kind in BUILDERS:
+        folder = path if path is not None and path.is_dir() else None
+        model = _build(kind, spec, folder)
+        if path is not None and folder is None:
+            load_state_dict(model, path, f"model.{kind} {getattr(spec, kind)!r}")
     else:
         assert path is not None  # an archive source always names a file
-        model = _load_torchscript(path, device) if kind == "torchscript" else _load_export(path)
+        if kind == "onnx":
+            model = load_onnx(path, spec.kwargs, device)
+        else:
+            model = _load_torchscript(path, device) if kind == "torchscript" else load_export(path)
+    if spec.output is not None:
+        model = SelectOutput(model, spec.output)
     if normalize is not None:
         model = Normalized(model, normalize.mean, normalize.std)
     return model.to(device).eval()
@@ -186,98 +236,3 @@ def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
                 f"{path} is not a TorchScript archive ({str(err).splitlines()[0]}); a state_dict "
                 "needs model.factory plus weights, a torch.export archive goes in model.export"
             ) from err
-
-
-def _load_export(path: Path) -> nn.Module:
-    try:
-        module = torch.export.load(str(path)).module()
-    except RuntimeError as err:
-        raise ModelLoadError(
-            f"{path} is not a torch.export archive; a state_dict needs model.factory plus "
-            "weights, a TorchScript archive goes in model.torchscript"
-        ) from err
-    for gm in module.modules():
-        for node in gm.graph.nodes if isinstance(gm, torch.fx.GraphModule) else ():
-            if _in_training_mode(node):
-                raise ModelLoadError(
-                    f"{path} was exported in training mode ({node.target} at node {node.name}), "
-                    "so dropout/batch-norm would make maps random; call model.eval() before "
-                    "torch.export.export"
-                )
-    # An exported module raises on train()/eval(), and Normalized.eval() recurses into it. The
-    # graph fixed its mode at export time and was just checked to be an inference graph, so let
-    # eval() pass and keep train() refused.
-    for sub in module.modules():
-        sub.training = False
-    module.train = types.MethodType(_eval_only_train, module)  # type: ignore[method-assign]
-    module.eval = types.MethodType(nn.Module.eval, module)  # type: ignore[method-assign]
-    return module
-
-
-def _in_training_mode(node: torch.fx.Node) -> bool:
-    """Whether an aten call has a ``train``/``training`` argument set to True (dropout, BN)."""
-    schema = getattr(node.target, "_schema", None)
-    for i, arg in enumerate(schema.arguments if schema is not None else ()):
-        if arg.name in ("train", "training"):
-            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            if value is True:
-                return True
-    return False
-
-
-def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    if mode:
-        raise NotImplementedError("a torch.export graph cannot be switched to training mode")
-    return self
-
-
-def build_factory(factory: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """Import ``module:callable`` and call it with ``kwargs``; the result must be a module.
-
-    Raises:
-        ImportError: the module or attribute does not exist.
-        TypeError: the kwargs do not fit, or the result is not an ``nn.Module``.
-    """
-    module_name, _, attr = factory.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(
-            f"model.factory {factory!r}: cannot import module {module_name!r} ({err}); install "
-            "it on every worker or fix the 'module:callable' string"
-        ) from err
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ImportError(f"model.factory {factory!r}: {module_name!r} has no {attr!r}")
-        obj = getattr(obj, part)
-    try:
-        model = obj(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"model.factory {factory!r} with kwargs {dict(kwargs)}: {err}") from err
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model.factory {factory!r} returned {type(model).__name__}, not nn.Module")
-    return model
-
-
-def _load_state_dict(model: nn.Module, path: Path, factory: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # re-raised with the file and the fix; unpickling raises many types
-        raise ModelLoadError(
-            f"cannot read {path} with torch.load(weights_only=True) "
-            f"({str(err).splitlines()[0]}); save model.state_dict(), not the model object"
-        ) from err
-    flat = isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values())
-    if not flat:
-        top = list(state)[:5] if isinstance(state, Mapping) else type(state).__name__
-        raise ModelLoadError(
-            f"{path} is not a flat state_dict of tensors (top level: {top}); save "
-            "model.state_dict() itself, not a dict that wraps it"
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # torch lists the missing/unexpected keys and shape mismatches
-        raise ModelLoadError(
-            f"{path} does not fit {factory}; check that model.factory and model.kwargs describe "
-            f"the architecture it was saved from. {err}"
-        ) from err

@@ -1,8 +1,11 @@
-"""Checks before any compute: the model loads, and the output folder may take this run.
+"""Checks before any compute: the model loads and answers, and the output folder may take this
+run.
 
 Both run in the driver before Ray starts, so a missing model file, a refused pickle, a factory
-that rejects its kwargs, a folder that is not a run, or a resume with other settings ends in one
-line and exit 2 within seconds, not in a Ray traceback after the actors have started.
+that rejects its kwargs, an archive exported for one image or another size, an output that holds
+no score tensor (a Hugging Face ``ModelOutput`` and a wrong ``model.output``), a folder that is
+not a run, or a resume with other settings ends in one line and exit 2 within seconds, not in an
+``error`` row per image after the actors have started.
 """
 
 from __future__ import annotations
@@ -12,8 +15,18 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from pipeline.config import AuditConfig, config_to_dict
-from pipeline.models import load_model, model_hash, resolve_model_file
+import torch
+
+from pipeline.config import AuditConfig, Device, config_to_dict
+from pipeline.kernel.forward import PLAIN_BATCH
+from pipeline.kernel.targets import output_scores, resolve_targets
+from pipeline.models import (
+    check_signature,
+    input_signature,
+    load_model,
+    model_hash,
+    resolve_model_file,
+)
 from pipeline.run.folder import RunFolder, RunFolderError
 from pipeline.run.record import RunRecord, RunRecordError
 
@@ -37,23 +50,82 @@ class ModelCheckError(ValueError):
     """The configured model cannot be loaded; the message names the file or factory."""
 
 
+# The images of the pre-run call: two, so that an archive fixed to a batch of one fails here.
+_PROBE_IMAGES = 2
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def check_model(cfg: AuditConfig) -> tuple[str | None, str | None]:
-    """Load the model once on the CPU, as a worker will, and hash its file.
+    """Load the model once on the CPU, as a worker will, call it, and hash its file.
+
+    The call feeds 2 seeded images at ``dataset.image_size`` and turns the output into scores
+    as a worker does; an archive that declares its input (``torch.export``, ONNX) is checked
+    against the batch sizes of the workers' passes too (:func:`probe_model`).
 
     Returns:
-        ``(model file, sha256)``; ``(None, None)`` for a bare factory.
+        ``(model file, sha256)``; ``(None, None)`` for a builder without weights.
 
     Raises:
-        ModelCheckError: with one line naming what is wrong.
+        ModelCheckError: with one line naming what is wrong (and the fix, where there is one).
     """
     try:
         path = resolve_model_file(cfg.model)
-        if path is None or path.stat().st_size <= _FULL_CHECK_BYTES:
-            load_model(cfg.model, cfg.dataset.normalize, "cpu")
+        full = path is None or path.is_dir() or path.stat().st_size <= _FULL_CHECK_BYTES
+        model = load_model(cfg.model, cfg.dataset.normalize, "cpu") if full else None
     except Exception as e:  # every loader failure becomes the same one-line refusal
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelCheckError(f"model cannot be loaded: {first}") from e
+        raise ModelCheckError(f"model cannot be loaded: {_first_line(e)}") from e
+    if model is not None:
+        probe_model(model, cfg)
     return (None, None) if path is None else (str(path), model_hash(path))
+
+
+def probe_model(model: torch.nn.Module, cfg: AuditConfig) -> None:
+    """Call ``model`` as the workers will, before any of them starts.
+
+    Checks, in order: the declared input of an archive against the workers' batch sizes (2,
+    the unoccluded passes' ``min(max_batch, 16)``, the occluded passes' ``max_batch``; 32 on
+    a ``cpu`` cluster, else 256 when unset) and ``(3, H, W)``; one forward pass of 2 images;
+    the output's score tensor (``model.output``), its batch dimension and shape; the target
+    index against the outputs.
+
+    Raises:
+        ModelCheckError: one line naming the source, what failed and the fix.
+    """
+    shape = (3, *cfg.dataset.image_size)
+    source = f"model {cfg.model.source}"
+    occ = cfg.occlusion
+    most = occ.max_batch or (32 if cfg.cluster.device is Device.CPU else 256)
+    sig = input_signature(model)
+    if sig is not None:
+        batches = (_PROBE_IMAGES, min(most, PLAIN_BATCH), most)
+        why = check_signature(sig, batches, shape, "occlusion.max_batch")
+        if why is not None:
+            raise ModelCheckError(why)
+    x = torch.rand((_PROBE_IMAGES, *shape), generator=torch.Generator().manual_seed(0))
+    size = "x".join(map(str, shape))
+    try:
+        with torch.inference_mode():
+            out = model(x)
+    except Exception as e:  # the model's own failure, whatever its type
+        # torch.export's shape guards: the archive fixed a shape that the config does not have
+        fix = (
+            "; re-export with dynamic_shapes for the batch (and height and width) dimensions"
+            if "Guard failed" in str(e)
+            else ""
+        )
+        raise ModelCheckError(
+            f"{source} failed on {_PROBE_IMAGES} images of {size} (dataset.image_size): "
+            f"{_first_line(e)}{fix}"
+        ) from e
+    try:
+        scores = output_scores(out, _PROBE_IMAGES, cfg.model.task, cfg.model.score)
+        target = cfg.model.target
+        resolve_targets(target if isinstance(target, int) else "predicted", scores, cfg.model.task)
+    except (TypeError, ValueError) as e:
+        raise ModelCheckError(f"{source} on {_PROBE_IMAGES} images of {size}: {e}") from e
 
 
 def run_identity(

@@ -55,8 +55,13 @@ class RunRecord:
         identity: what the maps depend on (dataset, model with file hash, occlusion, shard
             layout); ``--resume`` refuses a config whose identity differs.
         versions: Python and package versions of the driver.
-        model_hash, model_file: SHA-256 and path of the model file (None for a bare factory).
-        engine: ``{"path": "incremental" | "generic" | ..., "notes": [...]}`` of the workers.
+        model_hash, model_file: SHA-256 and path of the model file or ``transformers`` folder
+            (None for a builder without weights).
+        model_source: where the model comes from, ``kind:reference`` (``timm:resnet50``,
+            ``export:/m/model.pt2``; :attr:`pipeline.config.ModelConfig.source`).
+        engine: ``{"path": "incremental" | "generic" | ..., "notes": [...]}`` of the workers:
+            the engine ``occlusion.engine`` resolved to, and why (for ``generic`` under
+            ``auto``, the incremental engine's refusal).
         counts: images, ok, error over the whole manifest (after the run).
         timings: ``total_s``, ``images_per_s`` (from the moment every actor had started),
             ``shard_seconds_median``, ``startup_s`` (run start until every actor answered),
@@ -81,6 +86,7 @@ class RunRecord:
     versions: Mapping[str, str] = field(default_factory=dict)
     model_hash: str | None = None
     model_file: str | None = None
+    model_source: str | None = None
     engine: Mapping[str, Any] = field(default_factory=dict)
     counts: Counts = field(default_factory=Counts)
     timings: Mapping[str, Any] = field(default_factory=dict)

@@ -100,6 +100,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             versions=versions(),
             model_hash=model_sha,
             model_file=model_file,
+            model_source=config.model.source,
             shards=len(shards),
             started_at=before.started_at if before is not None else iso_time(t0),
         )

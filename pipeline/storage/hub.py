@@ -17,7 +17,15 @@ from pathlib import Path
 
 from pipeline.storage.paths import split_uri
 
-__all__ = ["HubFile", "UnpinnedRevisionWarning", "fetch", "hf_local_path"]
+__all__ = [
+    "HubFile",
+    "UnpinnedRevisionWarning",
+    "fetch",
+    "fetch_snapshot",
+    "hf_local_path",
+    "hub_cache_dir",
+    "hub_offline",
+]
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _REPO_TYPES = ("model", "dataset", "space")
@@ -100,6 +108,19 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hub_cache_dir() -> str | None:
+    """``HF_HUB_CACHE``, else ``HF_HOME/hub``, read now (None: huggingface_hub's default)."""
+    cache_dir = os.environ.get("HF_HUB_CACHE")
+    if cache_dir is None and "HF_HOME" in os.environ:
+        cache_dir = os.path.join(os.environ["HF_HOME"], "hub")
+    return cache_dir
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set now: the cache only."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
 def hf_local_path(uri: str) -> str:
     """Local path of an ``hf://`` file in the hub cache, downloading it unless offline.
 
@@ -111,10 +132,7 @@ def hf_local_path(uri: str) -> str:
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     ref = HubFile.parse(uri)
-    cache_dir = os.environ.get("HF_HUB_CACHE")
-    if cache_dir is None and "HF_HOME" in os.environ:
-        cache_dir = os.path.join(os.environ["HF_HOME"], "hub")
-    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    cache_dir, offline = hub_cache_dir(), hub_offline()
     try:
         return str(
             hf_hub_download(
@@ -144,13 +162,7 @@ def fetch(hub: HubFile) -> Path:
     Raises:
         FileNotFoundError: the file is not in the repository or, offline, not in the cache.
     """
-    if not hub.pinned:
-        warnings.warn(
-            f"{hub} is not pinned (revision={hub.revision!r}), so its bytes may change between "
-            "runs; set the revision to a 40-hex commit hash for a reproducible audit",
-            UnpinnedRevisionWarning,
-            stacklevel=4,
-        )
+    _warn_unpinned(str(hub), hub.revision)
     try:
         return Path(hf_local_path(str(hub)))
     except FileNotFoundError as err:
@@ -159,3 +171,48 @@ def fetch(hub: HubFile) -> Path:
             f"once where there is network (hf download {hub.repo_id} {hub.filename} --revision "
             f"{hub.revision or 'main'}) or point HF_HUB_CACHE at a cache that holds it"
         ) from err
+
+
+def _warn_unpinned(what: str, revision: str | None) -> None:
+    if revision is None or _COMMIT.fullmatch(revision) is None:
+        warnings.warn(
+            f"{what} is not pinned (revision={revision!r}), so its bytes may change between "
+            "runs; set the revision to a 40-hex commit hash for a reproducible audit",
+            UnpinnedRevisionWarning,
+            stacklevel=4,
+        )
+
+
+def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """Local folder of a Hub model repository's files matching ``patterns``, downloaded into the
+    Hub cache first unless ``HF_HUB_OFFLINE`` is set (then the cache only).
+
+    Warns with :class:`UnpinnedRevisionWarning` when the revision is not a commit hash.
+
+    Raises:
+        FileNotFoundError: the repository or revision does not exist or, offline, is not in
+            the cache; the message says how to fill the cache.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    _warn_unpinned(f"hub repo {repo_id}", revision)
+    offline = hub_offline()
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=hub_cache_dir(),
+                allow_patterns=patterns,
+                local_files_only=offline,
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        where = "in the hub cache (HF_HUB_OFFLINE is set)" if offline else "on the hub"
+        raise FileNotFoundError(
+            f"hub repo {repo_id}@{revision or 'main'}: not found {where} "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); fetch it once where "
+            f"there is network (hf download {repo_id} --revision {revision or 'main'}) or point "
+            "HF_HUB_CACHE at a cache that holds it"
+        ) from e

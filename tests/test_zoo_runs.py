@@ -1,0 +1,155 @@
+"""Every model family a user brings, through the whole pipeline as a user runs it: ``python -m
+pipeline run CFG``, then ``aggregate`` and ``report`` (the CLI's ``main``).
+
+Tiny random models at 32 px, each loaded from a YAML file: timm ResNet, ConvNeXt,
+EfficientNet, RegNet, ViT and DeiT, Hugging Face ViT, ConvNeXt and ResNet (folders written by
+``save_pretrained``), a torchvision ResNet, a ``.pt2`` archive with a dynamic batch, and a
+factory module beside the YAML. ``run.json`` records the source and the engine the workers
+picked (``occlusion.engine: auto``), which must be the one expected for the family
+(``tests/test_model_zoo.py`` checks that ``auto`` resolves to it). The drivers join one Ray
+started here (``RAY_ADDRESS``), two at a time, so the matrix pays for Ray's start once and one
+driver's start-up overlaps another's workers. Archives and outputs that cannot work are refused
+before Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+from pipeline.cli import main
+from tests._dataset import make_image_set
+from tests._zoo import FAMILIES, SIDE, export_pt2, hf_folder, model_section
+
+pytestmark = pytest.mark.slow
+
+STARTUP = str(Path(__file__).parent / "_startup")  # tests/_torchvision_ops.py in subprocesses
+N_IMAGES = 4
+
+
+def _write_config(data: Path, folder: Path, model: dict[str, Any], address: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "name": folder.name,
+        "dataset": {
+            "manifest": str(data / "manifest.parquet"),
+            "root": str(data),
+            "group_by": ["room"],
+            "image_size": [SIDE, SIDE],
+        },
+        "model": model,
+        # 4 windows and one fixed baseline: the model's cost, not the kernel's, is measured
+        "occlusion": {"window": [16, 16], "stride": [16, 16], "baseline": "zero", "max_batch": 8},
+        "counterfactual": {"enabled": False},
+        "cluster": {"address": address, "actors": 1, "shard_size": N_IMAGES},
+        "audit": {"min_images": 2, "bootstrap": 200},
+        "output": {"dir": "run", "report_dir": "report"},
+    }
+    path = folder / "audit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (STARTUP, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def _cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("zoo-data")
+    make_image_set(root, n=N_IMAGES, size=(40, 40))
+    return root
+
+
+@pytest.fixture(scope="module")
+def zoo_ray() -> Any:
+    """One embedded 2-CPU Ray whose workers import tests/_startup (``PYTHONPATH`` is read by
+    the raylet, whose environment every worker inherits); yields its address."""
+    if ray.is_initialized():
+        ray.shutdown()
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = _env()["PYTHONPATH"]
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+@pytest.fixture(scope="module")
+def runs(data, zoo_ray, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """``run CFG --no-report`` of every family, each config in its own folder; the drivers run
+    from another folder (a factory beside the YAML must not need the working directory)."""
+    top = tmp_path_factory.mktemp("zoo-runs")
+
+    def one(family: str) -> tuple[Path, subprocess.CompletedProcess]:
+        folder = top / family
+        folder.mkdir()
+        cfg = _write_config(data, folder, model_section(family, folder), "auto")
+        env = _env(RAY_ADDRESS=zoo_ray)
+        return folder, _cli("run", str(cfg), "--no-report", "--quiet", cwd=top, env=env)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(FAMILIES, pool.map(one, FAMILIES), strict=True))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_runs_aggregates_and_reports(family, runs, capsys):
+    folder, proc = runs[family]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((folder / "run" / "run.json").read_text())
+    assert record["status"] == "finished" and record["counts"]["ok"] == N_IMAGES
+    kind, expected = FAMILIES[family]
+    assert record["model_source"].startswith(f"{kind}:")
+    assert record["engine"]["path"] == expected, record["engine"]
+    if expected == "generic":  # the incremental engine's refusal is recorded, and says why
+        assert len(record["engine"]["notes"]) == 1 and record["engine"]["notes"][0]
+    assert main(["aggregate", str(folder / "run")]) == 0
+    assert "room" in capsys.readouterr().out and (folder / "run" / "summary.parquet").is_file()
+    assert main(["report", str(folder / "run"), "--out", str(folder / "report")]) == 0
+    assert (folder / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("case", ["batch-1 export", "wrong model.output"])
+def test_unusable_models_are_refused_before_ray(case, data, tmp_path):
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    if case == "batch-1 export":
+        model = {"export": str(export_pt2(folder / "b1.pt2", dynamic=False, batch=1))}
+        words = ["fixed batch of 1", "dynamic_shapes="]
+    else:
+        model = {"transformers": str(hf_folder("vit", folder / "vit")), "output": "probs"}
+        words = ["model.output 'probs'", "keys ['logits']"]
+    cfg_path = _write_config(data, folder, model, "local")
+    proc = _cli("run", str(cfg_path), cwd=tmp_path, env=_env(RAY_ADDRESS="local"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("occlusion-audit run: error:"), proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert "Ray" not in proc.stderr + proc.stdout  # no Ray was started
+    assert not (folder / "run").exists()
