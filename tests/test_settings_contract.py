@@ -50,7 +50,8 @@ def _doc_rows() -> dict[str, str]:
         key = re.fullmatch(r"`([a-z_.]+)`", cells[0])
         if key:
             name = key.group(1)
-            rows[name if name.split(".")[0] in tops else f"{section}.{name}"] = cells[2]
+            absolute = "." in name and name.split(".")[0] in tops  # "trend.runs_dir"
+            rows[name if absolute else f"{section}.{name}"] = cells[2]
     return rows
 
 
