@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +291,44 @@ def test_the_review_queue_orders_by_reasons_then_status_then_ratio():
         "swap flips 25% of its class's backgrounds; off-object strategy 3#1 (off the object)"
     )
     assert queue.iloc[2]["why"] == "low ratio 0.9 < 1"
+
+
+# export as the CLI does, then read the saved view back: one process, one FiftyOne import
+_EXPORT_AND_READ = """
+import json, sys
+from pipeline.cli import main
+assert main(["export", sys.argv[1], "--to", "fiftyone", "--dataset", "val"]) == 0
+import fiftyone as fo
+view = fo.load_dataset("val").load_saved_view("occlusion-review")
+print(json.dumps([s["image_id"] for s in view]))
+"""
+
+
+@pytest.mark.slow
+def test_export_to_fiftyone_saves_the_review_queue_as_a_view(tmp_path: Path):
+    """``export --to fiftyone`` saves the queue, in its order, as a view; the report names it."""
+    pytest.importorskip("fiftyone")
+    from tests._data_helpers import mongod_server
+
+    run = write_many_groups(tmp_path / "run", 20)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "FIFTYONE_DATABASE_URI": "",
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_DATABASE_VALIDATION": "false",
+    }
+    with mongod_server(tmp_path / "mongo") as uri:
+        env["FIFTYONE_DATABASE_URI"] = uri
+        cmd = [sys.executable, "-c", _EXPORT_AND_READ, str(run)]
+        shown = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert shown.returncode == 0, shown.stderr[-3000:]
+    in_view = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert json.loads((run / "fiftyone.json").read_text()) == {
+        "dataset": "val", "view": "occlusion-review", "images": len(in_view)
+    }  # fmt: skip
+    index = write_report(run, tmp_path / "report")
+    queue = [r["image_id"] for r in _rows(index.parent / "review.csv")]
+    assert in_view == queue and len(queue) > 10  # the same images, in the same order
+    page = index.read_text(encoding="utf-8")
+    assert "the saved view <code>occlusion-review</code> of the dataset\n<code>val</code>" in page
