@@ -340,3 +340,38 @@ def test_the_run_section_draws_the_actor_timeline(tmp_path: Path) -> None:
     assert f"Pool cuda ({why}); up to 3 actor(s) of 1 GPU and 0.5 CPU each" in text
     assert "asked for up to 3 cuda actor(s)" in text and "3 came up" in text
     assert "22 of 22 shard(s) were computed on GPU actors" in text
+
+
+def test_a_report_in_a_bucket_holds_every_file_its_pages_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report folder in a bucket is served as it is: the pages, report.js and every figure
+    are objects under the report's prefix, and every link of every page resolves to one."""
+    import posixpath
+
+    import boto3
+
+    from tests._data_helpers import moto_server, use_s3
+
+    rows = [make_row(f"k{i:02d}", {"room": "kitchen"}, 0.4 + 0.01 * i) for i in range(20)]
+    rows += [make_row(f"b{i:02d}", {"room": "bath"}, 2.0 + 0.01 * i) for i in range(20)]
+    run = write_run(tmp_path / "run", rows, ["room"])
+    write_images(run / "data", [r["image_id"] for r in rows])
+
+    with moto_server() as endpoint:
+        use_s3(monkeypatch, endpoint)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="reports")
+        index = write_report(run, "s3://reports/val/night")
+        assert index == "s3://reports/val/night/index.html"
+        listed = client.list_objects_v2(Bucket="reports", Prefix="val/night/", MaxKeys=1000)
+        keys = {o["Key"].removeprefix("val/night/") for o in listed["Contents"]}
+        pages = {k: client.get_object(Bucket="reports", Key=f"val/night/{k}")["Body"].read()
+                 for k in keys if k.endswith(".html")}  # fmt: skip
+    assert {"index.html", "report.js", "review.csv"} <= keys and len(pages) == 1 + 2
+    for name, body in pages.items():
+        for link in re.findall(r'(?:src|href)="([^"#]+)', body.decode("utf-8")):
+            target = posixpath.normpath(
+                posixpath.join(posixpath.dirname(name), html.unescape(link))
+            )
+            assert target in keys, (name, link)
