@@ -35,11 +35,14 @@ _NOUNS = (
 
 
 def class_names(n: int) -> dict[str, str]:
-    """``{"0": "red fox", ...}``: ``n`` distinct made-up class names (at most 1,200)."""
+    """``{"0": "red fox", ...}``: ``n`` distinct made-up class names (past 1,200 numbered)."""
     pairs = [f"{a} {b}" for b in _NOUNS for a in _ADJECTIVES]
-    assert n <= len(pairs), f"at most {len(pairs)} classes"
     order = np.random.default_rng(1).permutation(len(pairs))
-    return {str(i): pairs[order[i]] for i in range(n)}
+    names = {}
+    for i in range(n):
+        lap, k = divmod(i, len(pairs))
+        names[str(i)] = pairs[order[k]] + (f" {lap + 1}" if lap else "")
+    return names
 
 
 def _centre(rng: np.random.Generator, k: int) -> float:

@@ -375,3 +375,25 @@ def test_a_report_in_a_bucket_holds_every_file_its_pages_link(
                 posixpath.join(posixpath.dirname(name), html.unescape(link))
             )
             assert target in keys, (name, link)
+
+
+def test_strategies_grouped_otherwise_than_the_report_are_shown_on_the_index(
+    tmp_path: Path,
+) -> None:
+    """``discover`` by label on a run the report groups by room: the index still shows the
+    clusters, their examples linked to the room pages that draw them."""
+    from tests._manygroups import strategies_table
+
+    rows = standard_rows()
+    run = write_run(tmp_path / "run", rows, ["room"])
+    write_images(run / "data", [r["image_id"] for r in rows])
+    ok = [r for r in rows if r["status"] == "ok" and r["fg_bg_ratio"] == r["fg_bg_ratio"]]
+    strategies_table(ok).to_parquet(run / "strategies.parquet", index=False)
+    index = write_report(run, tmp_path / "report")
+    page = index.read_text(encoding="utf-8")
+    section = page[page.index('<section id="strategies">') : page.index('<section id="galleries">')]
+    assert "<h3>label 1</h3>" in section and section.count('class="item strategy"') == 1
+    links = re.findall(r'<a href="(groups/[^"#]+)#(img-\w+)"><img class="thumb"', section)
+    assert len(links) == 3
+    for href, anchor in links:
+        assert f'id="{anchor}"' in (index.parent / href).read_text(encoding="utf-8")

@@ -35,7 +35,7 @@ from pipeline.report.outdir import join, local_out, report_dir
 from pipeline.report.pool_chart import pool_section
 from pipeline.report.review import fiftyone_view, off_object_members, review_queue, review_table
 from pipeline.report.scan import Scan, curation, scan_run
-from pipeline.report.strategies_section import marked, read_strategies
+from pipeline.report.strategies_section import marked, other_grouping, read_strategies
 from pipeline.report.table import group_table
 from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
@@ -156,9 +156,10 @@ def _index(out: Path, ctx: _Context, record: RunRecord | None, folder: RunFolder
     review, total = _review(out, ctx, scan, limits)
     reviewed = [v for v in views if v.status in rh.REVIEW]
     flagged = [v.evidence for v in views if v.status == "flagged"]
-    with_tiles = [v for v in views if v.strategies]
-    if ctx.strategies is not None and with_tiles:  # groups with a marked cluster first
-        with_tiles.sort(key=lambda v: not marked(v))
+    with_tiles: list[Any] = [v for v in views if v.strategies]
+    if ctx.strategies is not None and ctx.strategies.group_by != tuple(ctx.group_by):
+        with_tiles = other_grouping(ctx.assets, ctx.strategies, views)
+    with_tiles.sort(key=lambda v: not marked(v))  # groups with a marked cluster first
     table = group_table(ctx.rows, ctx.group_by, ctx.classes, ctx.pages, rh.fmt)
     failures = [] if record is None else record.failures
     pool = pool_section(record) if record is not None else None

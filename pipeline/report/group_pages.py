@@ -204,10 +204,10 @@ class _Builder:
         block.swaps, block.note = group_swaps(
             ctx.assets, examples, load, ctx.fill, self.limits.swaps_per_image
         )
-        if ctx.strategies is not None:
-            part = ctx.strategies.groups.get(group_key(srow, ctx.strategies.group_by))
+        if ctx.strategies is not None and ctx.strategies.group_by == tuple(ctx.group_by):
+            part = ctx.strategies.groups.get(group_key(srow, ctx.group_by))
             if part is not None:
-                cards = {c.image_id: c for c in view.cards}
+                cards = {c.image_id: (c, block.href) for c in view.cards}
                 view.strategies = strategy_tiles(ctx.assets, block.href, part, cards)
         return view
 

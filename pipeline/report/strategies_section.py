@@ -22,20 +22,39 @@ from pipeline.report.assets import Card
 from pipeline.report.html import fmt
 from pipeline.report.names import GroupKey, group_key
 
-__all__ = ["Strategies", "StrategyTile", "marked", "read_strategies", "strategy_tiles"]
+__all__ = [
+    "Strategies",
+    "StrategyGroup",
+    "StrategyTile",
+    "marked",
+    "other_grouping",
+    "read_strategies",
+    "strategy_tiles",
+]
 
 EXAMPLES = 3  # images shown per cluster, nearest its mean map first
 
 
 @dataclass
 class StrategyTile:
-    """One cluster: its mean map (a file), words, marks and its images nearest the centre."""
+    """One cluster: its mean map (a file), words, marks and its images nearest the centre,
+    each with the group page that draws it (relative to the report folder)."""
 
     title: str
     caption: str
     mean: str
     marks: list[str]
-    examples: list[Card] = field(default_factory=list)
+    examples: list[tuple[Card, str]] = field(default_factory=list)
+
+
+@dataclass
+class StrategyGroup:
+    """A group of ``strategies.parquet`` when ``discover`` grouped otherwise than the report:
+    its words and tiles, shown on the index only."""
+
+    label: str
+    strategies: list[StrategyTile]
+    href: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +87,10 @@ def read_strategies(folder: Any) -> Strategies | None:
 
 
 def strategy_tiles(
-    assets: Any, name: str, clusters: Sequence[Mapping[str, Any]], cards: Mapping[str, Card]
+    assets: Any,
+    name: str,
+    clusters: Sequence[Mapping[str, Any]],
+    cards: Mapping[str, tuple[Card, str]],
 ) -> list[StrategyTile]:
     """One tile per cluster of a group.
 
@@ -76,7 +98,8 @@ def strategy_tiles(
         assets: the report's :class:`~pipeline.report.assets.Assets` (mean maps are written).
         name: a name unique to the group (the mean maps' file key).
         clusters: the group's rows of ``strategies.parquet``.
-        cards: image id -> its drawn card (examples not drawn are left out).
+        cards: image id -> its drawn card and the page it is on (examples not drawn are left
+            out).
     """
     tiles = []
     for c in clusters:
@@ -93,9 +116,9 @@ def strategy_tiles(
             marks=marks,
         )
         for image_id in list(c["nearest_ids"])[:EXAMPLES]:
-            card = cards.get(str(image_id))
-            if card is not None and card.image is not None:
-                tile.examples.append(card)
+            found = cards.get(str(image_id))
+            if found is not None and found[0].image is not None:
+                tile.examples.append(found)
         tiles.append(tile)
     return tiles
 
@@ -103,3 +126,15 @@ def strategy_tiles(
 def marked(view: Any) -> bool:
     """Whether a group view shows a marked cluster (fixed place, off the object)."""
     return any(t.marks for t in view.strategies)
+
+
+def other_grouping(assets: Any, strategies: Strategies, views: Sequence[Any]) -> list[Any]:
+    """The index's strategy groups when ``discover`` grouped otherwise than the report: tiles
+    per strategy group, their examples linked to the group pages that draw them."""
+    cards = {c.image_id: (c, v.href) for v in views for c in v.cards}
+    out = []
+    for key, clusters in strategies.groups.items():
+        values = dict(zip(strategies.group_by, key, strict=True))
+        label = ", ".join(f"{g} {v}" for g, v in values.items()) or "All images"
+        out.append(StrategyGroup(label, strategy_tiles(assets, label, clusters, cards)))
+    return out
