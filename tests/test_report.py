@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.audit.aggregate import aggregate, read_summary
-from pipeline.report.build import write_report
+from pipeline.report.build import Limits, write_report
 from tests._browser import chromium, probe_page, screenshot
 from tests._runfixtures import make_row, standard_rows, write_images, write_run
 
@@ -186,7 +186,8 @@ def test_curation_lists_low_ratios_then_undefined_then_errors(report: Path) -> N
 def test_curation_limit_keeps_the_lowest_and_every_problem(
     shared_run: Path, report: Path, tmp_path: Path
 ) -> None:
-    page = write_report(shared_run, tmp_path / "out", curation_limit=5, gallery_size=0)
+    limits = Limits(curation_limit=5, gallery_size=0)
+    page = write_report(shared_run, tmp_path / "out", limits=limits)
     rows = _read_csv(tmp_path / "out" / "curation.csv")
     full = _read_csv(report.parent / "curation.csv")  # no limit reached: 10,000 by default
     assert [r["image_id"] for r in rows] == [r["image_id"] for r in full[:5]] + [

@@ -197,9 +197,6 @@ def write_report(
     *,
     summary: pd.DataFrame | None = None,
     limits: Limits | None = None,
-    gallery_size: int | None = None,
-    max_groups: int | None = None,
-    curation_limit: int | str | None = "default",
 ) -> Any:
     """Write the data-curation report of a run and return the path of its ``index.html``.
 
@@ -212,26 +209,19 @@ def write_report(
             ``reports/<run name>/`` under the current working directory.
         summary: per-group summary from :func:`pipeline.audit.aggregate.aggregate`; default
             ``RUN_DIR/summary.parquet``, computed (and written) with the run's defaults if absent.
-        limits: what the index and the group pages draw and list (:class:`Limits`).
-        gallery_size: ``limits.gallery_size``: lowest-ratio images per gallery (0: none).
-        max_groups: ``limits.max_groups``: groups drawn in the charts (in summary order:
-            flagged first); all groups stay in the table and the CSV files.
-        curation_limit: ``limits.curation_limit``: most background-reliant images listed in
-            ``curation.csv`` (``None``: all); images with an undefined ratio or an error are
-            always all listed after them.
+        limits: what the index and the group pages draw and list (:class:`Limits`: images
+            per gallery and galleries, images drawn per group page, groups in the charts,
+            rows of ``curation.csv`` and ``review.csv``...); all groups stay in the table, the
+            group pages and the CSV files.
 
     Returns:
         ``out_dir / "index.html"`` (its URI in object storage).
 
     Example:
-        >>> write_report("runs/val-audit")  # doctest: +SKIP
+        >>> write_report("runs/val-audit", limits=Limits(page_images=None))  # doctest: +SKIP
         PosixPath('.../reports/val-audit/index.html')
     """
     limits = limits or Limits()
-    given = {"gallery_size": gallery_size, "max_groups": max_groups}
-    limits = replace(limits, **{k: v for k, v in given.items() if v is not None})
-    if curation_limit != "default":
-        limits = replace(limits, curation_limit=curation_limit)
     folder = RunFolder(run_dir)
     run_dir = folder.path  # a Path, or the URI of a folder in object storage
     record = folder.read_record()  # None: a run folder without run.json

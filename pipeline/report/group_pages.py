@@ -231,8 +231,11 @@ class _Builder:
     def _swap_examples(self, view: GroupView) -> list[dict[str, Any]]:
         if "swap_ids" not in self.full.column_names:
             return []
-        rows = [self.row(ln.image_id) for ln in view.lines if ln.image_id in self.full_at]
-        rows = [r for r in rows if r and r.get("swap_ids") and np.isfinite(_float(r["swap_delta"]))]
+        rows = []
+        for line in view.lines:
+            row = self.row(line.image_id) if line.image_id in self.full_at else None
+            if row and row.get("swap_ids") and np.isfinite(_float(row["swap_delta"])):
+                rows.append(row)
         rows.sort(key=lambda r: -abs(_float(r["swap_delta"])))
         return rows[: self.limits.swap_images]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,11 +110,11 @@ def _table(h: History, groups: pd.DataFrame) -> Table:
 def _page(h: History, assets: Assets) -> _Page:
     groups = _per_group(h)
     top = groups.head(CHART_GROUPS)
-    series = {}
+    series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[str]]] = {}
     for g in top.itertuples(index=False):
         per = [c if c is not None else ("", math.nan, math.nan, math.nan) for c in g.cells]
-        series[g.label] = ([c[1] for c in per], [c[2] for c in per], [c[3] for c in per],
-                           [c[0] for c in per])  # fmt: skip
+        ratios, lows, highs = ([float(c[k]) for c in per] for k in (1, 2, 3))
+        series[str(g.label)] = (ratios, lows, highs, [str(c[0]) for c in per])
     more = len(groups) - len(top)
     caption = (
         "Each charted group's geometric-mean fg/bg ratio per run; the dots are coloured by the "
