@@ -28,6 +28,7 @@ from pipeline.report.evidence_section import EvidenceBlock, evidence_lines, grou
 from pipeline.report.names import GROUP_DIR, group_key
 from pipeline.report.scan import Scan, stored_columns
 from pipeline.report.strategies_section import Strategies, StrategyTile, strategy_tiles
+from pipeline.schema import STATUS_OK
 
 __all__ = ["GroupView", "ImageLine", "Limits", "build_group_pages"]
 
@@ -87,16 +88,16 @@ class GroupView:
 
 
 def _float(value: Any) -> float:
-    """A stored number as a float; a null (Arrow's NaN) is NaN."""
+    """A light row's number as a float; a null (Arrow reads pandas' NaN back as null) is NaN."""
     return math.nan if value is None else float(value)
 
 
 def _order(images: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions sorted by group, then valid ratios (ascending), undefined, errors; and
-    each group's ``[start, stop)`` in that order, by group index."""
+    """Row positions sorted by group index, then valid ratios (ascending), undefined ratios,
+    errors, each by id; and the group index of each position in that order."""
     r = images["fg_bg_ratio"].to_numpy(dtype=np.float64, na_value=np.nan)
     valid = images["valid"].to_numpy()
-    ok = (images["status"] == "ok").to_numpy()
+    ok = (images["status"] == STATUS_OK).to_numpy()
     keys = pd.DataFrame(
         {
             "g": images["group"].to_numpy(),
@@ -113,7 +114,7 @@ def _drawn_ids(images: pd.DataFrame, order: np.ndarray, codes: np.ndarray, limit
                extra: set[str]) -> set[str]:  # fmt: skip
     """The ids a page draws: per group the first ``page_images`` ``ok`` rows in page order,
     the largest ``|swap_delta|`` rows, and ``extra`` (strategy examples)."""
-    ok = (images["status"] == "ok").to_numpy()[order]
+    ok = (images["status"] == STATUS_OK).to_numpy()[order]
     ids = images["image_id"].to_numpy()[order]
     rank = pd.Series(ok.astype(np.int64)).groupby(codes).cumsum().to_numpy()  # ok rows so far
     cap = limits.page_images
@@ -147,9 +148,9 @@ class _Builder:
         self.ids = pd.Index(self.images["image_id"].astype(str).to_numpy(dtype=object))
         self.local: dict[str, dict[str, Any]] = {}  # the current group's light rows
         strategies: Strategies | None = ctx.strategies
-        extra = strategies.example_ids() if strategies is not None else set()
+        self.examples = strategies.example_ids() if strategies is not None else set()
         self.order, self.codes = _order(self.images)
-        drawn = _drawn_ids(self.images, self.order, self.codes, limits, extra)
+        drawn = _drawn_ids(self.images, self.order, self.codes, limits, self.examples)
         self.full, self.full_at = _full_rows(ctx.run_dir, drawn)
         starts = np.searchsorted(self.codes, np.arange(len(ctx.summary) + 1))
         self.bounds = list(itertools.pairwise(starts))
@@ -214,7 +215,7 @@ class _Builder:
     def _line(self, light: Mapping[str, Any], load: Any) -> ImageLine:
         image_id = str(light["image_id"])
         ratio, share = _float(light["fg_bg_ratio"]), _float(light["fg_share"])
-        note = light["error"] if light["status"] != "ok" else light["metric_note"]
+        note = light["error"] if light["status"] != STATUS_OK else light["metric_note"]
         line = ImageLine(image_id, ratio, share, str(light["status"]),
                          note if isinstance(note, str) else "", bool(light["valid"]))  # fmt: skip
         if image_id not in self.full_at:
@@ -253,12 +254,16 @@ def build_group_pages(out: Path, ctx: Any, scan: Scan, limits: Limits) -> list[G
     builder = _Builder(out, ctx, scan, limits)
     (out / GROUP_DIR).mkdir(parents=True, exist_ok=True)
     template = rh.environment().get_template("group.html.j2")
-    views = []
+    views, galleries = [], 0
     with single_thread():
         for k, srow in enumerate(ctx.rows):
             view = builder.view(k, srow)
             page = template.render(view=view, row=srow, title=ctx.title, root="../",
                                    drawn=limits.page_images, group_by=ctx.group_by)  # fmt: skip
             put(out / view.href, rh.fix_quotes(page))
+            if view.status in rh.REVIEW and galleries < limits.gallery_groups:
+                galleries += 1  # the index draws this group's gallery: keep its images
+            else:  # keep what the index may show (strategy examples), not every image
+                view.lines = [ln for ln in view.lines if ln.image_id in builder.examples]
             views.append(view)
     return views

@@ -1,10 +1,10 @@
 """The report's one streaming pass over the stored metrics (never the ``delta`` grids).
 
 It keeps every image's light columns (id, group, path, mask, status, ratio, share, swap
-evidence: about 200 bytes an image), tagged with the index of its group's summary row, and
-each group's histogram of log ratios. Everything the pages list (the group pages' images, the
-galleries, the review queue, ``curation.csv``) is chosen from this table; only the images that
-are drawn are read again with their grids.
+evidence; held as a DataFrame and as Arrow: about 330 bytes an image with short paths), tagged
+with the index of its group's summary row, and each group's histogram of log ratios. Everything
+the pages list (the group pages' images, the galleries, the review queue, ``curation.csv``) is
+chosen from this table; only the images that are drawn are read again with their grids.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ class Scan:
             (the index of its summary row; -1 for a group the summary lacks) and ``valid``
             (``ok`` with a finite ratio above 0).
         hists: (groups, len(HIST_EDGES) - 1) counts of each group's valid log10 ratios.
+        swaps: whether the run stored background swaps (runs from before them did not).
     """
 
     images: pd.DataFrame
     hists: np.ndarray
+    swaps: bool = True
 
     def rows(self, positions: Sequence[int] | np.ndarray) -> list[dict[str, object]]:
         """The light rows at these positions of ``images``, as dicts (through Arrow: a few
@@ -88,8 +90,9 @@ def scan_run(
             code[idx] = groups.get(key, -1)
         table = pa.Table.from_batches([batch]).append_column("group", pa.array(code))
         parts.append(table)
+    swaps = "swap_delta" in stored
     if not parts:
-        return Scan(pd.DataFrame(columns=[*columns, "group", "valid"]), _hists([], [], 0))
+        return Scan(pd.DataFrame(columns=[*columns, "group", "valid"]), _hists([], [], 0), swaps)
     images = pa.concat_tables(parts).to_pandas()
     for c in EVIDENCE_COLUMNS:
         if c not in images.columns:
@@ -98,7 +101,7 @@ def scan_run(
     with np.errstate(invalid="ignore"):
         images["valid"] = (images["status"] == STATUS_OK).to_numpy() & np.isfinite(r) & (r > 0)
     valid = images["valid"].to_numpy()
-    return Scan(images, _hists(images["group"].to_numpy()[valid], r[valid], len(groups)))
+    return Scan(images, _hists(images["group"].to_numpy()[valid], r[valid], len(groups)), swaps)
 
 
 def _hists(codes: Sequence[int] | np.ndarray, ratios: Sequence[float] | np.ndarray, n: int):
