@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.audit.aggregate import aggregate
-from pipeline.report.build import write_report
+from pipeline.report.build import Limits, write_report
 from pipeline.schema import IMAGE_METRICS, maps_schema, summary_schema
 from tests._runfixtures import standard_rows, write_run
 
@@ -27,7 +27,7 @@ MAP_COLUMNS = ["image_id", "room", "status", "error", "grid_h", *IMAGE_METRICS, 
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = write_run(tmp_path_factory.mktemp("fmt") / "run", standard_rows(), GROUP_BY, parts=4)
     aggregate(run_dir)
-    write_report(run_dir, run_dir.parent / "report", gallery_size=0)
+    write_report(run_dir, run_dir.parent / "report", limits=Limits(gallery_size=0))
     return run_dir
 
 

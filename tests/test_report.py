@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.audit.aggregate import aggregate, read_summary
-from pipeline.report.build import write_report
+from pipeline.report.build import Limits, write_report
 from tests._browser import chromium, probe_page, screenshot
 from tests._runfixtures import make_row, standard_rows, write_images, write_run
 
@@ -63,10 +63,15 @@ def test_report_opens_with_what_was_flagged_and_why(report: Path) -> None:
     assert report.name == "index.html"
     assert {p.name for p in report.parent.iterdir()} == {
         "index.html",
+        "report.js",
         "summary.csv",
         "flags.csv",
         "curation.csv",
+        "review.csv",
+        "groups",
+        "img",
     }
+    assert len(list((report.parent / "groups").glob("*.html"))) == 4  # a page per room
     text = _text(report.read_text(encoding="utf-8"))
     flagged = re.search(
         r"Room kitchen: the model relies on background — geometric-mean fg/bg ratio 0\.50 "
@@ -110,13 +115,28 @@ def test_report_sections_and_run_facts(report: Path) -> None:
 
 
 def test_report_is_self_contained(report: Path) -> None:
-    page = report.read_text(encoding="utf-8")
-    assert "Content-Security-Policy" in page and "default-src 'none'" in page
-    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    """Every page needs only files of its report folder, by relative links, and runs no inline
+    script: its one script is the static report.js, which holds no data."""
+    folder = report.parent
+    pages = [report, *sorted((folder / "groups").glob("*.html"))]
+    for path in pages:
+        page = path.read_text(encoding="utf-8")
+        policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page)
+        assert policy, path
+        rules = dict(r.strip().split(" ", 1) for r in policy.group(1).split(";"))
+        assert rules["default-src"] == "'none'" and rules["script-src"] == "'self'"
+        assert rules["img-src"] == "'self'" and "unsafe-inline" not in rules["script-src"]
+        assert re.findall(r"<script\b[^>]*>", page) == [
+            f'<script src="{"" if path == report else "../"}report.js" defer>'
+        ]
+        assert "<script src" in page and "</script>" in page and "<link" not in page
+        assert not re.search(r'(src|href)="(https?:|data:|/)', page)  # relative links only
+        for link in re.findall(r'(?:src|href)="([^"#]+)', page):
+            assert (path.parent / html.unescape(link)).resolve().is_file(), (path, link)
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', report.read_text(encoding="utf-8"))
     assert len(sources) >= 2 + 6  # two charts and at least one gallery
-    assert all(s.startswith("data:image/png;base64,") for s in sources)
-    assert not re.search(r'(src|href)="(https?:)?//', page)
-    assert "<script" not in page and "<link" not in page
+    script = (folder / "report.js").read_text(encoding="utf-8")
+    assert "kitchen" not in script and "fetch(" not in script and "http" not in script
 
 
 def test_csv_files(report: Path, shared_run: Path) -> None:
@@ -166,7 +186,8 @@ def test_curation_lists_low_ratios_then_undefined_then_errors(report: Path) -> N
 def test_curation_limit_keeps_the_lowest_and_every_problem(
     shared_run: Path, report: Path, tmp_path: Path
 ) -> None:
-    page = write_report(shared_run, tmp_path / "out", curation_limit=5, gallery_size=0)
+    limits = Limits(curation_limit=5, gallery_size=0)
+    page = write_report(shared_run, tmp_path / "out", limits=limits)
     rows = _read_csv(tmp_path / "out" / "curation.csv")
     full = _read_csv(report.parent / "curation.csv")  # no limit reached: 10,000 by default
     assert [r["image_id"] for r in rows] == [r["image_id"] for r in full[:5]] + [
@@ -184,8 +205,10 @@ def test_curation_limit_keeps_the_lowest_and_every_problem(
 def test_galleries_show_the_most_background_reliant_images(report: Path) -> None:
     page = report.read_text(encoding="utf-8")
     galleries = page[page.index('<section id="galleries">') : page.index('<section id="run">')]
-    groups = re.findall(r'<div class="group" data-status="(\w+)">\s*<h3>([^<]*)', galleries)
-    assert [(s, label.strip()) for s, label in groups] == [
+    groups = re.findall(
+        r'<div class="group" data-status="(\w+)">\s*<h3><a href="(groups/[^"]+)">([^<]*)', galleries
+    )
+    assert [(s, label.strip()) for s, _, label in groups] == [
         ("flagged", "Room kitchen"),
         ("inconclusive", "Room hall"),
     ]
@@ -196,8 +219,22 @@ def test_galleries_show_the_most_background_reliant_images(report: Path) -> None
     placeholders = re.findall(r'<div class="ph">([^<]*)</div>', galleries)
     assert len(placeholders) == 1
     assert MISSING_IMAGE in placeholders[0] and "not found" in html.unescape(placeholders[0])
-    assert kitchen.count('<figure class="item"><img') == 5
+    # each drawn image three ways: the picture, its map, and the map over the picture
+    figures = re.findall(
+        r'<figure class="item" id="img-\w+"><div class="panels">(.*?)</div>', kitchen, re.S
+    )
+    assert len(figures) == 5
+    for panels in figures:
+        sources = re.findall(r'src="(img/[^"]+)"', panels)
+        assert len(sources) == 4 and sources[0] == sources[2] and sources[1] == sources[3]
+        assert sources[0].endswith(".jpg") and sources[1].endswith("-map.png")
     assert "[mask:" not in galleries and "[map:" not in galleries  # masks and maps all drawn
+    # the group page lists every image of the room, lowest ratio first, and draws them
+    kitchen_page = (report.parent / groups[0][1]).read_text(encoding="utf-8")
+    listed = re.findall(r'<tr><td class="t">(?:<a href="#img-\w+">)?([\w-]+)<', kitchen_page)
+    assert len(listed) == 52 and listed[:6] == [f"kitchen-{i:03d}" for i in range(6)]
+    assert listed[-4:] == ["kitchen-nan0", "kitchen-nan1", "kitchen-err0", "kitchen-err1"]
+    assert kitchen_page.count('<figure class="item" id="img-') == 48 + 2 - 1  # not the missing
 
 
 def test_default_folder_is_reports_run_name_under_cwd(
@@ -260,6 +297,7 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     page = report.read_text(encoding="utf-8")
     attrs, dom = probe_page(report, tmp_path)
     assert json.loads(attrs["data-problems"]) == []
+    assert json.loads(attrs["data-requests"]) == []  # nothing but the report's own files
     assert json.loads(attrs["data-broken"]) == []  # every <img> decoded (naturalWidth > 0)
     assert int(attrs["data-images"]) == page.count("<img ")
     assert int(attrs["data-images"]) >= 2 + 11  # charts + kitchen (5 + placeholder) + hall (6)
@@ -297,8 +335,66 @@ def test_the_run_section_draws_the_actor_timeline(tmp_path: Path) -> None:
                         "actors": actors})  # fmt: skip
     page = write_report(run_dir, tmp_path / "report").read_text(encoding="utf-8")
     run = page[page.index('<section id="run">') :]
-    assert '<figure class="chart" id="actor-timeline"><img src="data:image/png;base64,' in run
+    assert '<figure class="chart" id="actor-timeline"><img src="img/actor-timeline.png"' in run
+    assert (tmp_path / "report" / "img" / "actor-timeline.png").stat().st_size > 5_000
     text = _text(run)
     assert f"Pool cuda ({why}); up to 3 actor(s) of 1 GPU and 0.5 CPU each" in text
     assert "asked for up to 3 cuda actor(s)" in text and "3 came up" in text
     assert "22 of 22 shard(s) were computed on GPU actors" in text
+
+
+def test_a_report_in_a_bucket_holds_every_file_its_pages_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report folder in a bucket is served as it is: the pages, report.js and every figure
+    are objects under the report's prefix, and every link of every page resolves to one."""
+    import posixpath
+
+    import boto3
+
+    from tests._data_helpers import moto_server, use_s3
+
+    rows = [make_row(f"k{i:02d}", {"room": "kitchen"}, 0.4 + 0.01 * i) for i in range(20)]
+    rows += [make_row(f"b{i:02d}", {"room": "bath"}, 2.0 + 0.01 * i) for i in range(20)]
+    run = write_run(tmp_path / "run", rows, ["room"])
+    write_images(run / "data", [r["image_id"] for r in rows])
+
+    with moto_server() as endpoint:
+        use_s3(monkeypatch, endpoint)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="reports")
+        index = write_report(run, "s3://reports/val/night")
+        assert index == "s3://reports/val/night/index.html"
+        listed = client.list_objects_v2(Bucket="reports", Prefix="val/night/", MaxKeys=1000)
+        keys = {o["Key"].removeprefix("val/night/") for o in listed["Contents"]}
+        pages = {k: client.get_object(Bucket="reports", Key=f"val/night/{k}")["Body"].read()
+                 for k in keys if k.endswith(".html")}  # fmt: skip
+    assert {"index.html", "report.js", "review.csv"} <= keys and len(pages) == 1 + 2
+    for name, body in pages.items():
+        for link in re.findall(r'(?:src|href)="([^"#]+)', body.decode("utf-8")):
+            target = posixpath.normpath(
+                posixpath.join(posixpath.dirname(name), html.unescape(link))
+            )
+            assert target in keys, (name, link)
+
+
+def test_strategies_grouped_otherwise_than_the_report_are_shown_on_the_index(
+    tmp_path: Path,
+) -> None:
+    """``discover`` by label on a run the report groups by room: the index still shows the
+    clusters, their examples linked to the room pages that draw them."""
+    from tests._manygroups import strategies_table
+
+    rows = standard_rows()
+    run = write_run(tmp_path / "run", rows, ["room"])
+    write_images(run / "data", [r["image_id"] for r in rows])
+    ok = [r for r in rows if r["status"] == "ok" and r["fg_bg_ratio"] == r["fg_bg_ratio"]]
+    strategies_table(ok).to_parquet(run / "strategies.parquet", index=False)
+    index = write_report(run, tmp_path / "report")
+    page = index.read_text(encoding="utf-8")
+    section = page[page.index('<section id="strategies">') : page.index('<section id="galleries">')]
+    assert "<h3>label 1</h3>" in section and section.count('class="item strategy"') == 1
+    links = re.findall(r'<a href="(groups/[^"#]+)#(img-\w+)"><img class="thumb"', section)
+    assert len(links) == 3
+    for href, anchor in links:
+        assert f'id="{anchor}"' in (index.parent / href).read_text(encoding="utf-8")

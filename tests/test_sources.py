@@ -240,3 +240,32 @@ def test_webdataset_sample_without_image_and_hf_row_without_bytes_are_errors(tmp
     )
     recs = _by_id(open_source(DatasetConfig(manifest=str(tmp_path / "h.parquet"))))
     assert "no image bytes and no path" in recs["0"].error
+
+
+def test_sources_name_the_classes_of_their_labels(files, tmp_path) -> None:
+    """What a run records as ``class_names``: each stored label text -> its class name, where
+    the format knows the names; nothing where it does not."""
+    root = str(files["table"].parent)
+    coco = open_source(_cfg(files["coco"], root=root))
+    assert coco.class_names() == {"1": "zero", "2": "one"}  # label: the category id
+    folder = open_source(_cfg(files["folder"], format="imagefolder"))
+    assert folder.class_names() == {"0": "a", "1": "b"}  # label: the sorted folder's index
+    assert open_source(_cfg(files["table"])).class_names() == {}
+    assert open_source(_cfg(files["wds"])).class_names() == {}
+    # the HF fixture's label column is text: no names; a ClassLabel label has them
+    assert open_source(_cfg(files["hf"])).class_names() == {}
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["tench", "goldfish"])}
+    )
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png.getvalue(), "path": None}] * 2, "label": [1, 0]},
+        features=features,
+    )
+    ds.to_parquet(str(tmp_path / "labels.parquet"))
+    source = open_source(_cfg(tmp_path / "labels.parquet"))
+    assert source.class_names() == {"0": "tench", "1": "goldfish"}
+    assert [r.label for r in _by_id(source).values()] == ["1", "0"]  # the index stays the label

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from pipeline import load_config, read_maps, run_audit
+from pipeline.run.folder import RunFolder
 from pipeline.run.inspect import inspect_audit
 from pipeline.schema import IMAGE_METRICS
 from tests._dataset import audit_config, save_gap_model
@@ -86,6 +87,9 @@ def test_every_format_audits_to_the_manifest_runs_maps(local_ray, data, tmp_path
         )
         for col in IMAGE_METRICS:
             np.testing.assert_array_equal(frame[col], base[col], err_msg=f"{fmt}: {col}")
+        # the run records the class names its source knows, keyed by the stored label
+        names = {"coco": {"1": "zero", "2": "one"}, "imagefolder": {"0": "a", "1": "b"}}
+        assert RunFolder(tmp_path / fmt).read_record().class_names == names.get(fmt, {}), fmt
 
 
 @pytest.mark.parametrize("fmt", ["table", "huggingface", "coco", "webdataset", "imagefolder"])

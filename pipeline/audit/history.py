@@ -7,8 +7,8 @@ stored maps with its own audit settings, so old runs read with today's statistic
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -29,6 +29,7 @@ class History:
     runs: list[str]
     group_by: tuple[str, ...]
     threshold: float
+    class_names: Mapping[str, str] = field(default_factory=dict)  # the newest run's, by label
 
 
 def _is_run(path: str) -> bool:
@@ -77,4 +78,5 @@ def run_history(runs: Sequence[str]) -> History:
             "q_value", "status"]  # fmt: skip
     table = pd.concat(frames, ignore_index=True)[keep]
     threshold = newest.config.audit.threshold if newest is not None else 1.0
-    return History(table, [base_name(r) for r in runs], group_by, threshold)
+    names = dict(newest.class_names) if newest is not None else {}
+    return History(table, [base_name(r) for r in runs], group_by, threshold, names)

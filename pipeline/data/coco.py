@@ -187,6 +187,10 @@ class CocoSource(Source):
     def fingerprint(self) -> str:
         return f"coco images={self.num_rows} categories={sorted(map(str, self.coco.cats))}"
 
+    def class_names(self) -> dict[str, str]:
+        # the stored label is the largest instance's category id as text
+        return {str(cid): str(c["name"]) for cid, c in self.coco.cats.items() if c.get("name")}
+
 
 def _str(value: Any) -> str | None:
     return None if value is None else str(value)

@@ -81,11 +81,17 @@ class HuggingFaceSource(Source):
             )
         self.id = cols.id if cols.id in names else None
         self.mask = cols.mask if cols.mask in names else None
-        self.class_names = {
+        self.group_names = {
             g: feats[g]["names"]
             for g in cfg.group_by
             if isinstance(feats.get(g), dict) and feats[g].get("_type") == "ClassLabel"
         }
+        label = feats.get(cols.label)
+        self._label_names = (
+            [str(n) for n in label["names"]]
+            if isinstance(label, dict) and label.get("_type") == "ClassLabel"
+            else []
+        )
         self._base = cfg.manifest.rstrip("/") if len(self.rows.files) > 1 else None
         self.found = (
             f"{len(self.rows.files)} Parquet file(s) written by `datasets`, "
@@ -105,6 +111,10 @@ class HuggingFaceSource(Source):
     def num_rows(self) -> int:
         return self.rows.num_rows
 
+    def class_names(self) -> dict[str, str]:
+        # the stored label is the ClassLabel's index as text
+        return {str(i): name for i, name in enumerate(self._label_names)}
+
     def _locator(self, row: int) -> str:
         # the last file starting at or before the row (offsets: each file's first row, then
         # the total); an empty file shares its offset with the next one
@@ -119,7 +129,7 @@ class HuggingFaceSource(Source):
         return pc.cast(pa.array(range(first, first + part.num_rows), pa.int64()), pa.string())
 
     def _groups(self, part: pa.Table, g: str) -> pa.Array:
-        names = self.class_names.get(g)
+        names = self.group_names.get(g)
         if names is None:
             return text_column(part, g)
         return pa.array(

@@ -108,6 +108,11 @@ class ImageFolderSource(TableSource):
             found=f"image folder, {len(ids)} images in {len(index)} class folders",
             table_cfg=replace(cfg, columns=columns),
         )
+        self._names = {str(i): c for c, i in index.items()}
+
+    def class_names(self) -> dict[str, str]:
+        # the stored label is the class folder's index in sorted order, as text
+        return dict(self._names)
 
 
 def _under(folder: str, root: str | None) -> str:

@@ -108,3 +108,10 @@ class Source:
         """Text that changes when the source's bytes may have changed beyond its light columns
         (file sizes); part of the run's identity."""
         return ""
+
+    def class_names(self) -> dict[str, str]:
+        """The name of each class, keyed by the stored ``label`` text, where the format knows
+        them (a ``ClassLabel`` label column, COCO categories, class folders); else empty. The
+        run records them in ``run.json`` (``class_names``), so a report grouped by ``label``
+        shows "red fox", not "277"."""
+        return {}

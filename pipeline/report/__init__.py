@@ -1,13 +1,16 @@
-"""The data-curation report: one self-contained HTML page, its figures and CSV tables.
+"""The data-curation report: an index page, a page per group, their figure files, a static
+script and CSV tables; the compare, history and export outputs.
 
-Owns: collecting what the page shows (``build``), the matplotlib figures (``figures``), the
-words and the jinja2 templates of the page (``html``, ``templates/``).
+Owns: choosing what the pages show (``build``, ``scan``, ``group_pages``, ``review``), drawing
+images and maps as files (``assets``) and charts (``figures``, ``run_charts``, ``pool_chart``),
+the words, tables and jinja2 templates of the pages (``html``, ``names``, ``table``,
+``templates/``, ``static/report.js``), report folders local or in a bucket (``outdir``).
 
-May import: ``pipeline.audit``, ``pipeline.run`` (the run folder), ``pipeline.kernel`` (map
-expansion), ``pipeline.data`` (images for the galleries), ``pipeline.storage``,
+May import: ``pipeline.audit``, ``pipeline.run`` (the run folder), ``pipeline.kernel`` (window
+geometry, swaps), ``pipeline.data`` (images for the figures), ``pipeline.storage``,
 ``pipeline.schema``, ``pipeline.terminal`` (what the subcommands print). Never Ray.
 """
 
-from pipeline.report.build import write_report
+from pipeline.report.build import Limits, write_report
 
-__all__ = ["write_report"]
+__all__ = ["Limits", "write_report"]

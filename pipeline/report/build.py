@@ -1,185 +1,74 @@
-"""The shareable data-curation report of a run (see docs/design.md).
+"""The shareable data-curation report of a run (see docs/design.md, "Report folder").
 
-Writes ``index.html`` (self-contained), ``summary.csv``, ``flags.csv`` and ``curation.csv``. One
-streaming pass over the stored metrics (never the ``delta`` grids) gathers the per-group
-histograms, the most background-reliant images of each flagged or inconclusive group and the rows
-to review; only those few gallery rows are then read in full to draw their maps. Text cells of the
-CSV files are escaped against spreadsheet formula injection (:mod:`~.csv_safe`).
+Writes ``index.html`` (findings, the table of every group, the review queue, charts and the
+first groups' evidence), one page per group in ``groups/``, the figures in ``img/``,
+``report.js`` (sorting, filtering, map opacity; static, no data) and the CSV files
+``summary.csv``, ``flags.csv``, ``curation.csv`` and ``review.csv``. One streaming pass over the
+stored metrics (never the ``delta`` grids) gathers what every page lists; only the drawn images
+are read again with their grids. Cost grows linearly with images and groups, and the index's
+size with groups only: galleries, evidence and strategies on it are capped (:class:`Limits`).
+Text cells of the CSV files are escaped against spreadsheet formula injection
+(:mod:`~.csv_safe`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline.audit.aggregate import (
-    aggregate,
-    audit_params,
-    iter_batches,
-    iter_groups,
-    read_summary,
-)
+from pipeline.audit.aggregate import aggregate, audit_params, read_summary
 from pipeline.data.stored import StoredImages
 from pipeline.report import html as rh
+from pipeline.report.assets import Assets
 from pipeline.report.csv_safe import csv_text, escape_formula
-from pipeline.report.evidence_section import run_evidence
-from pipeline.report.figures import (
-    HIST_EDGES,
-    distribution_chart,
-    log_histogram,
-    ratio_chart,
-    stored_row_figure,
-)
+from pipeline.report.facts import run_facts
+from pipeline.report.figures import distribution_chart, ratio_chart
+from pipeline.report.group_pages import GroupView, Limits, build_group_pages
+from pipeline.report.names import GroupNames, group_key
 from pipeline.report.outdir import join, local_out, report_dir
 from pipeline.report.pool_chart import pool_section
-from pipeline.report.strategies_section import strategy_groups
+from pipeline.report.review import fiftyone_view, off_object_members, review_queue, review_table
+from pipeline.report.scan import Scan, curation, scan_run
+from pipeline.report.strategies_section import marked, other_grouping, read_strategies
+from pipeline.report.table import group_table
 from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
-from pipeline.schema import STATUS_OK
 from pipeline.storage.atomic import write_text
 from pipeline.storage.paths import base_name, is_uri
 
-__all__ = ["escape_formula", "write_report"]
-
-_SCAN_COLUMNS = ("image_id", "path", "status", "error", "fg_bg_ratio", "fg_share", "metric_note")
-_REVIEW_STATUSES = ("flagged", "inconclusive")
-GroupKey = tuple[str | None, ...]
+__all__ = ["Limits", "escape_formula", "write_report"]
 
 
-@dataclass
-class _Scan:
-    """What one pass over the stored metrics gathers."""
+@dataclass(frozen=True)
+class _Context:
+    """What every part of one report reads."""
 
-    hists: dict[GroupKey, np.ndarray] = field(default_factory=dict)
-    worst: dict[GroupKey, list[tuple[float, str]]] = field(default_factory=dict)  # (ratio, id)
-    low: pd.DataFrame | None = None  # the lowest ratios below the threshold, at most `limit`
-    n_low: int = 0  # all images below the threshold
-    bad: list[pd.DataFrame] = field(default_factory=list)  # undefined ratio or error: all kept
-
-
-def _key(row: Mapping[str, Any], group_by: Sequence[str]) -> GroupKey:
-    return tuple(None if pd.isna(row[c]) else str(row[c]) for c in group_by)
-
-
-def _scan(
-    run_dir: Path,
-    group_by: Sequence[str],
-    statuses: Mapping[GroupKey, str],
-    t: float,
-    k: int,
-    limit: int | None,
-) -> _Scan:
-    """Histograms per group, ``k`` lowest ratios per flagged/inconclusive group, rows to review.
-
-    Memory stays bounded by ``limit`` low-ratio rows plus the undefined/error rows.
-    """
-    scan = _Scan()
-    for batch in iter_batches(run_dir, [*_SCAN_COLUMNS, *group_by]):
-        ok = pc.equal(batch.column("status"), STATUS_OK).fill_null(False)
-        ok = ok.to_numpy(zero_copy_only=False)  # (rows,) bool
-        r = batch.column("fg_bg_ratio").cast(pa.float64()).to_numpy(zero_copy_only=False)
-        with np.errstate(invalid="ignore"):
-            valid = ok & np.isfinite(r) & (r > 0)
-            low = valid & (r < t)
-        group_status = np.empty(batch.num_rows, dtype=object)
-        for key, idx in iter_groups(batch, group_by):
-            group_status[idx] = statuses.get(key, "")
-            v = idx[valid[idx]]
-            scan.hists[key] = scan.hists.get(key, 0) + log_histogram(r[v])
-            if statuses.get(key) in _REVIEW_STATUSES and k > 0:
-                lowest = v[np.argsort(r[v], kind="stable")[:k]]
-                ids = batch.column("image_id").take(pa.array(lowest)).to_pylist()
-                found = scan.worst.get(key, []) + list(zip(r[lowest].tolist(), ids, strict=True))
-                scan.worst[key] = sorted(found)[:k]  # ties in ratio: smallest image_id first
-        for keep, is_low in ((low, True), (~valid, False)):
-            if not keep.any():
-                continue
-            part = batch.filter(pa.array(keep)).to_pandas()
-            part["group_status"] = group_status[keep]
-            if not is_low:
-                scan.bad.append(part)
-                continue
-            scan.n_low += len(part)
-            both = part if scan.low is None else pd.concat([scan.low, part], ignore_index=True)
-            both = both.sort_values(["fg_bg_ratio", "image_id"], kind="stable")
-            scan.low = both if limit is None else both.head(limit)
-    return scan
+    run_dir: Any
+    summary: pd.DataFrame
+    group_by: list[str]
+    params: Mapping[str, Any]
+    names: GroupNames
+    assets: Assets
+    strategies: Any
+    fill: str
+    title: str
+    rows: list[dict[str, Any]]  # the summary's rows
+    labels: list[str]  # each group in words
+    pages: list[str]  # each group's page
+    classes: list[str | None]  # each group's class name, when known
 
 
-def _curation(scan: _Scan, group_by: Sequence[str], threshold: float) -> pd.DataFrame:
-    """Rows to review: low ratios (ascending), then undefined ratios, then errors, with reasons."""
-    columns = ["image_id", "path", *group_by, "fg_bg_ratio", "fg_share", "status", "group_status"]
-    parts = [p for p in (scan.low, *scan.bad) if p is not None]
-    if not parts:
-        return pd.DataFrame(columns=[*columns, "reason"])
-    df = pd.concat(parts, ignore_index=True)
-    r = df["fg_bg_ratio"].astype(float)
-    is_ok = (df["status"] == STATUS_OK).to_numpy()
-    valid = is_ok & np.isfinite(r.to_numpy()) & (r.to_numpy() > 0)
-    undefined = is_ok & ~valid
-    reason = np.empty(len(df), dtype=object)
-    t = rh.fmt_threshold(threshold)
-    reason[valid] = [f"background-reliant: fg/bg ratio {x:.3g} < threshold {t}" for x in r[valid]]
-    reason[undefined] = [
-        f"undefined ratio: {n}" if isinstance(n, str) and n else "undefined ratio"
-        for n in df.loc[undefined, "metric_note"]
-    ]
-    reason[~is_ok] = [
-        f"error: {e}" if isinstance(e, str) else "error" for e in df.loc[~is_ok, "error"]
-    ]
-    df["reason"] = reason
-    df["_rank"] = np.select([valid, is_ok], [0, 1], 2)
-    df = df.sort_values(["_rank", "fg_bg_ratio", "image_id"], kind="stable", na_position="last")
-    return df[[*columns, "reason"]].reset_index(drop=True)
-
-
-def _gallery_item(row: Mapping[str, Any], root: Any) -> rh.GalleryImage | rh.GalleryPlaceholder:
-    """One gallery figure, or a placeholder that says why it could not be drawn."""
-    image_id = str(row["image_id"])
-    caption = f"{image_id}: fg/bg ratio {rh.fmt(row['fg_bg_ratio'], 3)}, "
-    caption += f"fg_share {rh.fmt(row['fg_share'])} — {row['path']}"
-    try:
-        png, notes = stored_row_figure(row, root)
-    except Exception as exc:  # one unreadable image must not sink the report: show why instead
-        return rh.GalleryPlaceholder(f"Could not load {image_id}: {exc}", caption)
-    return rh.GalleryImage(png, image_id, caption + "".join(f" [{n}]" for n in notes))
-
-
-def _galleries(
-    run_dir: Path, scan: _Scan, summary: pd.DataFrame, group_by: Sequence[str], root: Any
-) -> list[rh.Gallery]:
-    ids = sorted({image_id for worst in scan.worst.values() for _, image_id in worst})
-    rows: dict[str, dict[str, Any]] = {}
-    if ids:  # only these rows are read with their delta grids
-        for batch in iter_batches(run_dir, None, filter=pc.field("image_id").isin(ids)):
-            rows.update({r["image_id"]: r for r in batch.to_pylist()})
-    galleries = []
-    for _, srow in summary.iterrows():
-        worst = scan.worst.get(_key(srow, group_by))
-        if not worst:
-            continue
-        gallery = rh.Gallery(rh.group_label(srow, group_by), str(srow["status"]))
-        for _, image_id in worst:
-            gallery.items.append(_gallery_item(rows[image_id], root))
-        galleries.append(gallery)
-    return galleries
-
-
-def _charts(
-    summary: pd.DataFrame, group_by: Sequence[str], scan: _Scan, params: Mapping, max_groups: int
-) -> list[rh.Chart]:
+def _charts(ctx: _Context, scan: Scan, max_groups: int) -> list[rh.Chart]:
+    summary, params = ctx.summary, ctx.params
     shown = summary.head(max_groups)
-    labels = [rh.group_label(s, group_by) for _, s in shown.iterrows()]
-    empty = np.zeros(len(HIST_EDGES) - 1)
-    counts = [scan.hists.get(_key(s, group_by), empty) for _, s in shown.iterrows()]
+    labels = ctx.labels[: len(shown)]
+    counts = list(scan.hists[: len(shown)])
     t, conf = float(params["threshold"]), float(params["confidence"])
     t_text = rh.fmt_threshold(t)
     more = len(summary) - len(shown)
@@ -188,7 +77,7 @@ def _charts(
         labels, shown["gmean_ratio"], shown["ci_low"], shown["ci_high"], shown["status"], t, conf
     )
     spread = distribution_chart(labels, counts, list(shown["status"]), t)
-    return [
+    charts = [
         rh.Chart(
             "Geometric-mean fg/bg ratio per group",
             ratios,
@@ -203,33 +92,103 @@ def _charts(
             f"its peak); dashed line: threshold {t_text}.{omitted}",
         ),
     ]
+    return [replace(c, src=ctx.assets.chart(f"chart-{k}", c.png)) for k, c in enumerate(charts)]
 
 
 def _write_tables(
-    out: Path, summary: pd.DataFrame, scan: _Scan, group_by: Sequence[str], params: Mapping
-) -> list[tuple[str, str]]:
-    """Write the three CSV files (formula-escaped); returns the (status, sentence) findings."""
+    out: Path, ctx: _Context, scan: Scan, limits: Limits
+) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Write summary, flags and curation CSVs (formula-escaped); return the findings
+    ``(status, sentence, group page)`` and the curation note."""
+    summary, group_by, params = ctx.summary, ctx.group_by, ctx.params
     write_text(out / "summary.csv", csv_text(summary))
-    flags = summary[summary["status"].isin(_REVIEW_STATUSES)]
-    reasons = [rh.finding_sentence(s, group_by, params) for _, s in flags.iterrows()]
+    flagged = np.flatnonzero(summary["status"].isin(rh.REVIEW).to_numpy())
+    flags = summary.iloc[flagged]
+    reasons = [rh.finding_sentence(ctx.rows[k], group_by, params, ctx.labels[k]) for k in flagged]
+    pages = [ctx.pages[k] for k in flagged]
     flags = flags[[*group_by, "status", "n", "n_valid", "gmean_ratio", "ci_low", "ci_high"]]
     flags = flags.assign(
         threshold=float(params["threshold"]), confidence=float(params["confidence"]), reason=reasons
     )
     write_text(out / "flags.csv", csv_text(flags))
-    curation = _curation(scan, group_by, float(params["threshold"]))
-    write_text(out / "curation.csv", csv_text(curation))
-    return list(zip(flags["status"].astype(str), reasons, strict=True))
+    t = float(params["threshold"])
+    rows, n_low = curation(scan, group_by, list(summary["status"].astype(str)), t,
+                           limits.curation_limit, rh.fmt_threshold(t))  # fmt: skip
+    write_text(out / "curation.csv", csv_text(rows))
+    listed = int((rows["reason"].str.startswith("background-reliant")).sum())
+    note = []
+    if listed != n_low:
+        note.append(
+            f"curation.csv lists the {listed:,} most background-reliant of the {n_low:,} images "
+            f"whose ratio is below the threshold {rh.fmt_threshold(t)}."
+        )
+    findings = list(zip(flags["status"].astype(str), reasons, pages, strict=True))
+    return findings, note
 
 
-def _curation_note(scan: _Scan, threshold: float) -> list[str]:
-    listed = 0 if scan.low is None else len(scan.low)
-    if listed == scan.n_low:
-        return []
-    return [
-        f"curation.csv lists the {listed:,} most background-reliant of the {scan.n_low:,} images "
-        f"whose ratio is below the threshold {rh.fmt_threshold(threshold)}."
-    ]
+def _review(out: Path, ctx: _Context, scan: Scan, limits: Limits) -> tuple[Any, int]:
+    """Write ``review.csv``; return the index's table of its head and the queue's length."""
+    images = scan.images
+    codes = images["group"].to_numpy()
+    summary = ctx.summary
+    statuses = np.array([*summary["status"].astype(str), ""], dtype=object)
+    pages = [*ctx.pages, ""]  # index -1: a group the summary lacks
+    classes = [*(c or "" for c in ctx.classes), ""]
+    off = {} if ctx.strategies is None else off_object_members(ctx.strategies)
+    queue = review_queue(images, statuses[codes], off, float(ctx.params["threshold"]),
+                         limits.review_limit)  # fmt: skip
+    group = queue["group"].to_numpy()
+    queue["page"] = [pages[g] for g in group]
+    columns = ["rank", "image_id", "path", *ctx.group_by]
+    if ctx.names.classes:
+        queue["class"] = [classes[g] for g in group]
+        columns.append("class")
+    columns += ["group_status", "fg_bg_ratio", "swap_flip", "bg_reliance", "strategy", "why",
+                "page"]  # fmt: skip
+    write_text(out / "review.csv", csv_text(queue[columns]))
+    return review_table(queue.head(limits.review_shown), [*ctx.labels, ""]), len(queue)
+
+
+def _index(out: Path, ctx: _Context, record: RunRecord | None, folder: RunFolder,
+           views: list[GroupView], scan: Scan, limits: Limits) -> rh.Page:  # fmt: skip
+    summary = ctx.summary
+    findings, note = _write_tables(out, ctx, scan, limits)
+    review, total = _review(out, ctx, scan, limits)
+    reviewed = [v for v in views if v.status in rh.REVIEW]
+    flagged = [v.evidence for v in views if v.status == "flagged"]
+    with_tiles: list[Any] = [v for v in views if v.strategies]
+    if ctx.strategies is not None and ctx.strategies.group_by != tuple(ctx.group_by):
+        with_tiles = other_grouping(ctx.assets, ctx.strategies, views)
+    with_tiles.sort(key=lambda v: not marked(v))  # groups with a marked cluster first
+    table = group_table(ctx.rows, ctx.group_by, ctx.classes, ctx.pages, rh.fmt)
+    failures = [] if record is None else record.failures
+    pool = pool_section(record) if record is not None else None
+    if pool is not None:
+        pool = replace(pool, src=ctx.assets.chart("actor-timeline", pool.png))
+    return rh.Page(
+        title=ctx.title,
+        findings=findings[: rh.MAX_FINDINGS],
+        more_findings=max(0, len(findings) - rh.MAX_FINDINGS),
+        notes=rh.summary_notes(summary, ctx.group_by, ctx.params, ctx.names.label) + note,
+        table=table,
+        charts=_charts(ctx, scan, limits.max_groups),
+        galleries=reviewed[: limits.gallery_groups] if limits.gallery_size > 0 else [],
+        gallery_size=limits.gallery_size,
+        more_galleries=max(0, len(reviewed) - limits.gallery_groups),
+        facts=run_facts(record, ctx.params),
+        failures=[
+            rh.Failure(str(f.get("image_id", "")), str(f.get("error") or "")) for f in failures
+        ],
+        files=["summary.csv", "flags.csv", "curation.csv", "review.csv"],
+        review=review if total else None,
+        review_total=total,
+        fiftyone=fiftyone_view(folder),
+        evidence=flagged[: limits.evidence_groups] if scan.swaps else [],
+        more_evidence=max(0, len(flagged) - limits.evidence_groups) if scan.swaps else 0,
+        strategies=with_tiles[: limits.strategy_groups],
+        more_strategies=max(0, len(with_tiles) - limits.strategy_groups),
+        pool=pool,
+    )
 
 
 def write_report(
@@ -237,9 +196,7 @@ def write_report(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     summary: pd.DataFrame | None = None,
-    gallery_size: int = 6,
-    max_groups: int = 40,
-    curation_limit: int | None = 10_000,
+    limits: Limits | None = None,
 ) -> Any:
     """Write the data-curation report of a run and return the path of its ``index.html``.
 
@@ -252,74 +209,59 @@ def write_report(
             ``reports/<run name>/`` under the current working directory.
         summary: per-group summary from :func:`pipeline.audit.aggregate.aggregate`; default
             ``RUN_DIR/summary.parquet``, computed (and written) with the run's defaults if absent.
-        gallery_size: most background-reliant images shown per flagged/inconclusive group.
-        max_groups: groups drawn in the charts (in summary order: flagged first); all groups
-            stay in the table and the CSV files.
-        curation_limit: most background-reliant images listed in ``curation.csv`` (``None``:
-            every image below the threshold); images with an undefined ratio or an error are
-            always all listed after them.
+        limits: what the index and the group pages draw and list (:class:`Limits`: images
+            per gallery and galleries, images drawn per group page, groups in the charts,
+            rows of ``curation.csv`` and ``review.csv``...); all groups stay in the table, the
+            group pages and the CSV files.
 
     Returns:
-        ``out_dir / "index.html"`` (its URI in object storage); beside it ``summary.csv``,
-        ``flags.csv``, ``curation.csv``.
+        ``out_dir / "index.html"`` (its URI in object storage).
 
     Example:
-        >>> write_report("runs/val-audit")  # doctest: +SKIP
+        >>> write_report("runs/val-audit", limits=Limits(page_images=None))  # doctest: +SKIP
         PosixPath('.../reports/val-audit/index.html')
     """
+    limits = limits or Limits()
     folder = RunFolder(run_dir)
     run_dir = folder.path  # a Path, or the URI of a folder in object storage
     record = folder.read_record()  # None: a run folder without run.json
     if summary is None:
         stored = folder.store.exists(folder.SUMMARY)
         summary = read_summary(run_dir) if stored else aggregate(run_dir)
+    summary = summary.reset_index(drop=True)
     group_by = list(summary.columns[: list(summary.columns).index("n")])
     params = summary.attrs.get("audit") or audit_params(record, group_by=group_by)
     target = report_dir(out_dir, record, run_dir)
     with local_out(target) as out:  # for a bucket: written locally, then each file uploaded
-        index = _write_page(out, folder, run_dir, record, summary, params, group_by, gallery_size,
-                            curation_limit, max_groups)  # fmt: skip
+        index = _write(out, folder, record, summary, params, group_by, limits)
     return join(target, "index.html") if is_uri(target) else index
 
 
-def _write_page(
-    out: Path,
-    folder: RunFolder,
-    run_dir: Any,
-    record: RunRecord | None,
-    summary: pd.DataFrame,
-    params: Mapping[str, Any],
-    group_by: list[str],
-    gallery_size: int,
-    curation_limit: int | None,
-    max_groups: int,
-) -> Path:
-    """Write the page and its tables into the local folder ``out``; return its index."""
-    statuses = {_key(s, group_by): str(s["status"]) for _, s in summary.iterrows()}
-    t = float(params["threshold"])
-    scan = _scan(run_dir, group_by, statuses, t, gallery_size, curation_limit)
-    findings = _write_tables(out, summary, scan, group_by, params)
-    columns, rows = rh.group_table(summary, group_by)
-    root = StoredImages(record.config.dataset) if record is not None else None
-    failures = [] if record is None else record.failures
-    page = rh.Page(
-        title=f"Occlusion audit: {record.name if record is not None else base_name(run_dir)}",
-        findings=findings,
-        notes=rh.summary_notes(summary, group_by, params) + _curation_note(scan, t),
-        table_columns=columns,
-        table_rows=rows,
-        n_text_columns=len(group_by) + 1,
-        charts=_charts(summary, group_by, scan, params, max_groups),
-        galleries=_galleries(run_dir, scan, summary, group_by, root),
-        evidence=run_evidence(folder, summary, group_by, params, record),
-        strategies=strategy_groups(folder, root),
-        facts=rh.run_facts(record, params),
-        failures=[
-            rh.Failure(str(f.get("image_id", "")), str(f.get("error") or "")) for f in failures
-        ],
-        files=["summary.csv", "flags.csv", "curation.csv"],
-        pool=pool_section(record) if record is not None else None,
+def _write(out: Path, folder: RunFolder, record: RunRecord | None, summary: pd.DataFrame,
+           params: Mapping[str, Any], group_by: list[str], limits: Limits) -> Path:  # fmt: skip
+    """Write every page and table into the local folder ``out``; return the index."""
+    names = GroupNames.of(group_by, record)
+    rows = summary.to_dict("records")
+    ctx = _Context(
+        run_dir=folder.path,
+        summary=summary,
+        group_by=group_by,
+        params=params,
+        names=names,
+        assets=Assets(out, StoredImages(record.config.dataset) if record is not None else None),
+        strategies=read_strategies(folder),
+        fill=record.config.counterfactual.fill.value if record is not None else "mean",
+        title=f"Occlusion audit: {record.name if record is not None else base_name(folder.path)}",
+        rows=rows,
+        labels=[names.label(s) for s in rows],
+        pages=[names.page(s) for s in rows],
+        classes=[names.class_name(s) for s in rows],
     )
+    keys = {group_key(s, group_by): k for k, s in enumerate(rows)}
+    scan = scan_run(folder.path, group_by, keys)
+    views = build_group_pages(out, ctx, scan, limits)
+    page = _index(out, ctx, record, folder, views, scan, limits)
+    rh.write_script(out)
     index = out / "index.html"
-    write_text(index, rh.render_page(page))
+    write_text(index, rh.render_page(page))  # last: every file it links to is in place
     return index

@@ -4,12 +4,15 @@ One record per image: its file, group values, label, status, metrics, the map, a
 group's verdict, its place in ``curation.csv`` and its strategy cluster. ``--to parquet`` and
 ``--to csv`` write these columns for any tool (the map as the stored window grid); ``--to
 fiftyone`` creates or updates a FiftyOne dataset with the full-resolution map as an
-``fo.Heatmap`` (FiftyOne is an optional extra: ``pip install occlusion-audit[fiftyone]``).
+``fo.Heatmap`` and saves the report's review queue as its view ``occlusion-review``, recorded in
+``RUN_DIR/fiftyone.json`` (FiftyOne is an optional extra: ``pip install
+occlusion-audit[fiftyone]``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Any
 
@@ -19,13 +22,21 @@ import pandas as pd
 from pipeline.audit.aggregate import read_summary
 from pipeline.audit.strategies import strategy_group_columns
 from pipeline.report.csv_safe import csv_text
+from pipeline.report.group_pages import Limits
+from pipeline.report.review import (
+    FIFTYONE_RECORD,
+    REVIEW_VIEW,
+    off_object_members,
+    review_queue,
+)
+from pipeline.report.strategies_section import read_strategies
 from pipeline.run.folder import RunFolder
 from pipeline.schema import FLOAT_METRICS
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.paths import base_name, is_uri, join_under
 from pipeline.storage.store import Store
 
-__all__ = ["export_records", "export_run"]
+__all__ = ["export_records", "export_run", "review_ids"]
 
 _KEEP = ["image_id", "path", "label", "status", "error", "target", "score", "delta", "image_c",
          "image_h", "image_w", "window", "stride", "grid_c", "grid_h", "grid_w"]  # fmt: skip
@@ -111,9 +122,15 @@ def export_run(
             return str(RunFolder(run_dir).write_file(f"export.{to}", data))
         return _write_file(str(out), data)
     if to == "fiftyone":
-        record = RunFolder(run_dir).read_record()
+        folder = RunFolder(run_dir)
+        record = folder.read_record()
         name = dataset_name or f"occlusion-audit-{record.name if record else base_name(run_dir)}"
-        return _to_fiftyone(table, name)
+        queue = review_ids(folder, table, record)
+        _to_fiftyone(table, name, queue)
+        # the report names the saved view (pipeline.report.review.fiftyone_view)
+        note = {"dataset": name, "view": REVIEW_VIEW, "images": len(queue)}
+        folder.write_file(FIFTYONE_RECORD, (json.dumps(note, indent=2) + "\n").encode("utf-8"))
+        return name
     raise ValueError(f"--to must be parquet, csv or fiftyone, got {to!r}")
 
 
@@ -126,7 +143,26 @@ def _write_file(out: str, data: bytes) -> str:
     return str(atomic_write(out, lambda p: p.write_bytes(data)))
 
 
-def _to_fiftyone(table: pd.DataFrame, name: str) -> str:
+def review_ids(folder: RunFolder, table: pd.DataFrame, record: Any) -> list[str]:
+    """The review queue's image ids, first to look at first (:mod:`~.review`): the same queue
+    as the report's ``review.csv``, from the export table and the run's summary and strategies.
+    """
+    group_by = list(record.config.dataset.group_by) if record is not None else []
+    statuses: dict[tuple, str] = {}
+    threshold = record.config.audit.threshold if record is not None else 1.0
+    if folder.store.exists(folder.SUMMARY):
+        summary = read_summary(folder.path)
+        threshold = float((summary.attrs.get("audit") or {}).get("threshold", threshold))
+        for s in summary.to_dict("records"):
+            statuses[tuple(None if pd.isna(s[g]) else str(s[g]) for g in group_by)] = s["status"]
+    keys = table[group_by].itertuples(index=False, name=None) if group_by else [()] * len(table)
+    status = [statuses.get(tuple(None if pd.isna(v) else str(v) for v in k), "") for k in keys]
+    off = off_object_members(read_strategies(folder))
+    queue = review_queue(table, status, off, threshold, Limits().review_limit)
+    return [str(i) for i in queue["image_id"]]
+
+
+def _to_fiftyone(table: pd.DataFrame, name: str, queue: list[str]) -> str:
     try:
         import fiftyone as fo
     except ImportError as e:
@@ -155,7 +191,16 @@ def _to_fiftyone(table: pd.DataFrame, name: str) -> str:
                     f"({e.details.get('errmsg') if e.details else e}); an earlier export may "
                     "have added an image twice: delete that dataset or export with --dataset NEW"
                 ) from None
+    # the review queue as a saved view, in queue order (replaced by each export)
+    view = dataset.select_by("image_id", queue, ordered=True)
+    dataset.save_view(REVIEW_VIEW, view, description=_VIEW_TEXT, overwrite=True)
     return name
+
+
+_VIEW_TEXT = (
+    "occlusion-audit's review queue: low fg/bg ratio, prediction flips on swapped backgrounds, "
+    "off-object strategy; first to look at first"
+)
 
 
 _UPSERT_TRIES = 5

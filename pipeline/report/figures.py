@@ -1,16 +1,15 @@
 """Report figures as PNG bytes, drawn with matplotlib's object API (no pyplot global state).
 
-Every function returns PNG bytes. The charts take plain arrays and labels; only
-:func:`stored_row_figure` reads an image (through :mod:`pipeline.data.images`). Choosing what to
-show belongs to :mod:`pipeline.report.build`, writing HTML to :mod:`pipeline.report.html`.
+Every function returns PNG bytes. The charts take plain arrays and labels; images and maps are
+drawn by :mod:`pipeline.report.assets`. Choosing what to show belongs to
+:mod:`pipeline.report.build`, writing HTML to :mod:`pipeline.report.html`.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -27,13 +26,9 @@ __all__ = [
     "distribution_chart",
     "drawn",
     "fmt_threshold",
-    "gallery_figure",
-    "log_histogram",
     "png_bytes",
     "ratio_chart",
     "set_log_x",
-    "stored_item",
-    "stored_row_figure",
 ]
 
 #: Colour of each group status, shared by the charts and the HTML.
@@ -72,19 +67,6 @@ def set_log_x(ax: Axes) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def log_histogram(ratios: np.ndarray) -> np.ndarray:
-    """Counts of positive ``ratios`` in the ``HIST_EDGES`` bins (log10 space, ends clipped).
-
-    Args:
-        ratios: (N,) finite positive fg/bg ratios.
-
-    Returns:
-        (len(HIST_EDGES) - 1,) int64 counts; summing per-batch results gives the whole histogram.
-    """
-    logs = np.clip(np.log10(ratios), HIST_EDGES[0], HIST_EDGES[-1])
-    return np.histogram(logs, bins=HIST_EDGES)[0].astype(np.int64)
 
 
 def ratio_chart(
@@ -189,88 +171,3 @@ def distribution_chart(
     ax.set_xlabel("per-image fg/bg ratio (log scale; values beyond 0.01-100 drawn at the ends)")
     ax.grid(axis="x", which="major", alpha=0.25)
     return png_bytes(fig)
-
-
-def gallery_figure(
-    image: np.ndarray,
-    heat: np.ndarray | None,
-    mask: np.ndarray | None,
-) -> bytes:
-    """Image beside its occlusion map overlay, both with the foreground outline.
-
-    Args:
-        image: (H, W, 3) float RGB in [0, 1].
-        heat: (H, W) occlusion map (score drop; positive = evidence for the prediction), or
-            ``None`` to draw the image alone. Drawn with a diverging colormap whose centre is
-            zero: red where occluding lowers the score, blue where it raises it.
-        mask: (H, W) bool foreground, or ``None``; drawn as a contour.
-
-    Returns:
-        PNG bytes.
-    """
-    # fixed axes positions (fractions of the figure): no layout engine, which would cost more
-    # than the drawing itself for these tick-free panels
-    if heat is None:
-        fig = Figure(figsize=(2.4, 2.55))
-        axes = [fig.add_axes((0.02, 0.02, 0.96, 0.86))]
-    else:
-        fig = Figure(figsize=(5.4, 2.55))
-        axes = [fig.add_axes((0.01, 0.02, 0.41, 0.86)), fig.add_axes((0.44, 0.02, 0.41, 0.86))]
-    axes[0].imshow(np.clip(image, 0, 1), interpolation="nearest")
-    axes[0].set_title("image + mask", fontsize=8)
-    if heat is not None:
-        gray = np.clip(image, 0, 1).mean(axis=2)
-        axes[1].imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        finite = np.abs(heat[np.isfinite(heat)])
-        vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        shown = axes[1].imshow(
-            heat, cmap="RdBu_r", vmin=-vmax, vmax=vmax, alpha=0.7, interpolation="nearest"
-        )
-        axes[1].set_title("occlusion map", fontsize=8)
-        cbar = fig.colorbar(shown, cax=fig.add_axes((0.865, 0.08, 0.022, 0.74)))
-        cbar.ax.tick_params(labelsize=6)
-    for ax in axes:
-        # a mask that is all foreground or all background has no outline to draw
-        if mask is not None and mask.any() and not mask.all():
-            # a dark halo under the light line keeps the outline visible on any background
-            for color, width in (("#000000", 2.4), ("#00e5ff", 1.1)):
-                ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=width)
-        ax.set_axis_off()
-    return png_bytes(fig, dpi=90)
-
-
-def stored_row_figure(row: Mapping[str, Any], images: Any) -> tuple[bytes, list[str]]:
-    """:func:`gallery_figure` of one stored maps row: its image, mask and expanded map.
-
-    Args:
-        row: a stored row as a dict (``path``, ``mask``, ``image_h``/``image_w``, ``delta``...).
-        images: a :class:`pipeline.data.stored.StoredImages` for the run's dataset (or the
-            root folder or URI that relative image and mask paths resolve against).
-
-    Returns:
-        ``(png, notes)``; ``notes`` say why the mask or the map could not be drawn, if so.
-
-    Raises:
-        Exception: whatever loading the image raised (``pipeline.data.images.DataError`` for a
-            missing or corrupt file); the caller decides how to show it.
-    """
-    item = stored_item(row, images)
-    image = np.asarray(item.image.permute(1, 2, 0), dtype=float)  # (H, W, 3) in [0, 1]
-    notes, heat = [], None
-    mask = None if item.fg is None else np.asarray(item.fg)
-    try:
-        from pipeline.kernel.occlusion import expand_map
-
-        heat = np.asarray(expand_map(row), dtype=float)  # (H, W)
-    except Exception as exc:  # a stored map that cannot be expanded: draw the image alone
-        notes.append(f"map: {exc}")
-    return gallery_figure(image, heat, mask), notes
-
-
-def stored_item(row: Mapping[str, Any], images: Any) -> Any:
-    """The row's decoded image and foreground (:class:`pipeline.data.foreground.Item`)."""
-    from pipeline.data.stored import StoredImages  # here: plotting alone needs no image I/O
-
-    if not isinstance(images, StoredImages):
-        images = StoredImages(images)
-    return images.load(row)

@@ -1,52 +1,52 @@
-"""The words and the page of the data-curation report: sentences, run facts, page content.
+"""The words and the pages of the data-curation report: sentences, page content, templates.
 
-The page itself is the jinja2 template ``templates/report.html.j2``, rendered with autoescape:
-every value from data (group names, paths, error messages, captions) is escaped by jinja2, and
-nothing is marked safe by hand. Figures arrive as PNG bytes and are embedded as data URIs, so the
-page makes no request of its own (its Content-Security-Policy forbids any).
+The pages are jinja2 templates (``templates/``), rendered with autoescape: every value from data
+(group names, paths, error messages, captions) is escaped by jinja2, and nothing is marked safe
+by hand. Figures are files in the report folder (``img/``), linked by relative paths; the one
+script, ``report.js``, is a static file beside the pages that holds no data. Every page carries
+the same Content-Security-Policy (``templates/_macros.html.j2``): files of its own origin only, no
+inline script, no request elsewhere.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
-import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from pipeline.config.typed import to_plain
 from pipeline.report.figures import STATUS_COLORS, fmt_threshold
-
-if TYPE_CHECKING:
-    from pipeline.run.record import RunRecord
+from pipeline.report.names import group_label, missing
+from pipeline.storage.atomic import write_text
 
 __all__ = [
+    "MAX_FINDINGS",
+    "REVIEW",
+    "SCRIPT",
     "Chart",
     "Failure",
-    "Gallery",
-    "GalleryImage",
-    "GalleryPlaceholder",
     "Page",
-    "data_uri",
     "environment",
-    "facts_text",
     "finding_sentence",
+    "fix_quotes",
     "fmt",
     "fmt_threshold",
     "group_label",
-    "group_table",
     "render_page",
-    "run_facts",
     "summary_notes",
+    "write_script",
 ]
 
+SCRIPT = "report.js"  # sorting, filtering and the map opacity, beside every page folder
+REVIEW = ("flagged", "inconclusive")  # the statuses the findings name
 _TEMPLATE = "report.html.j2"
 _MAX_FAILURES = 50  # failures listed on the page; curation.csv has them all
+MAX_FINDINGS = 10  # findings named one by one; the rest are a filter of the table away
 # markupsafe spells escaped quotes &#34; and &#39;; the page has always used html.escape's
 # &quot; and &#x27;. Same characters; the swap keeps the page text stable across versions.
 _QUOTE_ENTITIES = (("&#34;", "&quot;"), ("&#39;", "&#x27;"))
@@ -61,19 +61,11 @@ def fmt(x: Any, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def group_label(values: Mapping[str, Any], group_by: Sequence[str]) -> str:
-    """``Room kitchen`` or ``Room kitchen, class chair``; a missing value reads ``(missing)``."""
-    parts = []
-    for k, col in enumerate(group_by):
-        name = col.replace("_", " ")
-        value = values.get(col)
-        shown = "(missing)" if _missing(value) else value
-        parts.append(f"{name.capitalize() if k == 0 else name} {shown}")
-    return ", ".join(parts) if parts else "All images"
-
-
-def finding_sentence(row: Mapping[str, Any], group_by: Sequence[str], params: Mapping) -> str:
-    """The plain-sentence verdict on one flagged or inconclusive group (plain text)."""
+def finding_sentence(
+    row: Mapping[str, Any], group_by: Sequence[str], params: Mapping, label: str | None = None
+) -> str:
+    """The plain-sentence verdict on one flagged or inconclusive group (plain text); ``label``
+    names the group (default :func:`~pipeline.report.names.group_label`)."""
     t = fmt_threshold(float(params["threshold"]))
     ci = f"{float(params['confidence']) * 100:g}% CI {fmt(row['ci_low'])}-{fmt(row['ci_high'])}"
     stat = f"geometric-mean fg/bg ratio {fmt(row['gmean_ratio'])} ({ci})"
@@ -83,7 +75,7 @@ def finding_sentence(row: Mapping[str, Any], group_by: Sequence[str], params: Ma
         over += f" ({unusable} more without a usable ratio: {row['n_error']} errors, "
         over += f"{row['n_nan']} undefined)"
     q = row.get("q_value")
-    q_text = "" if _missing(q) else f", q-value {fmt(float(q), 3)}"
+    q_text = "" if missing(q) else f", q-value {fmt(float(q), 3)}"
     if row["status"] == "flagged":
         text = f"the model relies on background — {stat} below the threshold {t}{q_text} {over}"
     elif float(row["ci_high"]) < float(params["threshold"]):
@@ -95,18 +87,26 @@ def finding_sentence(row: Mapping[str, Any], group_by: Sequence[str], params: Ma
         text = (
             f"inconclusive — {stat} {over} includes the threshold {t}; more images would settle it"
         )
-    text = f"{group_label(row, group_by)}: {text}"
+    text = f"{label or group_label(row, group_by)}: {text}"
     return text + "."
 
 
-def summary_notes(summary: Any, group_by: Sequence[str], params: Mapping) -> list[str]:
+def summary_notes(
+    summary: Any,
+    group_by: Sequence[str],
+    params: Mapping,
+    label: Callable[[Mapping[str, Any]], str] | None = None,
+) -> list[str]:
     """Plain sentences under the findings: the all-clear, groups without a verdict, failures.
 
     Args:
         summary: the per-group summary DataFrame (``summary_schema`` columns).
         group_by: its group columns.
         params: audit parameters (``threshold``, ``min_images``, ``confidence``).
+        label: names a group from its summary row (default
+            :func:`~pipeline.report.names.group_label`).
     """
+    name = label or (lambda s: group_label(s, group_by))
     t = fmt_threshold(float(params["threshold"]))
     status = summary["status"]
     fdr = params.get("fdr")
@@ -150,7 +150,7 @@ def summary_notes(summary: Any, group_by: Sequence[str], params: Mapping) -> lis
     )
     few = summary[status == "too-few"]
     if len(few):
-        named = [f"{group_label(s, group_by)} ({s['n_valid']})" for _, s in few.head(10).iterrows()]
+        named = [f"{name(s)} ({s['n_valid']})" for _, s in few.head(10).iterrows()]
         more = f" and {len(few) - 10} more" if len(few) > 10 else ""
         notes.append(
             f"Fewer than {params['min_images']} valid images, so no verdict: "
@@ -165,135 +165,15 @@ def summary_notes(summary: Any, group_by: Sequence[str], params: Mapping) -> lis
     return notes
 
 
-def group_table(
-    summary: Any, group_by: Sequence[str]
-) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """Columns and ``(status, cells)`` rows of the page's group table, one row per summary row."""
-    columns = [*group_by, "status", "n", "valid", "errors", "undefined", "gmean ratio"]
-    columns += ["interval", "q-value", "median", "share < 1", "mean fg_share", "mean fg_area"]
-    rows = []
-    for _, s in summary.iterrows():
-        cells = [_group_value(s[c]) for c in group_by]
-        cells += [s["status"], str(s["n"]), str(s["n_valid"]), str(s["n_error"]), str(s["n_nan"])]
-        cells += [fmt(s["gmean_ratio"]), f"{fmt(s['ci_low'])}-{fmt(s['ci_high'])}"]
-        cells += [fmt(s.get("q_value"), 3)]
-        cells += [fmt(s[c]) for c in ("median_ratio", "share_below_1", "mean_fg_share")]
-        rows.append((str(s["status"]), [*cells, fmt(s["mean_fg_area"])]))
-    return columns, rows
-
-
-def _group_value(value: Any) -> str:
-    return "(missing)" if _missing(value) else str(value)
-
-
-def _missing(value: Any) -> bool:
-    """Whether a group value is missing: None, NaN or pandas' NA."""
-    return value is None or bool(pd.isna(value))
-
-
-def run_facts(record: RunRecord | None, params: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(label, text) facts of a run from its record; facts the record lacks are left out.
-
-    Args:
-        record: the run's ``run.json`` record, or ``None`` for a run folder without one (then
-            only the audit parameters are shown).
-        params: audit parameters (``group_by``, ``threshold``, ``min_images``, ``confidence``,
-            ``n_boot``, ``seed``).
-    """
-    audit = (
-        f"group by {', '.join(params['group_by'])}; threshold {params['threshold']}; "
-        f"min_images {params['min_images']}; confidence {params['confidence']}; "
-        f"bootstrap {params['n_boot']} resamples, seed {params['seed']}"
-    )
-    if record is None:
-        return [("Audit", audit)]
-    dataset = record.config.dataset
-    counts = to_plain(record.counts)
-    facts = [
-        ("Run", record.name),
-        ("Model", section_text(record.config.model)),
-        ("Model hash", record.model_hash),
-        ("Engine", facts_text(record.engine) if record.engine else None),
-        ("Pool", _pool_text(record.pool) if record.pool else None),
-        ("Manifest", dataset.manifest),
-        ("Image root", dataset.root),
-        ("Image size", facts_text(dataset.image_size)),
-        ("Occlusion", section_text(record.config.occlusion)),
-        ("Audit", audit),
-        ("Images", facts_text(counts) if any(counts.values()) else None),  # zeros: not counted yet
-        ("Time", facts_text(record.timings) if record.timings else None),
-        ("Started", record.started_at),
-        ("Finished", record.finished_at),
-        ("Versions", facts_text(record.versions) if record.versions else None),
-    ]
-    return [(k, str(v)) for k, v in facts if v not in (None, "")]
-
-
-def _pool_text(pool: Mapping[str, Any]) -> str:
-    """The pool a run asked for, in words: device and why, most actors, each one's share."""
-    if "device" not in pool:  # a record written before the pool chose its device
-        return facts_text(pool)
-    return (
-        f"{pool['device']} ({pool.get('why', '')}); up to {pool.get('actors')} actor(s) of "
-        f"{pool.get('num_gpus', 0):g} GPU and {pool.get('num_cpus', 0):g} CPU each"
-    )
-
-
-def facts_text(value: Any) -> str:
-    """A config value as compact text: mappings as ``key: value; ...``, lists as JSON."""
-    if isinstance(value, Mapping):
-        return "; ".join(f"{k}: {facts_text(v)}" for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return json.dumps(list(value))
-    return "n/a" if value is None else str(value)
-
-
-def section_text(section: Any) -> str:
-    """A config section (dataclass) as :func:`facts_text`, unset (None or empty) keys left out."""
-    plain = to_plain(section)
-    return facts_text({k: v for k, v in plain.items() if v not in (None, {}, [])})
-
-
-def data_uri(png: bytes) -> str:
-    """``data:image/png;base64,...`` for an ``<img src>``."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-@dataclass(frozen=True)
-class GalleryImage:
-    """A drawn gallery figure: PNG bytes, the image's alt text and its caption."""
-
-    kind: ClassVar[str] = "image"
-    png: bytes
-    alt: str
-    caption: str
-
-
-@dataclass(frozen=True)
-class GalleryPlaceholder:
-    """A gallery slot for an image that could not be drawn: why, and its caption."""
-
-    kind: ClassVar[str] = "placeholder"
-    message: str
-    caption: str
-
-
-@dataclass
-class Gallery:
-    """The most background-reliant images of one group."""
-
-    label: str
-    status: str
-    items: list[GalleryImage | GalleryPlaceholder] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class Chart:
-    """A chart section: its heading (also the image's alt text), PNG bytes and caption."""
+    """A chart: its heading (also the image's alt text), PNG bytes, caption, and its file
+    (``img/<name>.png``) once written."""
 
     heading: str
     png: bytes
     caption: str
+    src: str = ""
 
 
 @dataclass(frozen=True)
@@ -306,21 +186,27 @@ class Failure:
 
 @dataclass
 class Page:
-    """Everything the report page shows, as plain text and PNG bytes (nothing pre-rendered)."""
+    """Everything the index shows, as plain text, file names and views (nothing pre-rendered)."""
 
     title: str
-    findings: list[tuple[str, str]]  # (status, sentence)
+    findings: list[tuple[str, str, str]]  # (status, sentence, group page)
+    more_findings: int  # flagged or inconclusive groups not named one by one
     notes: list[str]  # further plain sentences under the findings
-    table_columns: list[str]
-    table_rows: list[tuple[str, list[str]]]  # (status, cells)
-    n_text_columns: int  # leading table columns that hold text: group values, then the status
+    table: Any  # pipeline.report.table.Table of every group
     charts: list[Chart]
-    galleries: list[Gallery]
+    galleries: list[Any]  # GroupView of the first flagged/inconclusive groups
+    gallery_size: int
+    more_galleries: int  # flagged or inconclusive groups whose images are on their pages only
     facts: list[tuple[str, str]]
     failures: list[Failure]
     files: list[str]
-    evidence: list[Any] = field(default_factory=list)  # EvidenceBlock per flagged group
-    strategies: list[Any] = field(default_factory=list)  # (group label, StrategyTiles)
+    review: Any = None  # the head of the review queue: a Table
+    review_total: int = 0
+    fiftyone: Mapping[str, Any] | None = None  # dataset and view of an export, when made
+    evidence: list[Any] = field(default_factory=list)  # EvidenceBlock of the first flagged
+    more_evidence: int = 0
+    strategies: list[Any] = field(default_factory=list)  # GroupView with strategy tiles
+    more_strategies: int = 0
     pool: Chart | None = None  # the actor timeline of the run section
 
 
@@ -334,14 +220,28 @@ def environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["data_uri"] = data_uri
     env.globals["status_colors"] = STATUS_COLORS
+    env.globals["script"] = SCRIPT
+    env.globals["fmt"] = fmt
     return env
 
 
-def render_page(page: Page) -> str:
-    """The complete, self-contained ``index.html`` text of ``page`` (template autoescaped)."""
-    text = environment().get_template(_TEMPLATE).render(page=page, max_failures=_MAX_FAILURES)
+def fix_quotes(text: str) -> str:
+    """Rendered HTML with quotes spelled as the pages always spelled them."""
     for numeric, named in _QUOTE_ENTITIES:
         text = text.replace(numeric, named)
     return text
+
+
+def render_page(page: Page) -> str:
+    """The complete ``index.html`` text of ``page`` (template autoescaped)."""
+    text = (
+        environment().get_template(_TEMPLATE).render(page=page, max_failures=_MAX_FAILURES, root="")
+    )
+    return fix_quotes(text)
+
+
+def write_script(folder: Path) -> Path:
+    """Copy ``report.js`` (static, no data) into a page folder."""
+    text = resources.files("pipeline.report").joinpath("static", SCRIPT).read_text("utf-8")
+    return write_text(folder / SCRIPT, text)

@@ -25,7 +25,9 @@ def join(folder: str | os.PathLike[str], name: str) -> str:
 @contextlib.contextmanager
 def local_out(target: str | os.PathLike[str]) -> Iterator[Path]:
     """A local folder to write a page into; for a bucket target, a temporary one whose files
-    are uploaded to ``target`` when the block ends without an error."""
+    (subfolders included: figures, group pages) are uploaded to ``target`` under the same
+    relative names when the block ends without an error. The pages (``*.html``) go last, the
+    top folder's last of all, so a page in the bucket never links to a figure not yet there."""
     store = Store(target)
     if not store.remote:
         out = store.local()
@@ -33,10 +35,12 @@ def local_out(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield out
         return
     with tempfile.TemporaryDirectory() as tmp:
-        yield Path(tmp)
-        for f in sorted(Path(tmp).iterdir()):
-            if f.is_file():
-                store.write_bytes(f.name, f.read_bytes())
+        root = Path(tmp)
+        yield root
+        files = [f for f in root.rglob("*") if f.is_file()]
+        files.sort(key=lambda f: (f.suffix == ".html", f.parent == root, f.as_posix()))
+        for f in files:
+            store.write_bytes(f.relative_to(root).as_posix(), f.read_bytes())
 
 
 def report_dir(out_dir: str | os.PathLike[str] | None, record: Any, run_dir: Any) -> str:

@@ -77,6 +77,8 @@ class RunRecord:
             host, pid, device, GPU ids, threads, engine).
         failures: ``{"image_id", "error"}`` of every image with status ``error``.
         started_at, finished_at: ISO 8601 UTC times.
+        class_names: stored ``label`` text -> class name, where the source knows the names
+            (:meth:`pipeline.data.source.Source.class_names`); empty otherwise.
     """
 
     name: str
@@ -98,6 +100,7 @@ class RunRecord:
     failures: list[Mapping[str, str]] = field(default_factory=list)
     started_at: str | None = None
     finished_at: str | None = None
+    class_names: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (the file's content)."""

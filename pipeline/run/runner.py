@@ -103,6 +103,7 @@ def run_audit(config: AuditConfig, *, resume: bool = False, progress: bool = Tru
             model_source=config.model.source,
             shards=len(shards),
             started_at=before.started_at if before is not None else iso_time(t0),
+            class_names=source.class_names(),
         )
         try:
             folder.write_record(record)  # the identity is on disk before the first shard

@@ -1,7 +1,10 @@
 """The one atomic write of the package: a reader sees the old file or the new one, never half.
 
 Every file the package writes (shard Parquet files, ``run.json``, ``summary.parquet``, manifests,
-report pages and CSVs) goes through :func:`atomic_write`: the bytes go to a temporary name in the
+report pages and CSVs) goes through :func:`atomic_write`, except a report's figures and group
+pages (:mod:`pipeline.report.assets`): thousands of files, each derived from the run folder and
+written before the ``index.html`` that links them, where a temporary file and a rename each would
+cost more than drawing them. The bytes go to a temporary name in the
 same folder, are flushed to disk with ``fsync``, and are renamed over the final name with
 ``os.replace``, which is atomic on POSIX filesystems. A failed write leaves no temporary file.
 """
