@@ -180,6 +180,12 @@ def _to_fiftyone(table: pd.DataFrame, name: str, queue: list[str]) -> str:
             # on it), so the database refuses a second sample for an image, whoever inserts it.
             dataset.merge_samples(samples, key_field="image_id", merge_lists=False, progress=False)
             break
+        except ValueError as e:
+            # a concurrent export filled the new dataset, and set its media type, after we
+            # loaded it: reload and merge into what is there now
+            if "media type" not in str(e) or attempt == _UPSERT_TRIES - 1:
+                raise
+            dataset.reload()
         except OperationFailure as e:
             # a concurrent export inserted one of these images after our $merge looked for it;
             # merging again finds it and updates it
@@ -213,7 +219,9 @@ def _open_dataset(fo: Any, name: str) -> Any:
 
     if not fo.dataset_exists(name):
         try:
-            return fo.Dataset(name, persistent=True)
+            created = fo.Dataset(name, persistent=True)
+            created.media_type = "image"  # while it is empty: merges then never set it
+            return created
         except ValueError:  # "not available": another export created it since the check
             pass
         except OperationFailure as e:  # it did so at the same moment: the name index refused ours
