@@ -37,10 +37,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _aggregate_and_report(run_dir: object, out: str | None) -> None:
     from pipeline.audit.aggregate import aggregate
     from pipeline.report.build import write_report
+    from pipeline.run.folder import RunFolder
 
-    summary = aggregate(run_dir)
+    folder = RunFolder.of(run_dir)  # aggregate and report share one listing of the shards
+    summary = aggregate(folder)
     _print_summary(summary)
-    path = write_report(run_dir, out)
+    path = write_report(folder, out)
     print(printable(f"report: {path}"))
 
 

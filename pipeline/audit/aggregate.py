@@ -19,8 +19,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from pipeline.audit.evidence import EVIDENCE_COLUMNS, evidence_stats
 from pipeline.audit.fdr import below_threshold_p, bh_qvalues
@@ -32,8 +30,11 @@ from pipeline.audit.statistics import (
     group_rng,
     group_status,
     ratio_stats,
+    valid_ratios,
 )
 from pipeline.run.folder import RunFolder
+from pipeline.run.identity import check_one_audit
+from pipeline.run.maps import stored_columns
 from pipeline.schema import IMAGE_METRICS, STATUS_OK, summary_schema
 
 __all__ = [
@@ -46,66 +47,21 @@ __all__ = [
 
 _METRIC_COLUMNS = ("status", *IMAGE_METRICS)
 _META_KEY = b"occlusion_audit.audit"  # summary.parquet schema metadata: parameters used
-_BATCH_ROWS = 65_536
 
 
 def iter_batches(
-    run_dir: str | os.PathLike[str],
+    run: RunFolder | str | os.PathLike[str],
     columns: Sequence[str] | None,
     filter: pc.Expression | None = None,
-    batch_size: int = _BATCH_ROWS,
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``columns`` (``None``: all) over ``RUN_DIR/maps/part-*.parquet``, in order.
+    """Record batches of ``columns`` (``None``: all) over the run's shards, in order: the run
+    folder's one reader (:meth:`pipeline.run.folder.RunFolder.iter_batches`).
 
     Raises:
         FileNotFoundError: the run has no part files.
         ValueError: a requested column is not stored, naming it and the stored ones.
     """
-    folder = RunFolder(run_dir)
-    names = folder.shard_names()
-    if not names:
-        raise FileNotFoundError(
-            f"no maps/part-*.parquet under {run_dir}: not a run folder, or the run has not "
-            "stored a shard yet (run `occlusion-audit run` first)"
-        )
-    if not folder.remote:
-        yield from _local_batches(folder, columns, filter, batch_size)
-        return
-    # a bucket: shard by shard, each one object read once (one shard's rows in memory)
-    with folder.store.open(names[0]) as f:
-        stored = pq.read_schema(f).names
-    columns = stored if columns is None else list(columns)
-    _check_columns(columns, stored)
-    for name in names:
-        table = folder.read_shard(name, columns)
-        if filter is not None:
-            table = table.filter(filter)
-        yield from table.to_batches(max_chunksize=batch_size)
-
-
-def _check_columns(columns: Sequence[str], stored: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in stored]
-    if missing:
-        raise ValueError(f"column(s) {missing} not in the stored maps; have {list(stored)}")
-
-
-def _local_batches(
-    folder: RunFolder,
-    columns: Sequence[str] | None,
-    filter: pc.Expression | None,
-    batch_size: int,
-) -> Iterator[pa.RecordBatch]:
-    dataset = ds.dataset([str(p) for p in folder.shard_files()], format="parquet")
-    columns = dataset.schema.names if columns is None else list(columns)
-    _check_columns(columns, dataset.schema.names)
-    # modest read-ahead: the default (16 batches, 4 files) buffers hundreds of MB of delta grids
-    yield from dataset.to_batches(
-        columns=columns,
-        filter=filter,
-        batch_size=batch_size,
-        batch_readahead=2,
-        fragment_readahead=1,
-    )
+    return RunFolder.of(run).iter_batches(columns, filter)
 
 
 def iter_groups(
@@ -157,27 +113,17 @@ class _Acc:
         return np.sort(np.concatenate(parts)) if parts else np.empty(0)
 
 
-def _stored_evidence(run_dir: Any) -> list[str]:
-    """The evidence columns this run stored (runs of older versions have none)."""
-    folder = RunFolder(run_dir)
-    shards = folder.shard_names()
-    if not shards:
-        return []
-    with folder.store.open(shards[0]) as f:
-        names = set(pq.read_schema(f).names)
-    return [c for c in EVIDENCE_COLUMNS if c in names]
-
-
-def _accumulate(run_dir: Any, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
+def _accumulate(folder: RunFolder, group_by: Sequence[str]) -> dict[GroupKey, _Acc]:
     accs: dict[GroupKey, _Acc] = {}
-    evidence = _stored_evidence(run_dir)
-    for batch in iter_batches(run_dir, [*group_by, *_METRIC_COLUMNS, *evidence]):
+    # the evidence columns this run stored (runs of older versions have none)
+    evidence = [c for c in EVIDENCE_COLUMNS if c in stored_columns(folder)]
+    for batch in folder.iter_batches([*group_by, *_METRIC_COLUMNS, *evidence]):
         ok = pc.equal(batch.column("status"), STATUS_OK).fill_null(False)
         ok = ok.to_numpy(zero_copy_only=False)  # (rows,) bool
         m = {name: _floats(batch, name) for name in IMAGE_METRICS}
         with np.errstate(invalid="ignore"):
-            valid = ok & np.isfinite(m["fg_bg_ratio"]) & (m["fg_bg_ratio"] > 0)
-            valid_pos = ok & np.isfinite(m["fg_bg_ratio_pos"]) & (m["fg_bg_ratio_pos"] > 0)
+            valid = valid_ratios(m["fg_bg_ratio"], ok)
+            valid_pos = valid_ratios(m["fg_bg_ratio_pos"], ok)
         for key, idx in iter_groups(batch, group_by):
             acc = accs.setdefault(key, _Acc())
             v, vp = idx[valid[idx]], idx[valid_pos[idx]]
@@ -244,7 +190,7 @@ def _sort_key(row: Mapping[str, Any], group_by: Sequence[str]) -> tuple:
 
 
 def aggregate(
-    run_dir: str | os.PathLike[str],
+    run_dir: RunFolder | str | os.PathLike[str],
     group_by: Sequence[str] | None = None,
     threshold: float | None = None,
     min_images: int | None = None,
@@ -291,14 +237,10 @@ def aggregate(
     Example:
         >>> summary = aggregate("runs/val", group_by=["room"], threshold=0.8)  # doctest: +SKIP
     """
-    folder = RunFolder(run_dir)
-    if not folder.shard_names():
-        raise FileNotFoundError(
-            f"no maps/part-*.parquet under {run_dir}: not a run folder, or the run has not "
-            "stored a shard yet (run `occlusion-audit run` first)"
-        )
+    folder = RunFolder.of(run_dir)
+    folder.require_shards()
     record = folder.read_record()
-    folder.check_one_audit(record)
+    check_one_audit(folder, record)
     params = audit_params(
         record,
         group_by=group_by,
@@ -311,7 +253,7 @@ def aggregate(
         fdr=fdr,
     )
     group_by = params["group_by"]
-    accs = _accumulate(folder.path, group_by)
+    accs = _accumulate(folder, group_by)
     rows = [_summary_row(key, acc, group_by, params) for key, acc in accs.items()]
     _set_status(rows, list(accs.items()), params)
     rows.sort(key=lambda row: _sort_key(row, group_by))
@@ -332,6 +274,6 @@ def _to_frame(table: pa.Table) -> pd.DataFrame:
     return df
 
 
-def read_summary(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+def read_summary(run_dir: RunFolder | str | os.PathLike[str]) -> pd.DataFrame:
     """``RUN_DIR/summary.parquet`` as written by :func:`aggregate`, with ``attrs["audit"]``."""
-    return _to_frame(RunFolder(run_dir).read_summary())
+    return _to_frame(RunFolder.of(run_dir).read_summary())

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.audit.aggregate import aggregate, iter_batches
-from pipeline.audit.statistics import group_rng
+from pipeline.audit.statistics import group_rng, valid_ratios
 from pipeline.config.typed import to_plain
 from pipeline.run.folder import RunFolder
 from pipeline.run.record import RunRecord
@@ -75,10 +75,6 @@ def map_settings(record: RunRecord) -> dict[str, Any]:
     }
 
 
-def _record(run: str | os.PathLike[str]) -> RunRecord | None:
-    return RunFolder(run).read_record()
-
-
 def _check(a: RunRecord | None, b: RunRecord | None, force: bool) -> None:
     if force:
         return
@@ -95,12 +91,12 @@ def _check(a: RunRecord | None, b: RunRecord | None, force: bool) -> None:
         )
 
 
-def _ratios(run: str | os.PathLike[str], group_by: Sequence[str]) -> pd.DataFrame:
+def _ratios(run: RunFolder, group_by: Sequence[str]) -> pd.DataFrame:
     """Per-image valid ratios (``status ok``, finite, > 0) with ids and group columns."""
     cols = [*group_by, "image_id", "status", "fg_bg_ratio"]
     frames = [b.to_pandas() for b in iter_batches(run, cols)]
     df = pd.concat(frames, ignore_index=True)
-    valid = (df["status"] == "ok") & np.isfinite(df["fg_bg_ratio"]) & (df["fg_bg_ratio"] > 0)
+    valid = valid_ratios(df["fg_bg_ratio"], df["status"] == "ok")
     return df.loc[valid, [*group_by, "image_id", "fg_bg_ratio"]]
 
 
@@ -173,14 +169,15 @@ def compare_runs(
     """
     if not min_change >= 1:
         raise ValueError(f"min_change must be >= 1, got {min_change}")
-    rec_a, rec_b = _record(run_a), _record(run_b)
+    fa, fb = RunFolder.of(run_a), RunFolder.of(run_b)  # each folder listed once
+    rec_a, rec_b = fa.read_record(), fb.read_record()
     _check(rec_a, rec_b, force)
     if group_by is None:
         group_by = rec_a.config.dataset.group_by if rec_a is not None else ()
     group_by = tuple(group_by)
-    sa = aggregate(run_a, group_by=group_by or None, write=False)
-    sb = aggregate(run_b, group_by=group_by or None, write=False)
-    ra, rb = _ratios(run_a, group_by), _ratios(run_b, group_by)
+    sa = aggregate(fa, group_by=group_by or None, write=False)
+    sb = aggregate(fb, group_by=group_by or None, write=False)
+    ra, rb = _ratios(fa, group_by), _ratios(fb, group_by)
     parts = [_by_key(df, group_by) for df in (sa, sb, ra, rb)]
     keys = sorted(set(parts[0]) | set(parts[1]), key=lambda k: [(v is None, str(v)) for v in k])
     rows = [_group_row(k, parts, seed, n_boot, confidence, min_change) for k in keys]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ __all__ = [
     "group_rng",
     "group_status",
     "ratio_stats",
+    "valid_ratios",
 ]
 
 #: A group's key: one value per group column, ``None`` for null.
@@ -35,6 +37,22 @@ RATIO_STAT_NAMES = ("gmean_ratio", "ci_low", "ci_high", "median_ratio", "share_b
 STATUS_ORDER = {"flagged": 0, "inconclusive": 1, "unreliable": 1, "ok": 2, "too-few": 2}
 
 _BOOT_CELLS = 4_000_000  # resample indices drawn at once; bounds bootstrap memory (~32 MB)
+
+
+def valid_ratios(ratio: Any, ok: Any = True) -> np.ndarray:
+    """Which fg/bg ratios a verdict counts: the image is ``ok`` and its ratio is finite and
+    > 0 (a ratio of 0 or infinity has no logarithm). The one definition of a valid image.
+
+    Args:
+        ratio: ``(n,)`` ratios (NaN where undefined).
+        ok: ``(n,)`` whether each image's status is ``ok`` (True: all are).
+
+    Returns:
+        ``(n,)`` bool.
+    """
+    r = np.asarray(ratio, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.asarray(ok, dtype=bool) & np.isfinite(r) & (r > 0)
 
 
 def group_rng(seed: int, key: GroupKey, stream: str) -> np.random.Generator:

@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from pipeline.audit.aggregate import iter_batches
+from pipeline.audit.statistics import valid_ratios
 from pipeline.run.folder import RunFolder
 
 __all__ = ["CONCENTRATED", "FIXED_PLACE_SHARE", "discover", "spray_group", "strategy_group_columns"]
@@ -118,7 +119,7 @@ def _norm(key: tuple) -> tuple[str | None, ...]:
     return tuple(None if pd.isna(v) else str(v) for v in key)
 
 
-def _groups(run_dir: str, group_by: Sequence[str], cells: int) -> Iterator[_Group]:
+def _groups(run_dir: RunFolder, group_by: Sequence[str], cells: int) -> Iterator[_Group]:
     """The ``ok`` maps of each group, read a few groups at a time."""
     keys = pd.concat(
         [b.to_pandas() for b in iter_batches(run_dir, [*group_by, "status"])], ignore_index=True
@@ -174,7 +175,7 @@ def _cluster_row(g: _Group, labels: np.ndarray, c: int, top: int) -> dict:
     cells = max(1, math.ceil(0.1 * flat.size))
     concentration = float(np.sort(flat)[::-1][:cells].sum() / flat.sum()) if flat.sum() else 0.0
     r = g.ratios[idx]
-    r = r[np.isfinite(r) & (r > 0)]
+    r = r[valid_ratios(r)]
     gmean = float(np.exp(np.log(r).mean())) if len(r) else math.nan
     return {
         "cluster": c,
@@ -230,7 +231,8 @@ def discover(
     """
     group_by = tuple(group_by) if group_by is not None else ("label",)
     rows = []
-    for g in _groups(str(run_dir), group_by, grid):
+    folder = RunFolder.of(run_dir)  # one listing for both passes and the write
+    for g in _groups(folder, group_by, grid):
         labels = spray_group(g.maps, clusters, max_clusters, seed)
         for c in range(int(labels.max()) + 1 if len(labels) else 0):
             rows.append(
@@ -241,5 +243,5 @@ def discover(
         table["_rank"] = -table["concentration"] + table["share"]
         table = table.sort_values([*group_by, "_rank"], kind="stable").drop(columns="_rank")
     if write:  # a local folder or a bucket: written whole either way
-        RunFolder(run_dir).write_file("strategies.parquet", table.to_parquet(index=False))
+        folder.write_file("strategies.parquet", table.to_parquet(index=False))
     return table.reset_index(drop=True)

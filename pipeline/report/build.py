@@ -192,7 +192,7 @@ def _index(out: Path, ctx: _Context, record: RunRecord | None, folder: RunFolder
 
 
 def write_report(
-    run_dir: str | os.PathLike[str],
+    run_dir: RunFolder | str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
     *,
     summary: pd.DataFrame | None = None,
@@ -222,12 +222,12 @@ def write_report(
         PosixPath('.../reports/val-audit/index.html')
     """
     limits = limits or Limits()
-    folder = RunFolder(run_dir)
+    folder = RunFolder.of(run_dir)  # one listing of the shards for the whole report
     run_dir = folder.path  # a Path, or the URI of a folder in object storage
     record = folder.read_record()  # None: a run folder without run.json
     if summary is None:
         stored = folder.store.exists(folder.SUMMARY)
-        summary = read_summary(run_dir) if stored else aggregate(run_dir)
+        summary = read_summary(folder) if stored else aggregate(folder)
     summary = summary.reset_index(drop=True)
     group_by = list(summary.columns[: list(summary.columns).index("n")])
     params = summary.attrs.get("audit") or audit_params(record, group_by=group_by)
@@ -243,7 +243,7 @@ def _write(out: Path, folder: RunFolder, record: RunRecord | None, summary: pd.D
     names = GroupNames.of(group_by, record)
     rows = summary.to_dict("records")
     ctx = _Context(
-        run_dir=folder.path,
+        run_dir=folder,
         summary=summary,
         group_by=group_by,
         params=params,
@@ -258,7 +258,7 @@ def _write(out: Path, folder: RunFolder, record: RunRecord | None, summary: pd.D
         classes=[names.class_name(s) for s in rows],
     )
     keys = {group_key(s, group_by): k for k, s in enumerate(rows)}
-    scan = scan_run(folder.path, group_by, keys)
+    scan = scan_run(folder, group_by, keys)
     views = build_group_pages(out, ctx, scan, limits)
     page = _index(out, ctx, record, folder, views, scan, limits)
     rh.write_script(out)

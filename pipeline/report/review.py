@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.audit.statistics import valid_ratios
 from pipeline.report.assets import file_key
 from pipeline.report.html import fmt
 from pipeline.report.table import STATUS_RANK, Cell, Column, Filter, Row, Table, num
@@ -88,7 +89,7 @@ def review_queue(
     flip = _floats(df, "swap_flip")
     ok = (df["status"] == STATUS_OK).to_numpy()
     with np.errstate(invalid="ignore"):
-        low = ok & np.isfinite(r) & (r > 0) & (r < threshold)
+        low = valid_ratios(r, ok) & (r < threshold)
         flips = ok & (flip > 0)
     strategy = df["image_id"].astype(str).map(off_object)
     off = ok & strategy.notna().to_numpy()

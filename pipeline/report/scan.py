@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.audit.aggregate import iter_batches, iter_groups
+from pipeline.audit.statistics import valid_ratios
 from pipeline.report.figures import HIST_EDGES
 from pipeline.report.names import GroupKey
+from pipeline.run import maps
 from pipeline.run.folder import RunFolder
 from pipeline.schema import STATUS_OK
 
@@ -58,14 +59,9 @@ class Scan:
     _table: pa.Table | None = None
 
 
-def stored_columns(run_dir: str | os.PathLike[str]) -> list[str]:
+def stored_columns(run_dir: RunFolder | str | os.PathLike[str]) -> list[str]:
     """The columns of the run's stored maps (from its first shard's footer)."""
-    folder = RunFolder(run_dir)
-    names = folder.shard_names()
-    if not names:
-        return []
-    with folder.store.open(names[0]) as f:
-        return list(pq.read_schema(f).names)
+    return maps.stored_columns(RunFolder.of(run_dir))
 
 
 def scan_run(
@@ -99,7 +95,7 @@ def scan_run(
             images[c] = np.nan
     r = images["fg_bg_ratio"].to_numpy(dtype=np.float64, na_value=np.nan)
     with np.errstate(invalid="ignore"):
-        images["valid"] = (images["status"] == STATUS_OK).to_numpy() & np.isfinite(r) & (r > 0)
+        images["valid"] = valid_ratios(r, (images["status"] == STATUS_OK).to_numpy())
     valid = images["valid"].to_numpy()
     return Scan(images, _hists(images["group"].to_numpy()[valid], r[valid], len(groups)), swaps)
 

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.run.lease import ObjectLock, RunLock, RunLockedError
-from pipeline.run.record import RunRecord, identity_digest
+from pipeline.run.maps import BATCH_ROWS, iter_batches
+from pipeline.run.record import RunRecord
 from pipeline.storage.atomic import is_temporary
 from pipeline.storage.store import Store
 
@@ -64,6 +65,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.store = Store(path)
+        self._names: list[str] | None = None  # the shard listing, made once (shard_names)
         # a local folder is a Path (callers join names onto it); a bucket folder its URI
         self.path: Any = self.store.location if self.store.remote else Path(self.store.root)
 
@@ -93,9 +95,38 @@ class RunFolder:
         """Where shard ``shard`` is stored (a Path, or a URI in object storage)."""
         return self._at(self.shard_name(shard))
 
-    def shard_names(self) -> list[str]:
-        """The stored shards' names, in shard order (one listing of ``maps/``)."""
-        return self.store.list(self.MAPS, "part-*.parquet")
+    @classmethod
+    def of(cls, run: RunFolder | str | os.PathLike[str]) -> RunFolder:
+        """``run`` itself when it is a :class:`RunFolder` (its listing is reused), else one."""
+        return run if isinstance(run, RunFolder) else cls(run)
+
+    def shard_names(self, fresh: bool = False) -> list[str]:
+        """The stored shards' names, in shard order: ``maps/`` is listed once per folder object
+        (on a bucket, one LIST request), again only with ``fresh`` (after other processes
+        wrote shards)."""
+        if fresh or self._names is None:
+            self._names = self.store.list(self.MAPS, "part-*.parquet")
+        return list(self._names)
+
+    def require_shards(self) -> list[str]:
+        """:meth:`shard_names`, refusing a folder without any.
+
+        Raises:
+            FileNotFoundError: no shard files: not a run folder, or no shard stored yet.
+        """
+        names = self.shard_names()
+        if not names:
+            raise FileNotFoundError(
+                f"no maps/part-*.parquet under {self.path}: not a run folder, or the run has "
+                "not stored a shard yet (run `occlusion-audit run` first)"
+            )
+        return names
+
+    def iter_batches(
+        self, columns: Sequence[str] | None, filter: Any = None, batch_size: int | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Record batches of ``columns`` over the shards, in order (:mod:`pipeline.run.maps`)."""
+        return iter_batches(self, columns, filter, batch_size or BATCH_ROWS)
 
     def shard_files(self) -> list[Any]:
         """The stored shard files (Paths, or URIs in object storage), in shard order."""
@@ -123,6 +154,8 @@ class RunFolder:
             if fence is not None:
                 self.check_fence(fence)
             self._write_table(self.shard_name(shard), table, compression="zstd")
+            if self._names is not None and self.shard_name(shard) not in self._names:
+                self._names = sorted([*self._names, self.shard_name(shard)])
         except OSError as e:
             raise ShardWriteError(
                 f"cannot write {self.shard_path(shard)}: {e.strerror or e}"
@@ -151,40 +184,6 @@ class RunFolder:
             raise LeaseLostError(
                 f"{self.path}: the run lock is held by {holder}, not by this run: it lost its "
                 "lease, and writes nothing more"
-            )
-
-    def shard_identities(self, names: Sequence[str] | None = None) -> dict[str, str | None]:
-        """The identity digest each stored shard was written with (None: written before shards
-        carried one), from the Parquet footers."""
-        out: dict[str, str | None] = {}
-        for name in self.shard_names() if names is None else names:
-            with self.store.open(name) as f:
-                meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-            value = meta.get(IDENTITY_KEY)
-            out[name] = None if value is None else value.decode()
-        return out
-
-    def foreign_shards(self, digest: str, names: Sequence[str] | None = None) -> list[str]:
-        """Stored shards written by a run with another identity than ``digest``."""
-        found = self.shard_identities(names)
-        return [n for n, d in found.items() if d is not None and d != digest]
-
-    def check_one_audit(self, record: RunRecord | None) -> None:
-        """Refuse a folder whose shards were not all written with its run's settings: two
-        audits mixed in one folder (a run that lost its lock kept writing).
-
-        Raises:
-            RunFolderError: naming the foreign shards.
-        """
-        if record is None or not record.identity:
-            return
-        foreign = self.foreign_shards(identity_digest(record.identity))
-        if foreign:
-            more = ", ..." if len(foreign) > 5 else ""
-            raise RunFolderError(
-                f"{len(foreign)} shard(s) of {self.path} were written with other settings than "
-                f"its run.json ({', '.join(foreign[:5])}{more}): the folder mixes two audits; "
-                "`occlusion-audit run --resume` recomputes them"
             )
 
     def remove_temporary(self) -> None:
@@ -243,12 +242,7 @@ class RunFolder:
         Raises:
             FileNotFoundError: the folder holds no shard files.
         """
-        names = self.shard_names()
-        if not names:
-            raise FileNotFoundError(
-                f"no maps/part-*.parquet under {self.path}: not a run folder, or the run has "
-                "not stored a shard yet (run `occlusion-audit run` first)"
-            )
+        names = self.require_shards()
         # File by file: a pyarrow dataset over thousands of shard files keeps per-file metadata
         # (~70 KiB each) alive in the driver for as long as the process runs.
         cols = None if columns is None else list(columns)

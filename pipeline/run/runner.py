@@ -180,7 +180,7 @@ def _stored(folder: RunFolder, digest: str) -> tuple[np.ndarray, list[dict[str, 
             to this one, or this one's to another) are in the folder.
     """
     hashes, failures, foreign = [], [], []
-    for name in folder.shard_names():
+    for name in folder.shard_names(fresh=True):  # the workers wrote them: list again
         t = folder.read_shard(name, ["image_id", "status", "error"])
         stored = (t.schema.metadata or {}).get(IDENTITY_KEY)
         if stored is not None and stored.decode() != digest:
