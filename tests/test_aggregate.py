@@ -87,11 +87,11 @@ def test_bootstrap_interval_matches_normal_theory(tmp_path: Path) -> None:
         for i, r in enumerate(spread_ratios(1.3, spread, n))
     ]
     run = write_run(tmp_path / "run", rows, ["room"])
-    s = aggregate(run, n_boot=4000).iloc[0]
+    s = aggregate(run, bootstrap=4000).iloc[0]
     half = 1.959964 * spread / math.sqrt(n)  # of the mean log-ratio
     assert math.log(s["ci_low"]) == pytest.approx(math.log(1.3) - half, abs=0.1 * half)
     assert math.log(s["ci_high"]) == pytest.approx(math.log(1.3) + half, abs=0.1 * half)
-    narrow = aggregate(run, n_boot=4000, confidence=0.5, write=False).iloc[0]
+    narrow = aggregate(run, bootstrap=4000, confidence=0.5, write=False).iloc[0]
     assert s["ci_low"] < narrow["ci_low"] < narrow["ci_high"] < s["ci_high"]
 
 

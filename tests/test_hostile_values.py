@@ -67,7 +67,7 @@ def test_aggregate_refuses_values_the_audit_settings_refuse(run_dir, flags, key,
         ({"max_error_share": float("nan")}, "audit.max_error_share", "got nan"),
         ({"fdr": "2"}, "audit.fdr", "got 2.0"),
         ({"fdr": "sometimes"}, "audit.fdr", "'sometimes'"),
-        ({"n_boot": 0}, "audit.bootstrap", "got 0"),
+        ({"bootstrap": 0}, "audit.bootstrap", "got 0"),
     ],
 )
 def test_the_api_refuses_them_alike(run_dir, given, key, shown) -> None:

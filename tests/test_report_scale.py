@@ -204,7 +204,7 @@ def test_a_group_page_shows_its_images_with_the_map_over_them(report: Path, tmp_
 @pytest.mark.browser
 @needs_chromium
 def test_compare_at_a_thousand_groups_puts_changed_groups_first(runs: Path, tmp_path: Path):
-    c = compare_runs(runs / "night-1", runs / "night-2", n_boot=500)
+    c = compare_runs(runs / "night-1", runs / "night-2", bootstrap=500)
     out = write_comparison(c, tmp_path / "compare")
     page = (out / "compare.html").read_text(encoding="utf-8")
     assert (out / "compare.html").stat().st_size < 2_000_000

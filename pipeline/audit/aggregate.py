@@ -143,8 +143,8 @@ def _accumulate(folder: RunFolder, group_by: Sequence[str]) -> dict[GroupKey, _A
 
 def _summary_row(key: GroupKey, acc: _Acc, group_by: Sequence[str], p: Mapping[str, Any]) -> dict:
     ratios, ratios_pos = acc.values("fg_bg_ratio"), acc.values("fg_bg_ratio_pos")
-    main = ratio_stats(ratios, p["confidence"], p["n_boot"], group_rng(p["seed"], key, "ratio"))
-    pos = ratio_stats(ratios_pos, p["confidence"], p["n_boot"], group_rng(p["seed"], key, "pos"))
+    main = ratio_stats(ratios, p["confidence"], p["bootstrap"], group_rng(p["seed"], key, "ratio"))
+    pos = ratio_stats(ratios_pos, p["confidence"], p["bootstrap"], group_rng(p["seed"], key, "pos"))
     row: dict[str, Any] = dict(zip(group_by, key, strict=True))
     row.update(n=acc.n, n_valid=len(ratios), n_error=acc.n_error, n_nan=acc.n_nan, **main)
     row.update({f"mean_{k}": finite_mean(acc.values(k)) for k in ("fg_share", "fg_area")})
@@ -180,7 +180,7 @@ def _set_status(
     for row, (key, acc) in zip(rows, accs, strict=True):
         values = {name: acc.values(name) for name in EVIDENCE_COLUMNS}
         rng = group_rng(p["seed"], key, "bg_reliance")
-        row.update(evidence_stats(values, row["status"], p["confidence"], p["n_boot"], rng))
+        row.update(evidence_stats(values, row["status"], p["confidence"], p["bootstrap"], rng))
 
 
 def _sort_key(row: Mapping[str, Any], group_by: Sequence[str]) -> tuple:
@@ -196,7 +196,7 @@ def aggregate(
     min_images: int | None = None,
     confidence: float | None = None,
     seed: int | None = None,
-    n_boot: int | None = None,
+    bootstrap: int | None = None,
     write: bool = True,
     max_error_share: float | None = None,
     fdr: float | str | None = None,
@@ -222,7 +222,7 @@ def aggregate(
         min_images: fewest valid images for a verdict; default audit config, else 20.
         confidence: interval coverage in (0, 1); default audit config, else 0.95.
         seed: bootstrap seed; default ``audit.seed`` (0).
-        n_boot: bootstrap resamples; default ``audit.bootstrap``, else 2000.
+        bootstrap: bootstrap resamples; default ``audit.bootstrap``, else 2000.
         max_error_share: largest share of failed images that still allows a verdict; default
             ``audit.max_error_share``, else 0.1.
         fdr: false-discovery rate of the flags; default ``audit.fdr``, else 0.05; ``"off"``
@@ -248,7 +248,7 @@ def aggregate(
         min_images=min_images,
         confidence=confidence,
         seed=seed,
-        n_boot=n_boot,
+        bootstrap=bootstrap,
         max_error_share=max_error_share,
         fdr=fdr,
     )
@@ -270,6 +270,8 @@ def _to_frame(table: pa.Table) -> pd.DataFrame:
     if raw is not None:
         audit = json.loads(raw)
         audit["group_by"] = tuple(audit["group_by"])
+        if "n_boot" in audit:  # a summary written before the setting's one name
+            audit["bootstrap"] = audit.pop("n_boot")
         df.attrs["audit"] = audit
     return df
 

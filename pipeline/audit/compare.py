@@ -101,7 +101,7 @@ def _ratios(run: RunFolder, group_by: Sequence[str]) -> pd.DataFrame:
 
 
 def _change(
-    a: pd.DataFrame, b: pd.DataFrame, key: tuple, seed: int, n_boot: int, confidence: float
+    a: pd.DataFrame, b: pd.DataFrame, key: tuple, seed: int, bootstrap: int, confidence: float
 ) -> tuple[float, float, float, bool]:
     """Ratio of geometric means B/A with a bootstrap interval, and whether it was paired."""
     if len(a) == 0 or len(b) == 0:
@@ -115,12 +115,12 @@ def _change(
         at = {image_id: k for k, image_id in enumerate(ids_b)}
         rb = b["fg_bg_ratio"].to_numpy()[[at[i] for i in ids_a]]
         d = np.log(rb) - np.log(a["fg_bg_ratio"].to_numpy())
-        boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+        boot = d[rng.integers(0, len(d), size=(bootstrap, len(d)))].mean(axis=1)
         est = float(d.mean())
     else:
         la, lb = np.log(a["fg_bg_ratio"].to_numpy()), np.log(b["fg_bg_ratio"].to_numpy())
-        ia = rng.integers(0, len(la), size=(n_boot, len(la)))
-        ib = rng.integers(0, len(lb), size=(n_boot, len(lb)))
+        ia = rng.integers(0, len(la), size=(bootstrap, len(la)))
+        ib = rng.integers(0, len(lb), size=(bootstrap, len(lb)))
         boot = lb[ib].mean(axis=1) - la[ia].mean(axis=1)
         est = float(lb.mean() - la.mean())
     alpha = (1 - confidence) / 2
@@ -148,7 +148,7 @@ def compare_runs(
     force: bool = False,
     min_change: float = 1.5,
     confidence: float = 0.95,
-    n_boot: int = 2000,
+    bootstrap: int = 2000,
     seed: int = 0,
     top: int = 8,
 ) -> Comparison:
@@ -160,7 +160,7 @@ def compare_runs(
         force: compare runs whose map settings differ.
         min_change: smallest factor of change reported as improved or regressed (> 1).
         confidence: coverage of the change's bootstrap interval.
-        n_boot, seed: bootstrap resamples and seed (with the group key).
+        bootstrap, seed: bootstrap resamples and seed (with the group key).
         top: how many most-moved images to return.
 
     Raises:
@@ -180,7 +180,7 @@ def compare_runs(
     ra, rb = _ratios(fa, group_by), _ratios(fb, group_by)
     parts = [_by_key(df, group_by) for df in (sa, sb, ra, rb)]
     keys = sorted(set(parts[0]) | set(parts[1]), key=lambda k: [(v is None, str(v)) for v in k])
-    rows = [_group_row(k, parts, seed, n_boot, confidence, min_change) for k in keys]
+    rows = [_group_row(k, parts, seed, bootstrap, confidence, min_change) for k in keys]
     groups = pd.DataFrame(rows, columns=[*group_by, *_COLUMNS])
     moved = _moved(ra, rb, group_by, top)
     summary = _summary(groups, group_by, str(run_a), str(run_b), min_change)
@@ -208,7 +208,7 @@ def _group_row(
     key: tuple,
     parts: Sequence[dict[tuple, pd.DataFrame]],
     seed: int,
-    n_boot: int,
+    bootstrap: int,
     confidence: float,
     min_change: float,
 ) -> list:
@@ -218,7 +218,7 @@ def _group_row(
     status_b = b["status"].iloc[0] if len(b) else None
     ratio_a = float(a["gmean_ratio"].iloc[0]) if len(a) else math.nan
     ratio_b = float(b["gmean_ratio"].iloc[0]) if len(b) else math.nan
-    change, low, high, paired = _change(ia, ib, key, seed, n_boot, confidence)
+    change, low, high, paired = _change(ia, ib, key, seed, bootstrap, confidence)
     verdict = _verdict(status_a, status_b, low, high, min_change)
     return [*key, len(ia), len(ib), ratio_a, ratio_b, status_a, status_b, change, low, high,
             paired, verdict]  # fmt: skip

@@ -26,13 +26,13 @@ EVIDENCE_COLUMNS = (*LOCALISATION_METRICS, *COUNTERFACTUAL_METRICS)
 
 
 def _mean_interval(
-    values: np.ndarray, confidence: float, n_boot: int, rng: np.random.Generator
+    values: np.ndarray, confidence: float, bootstrap: int, rng: np.random.Generator
 ) -> tuple[float, float, float]:
     """Mean of the finite ``values`` with a percentile bootstrap interval (NaN when empty)."""
     v = values[np.isfinite(values)]
     if len(v) == 0:
         return math.nan, math.nan, math.nan
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    means = v[rng.integers(0, len(v), size=(bootstrap, len(v)))].mean(axis=1)
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(v.mean()), float(low), float(high)
@@ -42,7 +42,7 @@ def evidence_stats(
     values: Mapping[str, np.ndarray],
     status: str,
     confidence: float,
-    n_boot: int,
+    bootstrap: int,
     rng: np.random.Generator,
 ) -> dict[str, float | bool]:
     """The evidence columns of one group's summary row.
@@ -51,7 +51,7 @@ def evidence_stats(
         values: per-image values of :data:`EVIDENCE_COLUMNS` over the group's ``ok`` rows
             (absent columns count as none).
         status: the group's verdict (only a flagged group can be confirmed).
-        confidence, n_boot, rng: of the ``bg_reliance`` bootstrap interval.
+        confidence, bootstrap, rng: of the ``bg_reliance`` bootstrap interval.
 
     Returns:
         ``bg_reliance``, ``bg_reliance_low``, ``bg_reliance_high``, ``swap_flip_rate``,
@@ -59,7 +59,7 @@ def evidence_stats(
         ``confirmed`` and ``mean_<metric>`` for each localisation metric.
     """
     empty = np.empty(0)
-    mean, low, high = _mean_interval(values.get("bg_reliance", empty), confidence, n_boot, rng)
+    mean, low, high = _mean_interval(values.get("bg_reliance", empty), confidence, bootstrap, rng)
     out: dict[str, float | bool] = {
         "bg_reliance": mean,
         "bg_reliance_low": low,

@@ -17,7 +17,7 @@ _SETTINGS = {
     "min_images": "min_images",
     "confidence": "confidence",
     "seed": "seed",
-    "n_boot": "bootstrap",
+    "bootstrap": "bootstrap",
     "max_error_share": "max_error_share",
     "fdr": "fdr",
 }
@@ -33,7 +33,7 @@ def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:
     Args:
         record: the run record, or None (then :class:`AuditSettings` defaults apply).
         overrides: ``group_by``, ``threshold``, ``min_images``, ``confidence``, ``seed``,
-            ``n_boot``, ``max_error_share``, ``fdr`` (``"off"``: the per-group interval rule);
+            ``bootstrap``, ``max_error_share``, ``fdr`` (``"off"``: the per-group interval rule);
             ``None`` means "not given".
 
     Returns:
@@ -69,7 +69,7 @@ def audit_params(record: RunRecord | None, **overrides: Any) -> dict[str, Any]:
         "min_images": int(settings.min_images),
         "confidence": float(settings.confidence),
         "seed": int(settings.seed),
-        "n_boot": int(settings.bootstrap),
+        "bootstrap": int(settings.bootstrap),
         "max_error_share": float(settings.max_error_share),
         "fdr": None if settings.fdr is None else float(settings.fdr),
     }

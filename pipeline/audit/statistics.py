@@ -76,14 +76,14 @@ def finite_mean(values: np.ndarray) -> float:
 
 
 def ratio_stats(
-    ratios: np.ndarray, confidence: float, n_boot: int, rng: np.random.Generator
+    ratios: np.ndarray, confidence: float, bootstrap: int, rng: np.random.Generator
 ) -> dict[str, float]:
     """Geometric mean of positive finite ``ratios`` with a percentile bootstrap interval.
 
     Args:
         ratios: (N,) fg/bg ratios (unitless), all finite and > 0, ideally sorted.
         confidence: interval coverage in (0, 1), e.g. 0.95.
-        n_boot: bootstrap resamples of the log-ratios; at least 1.
+        bootstrap: bootstrap resamples of the log-ratios; at least 1.
         rng: source of the resample indices.
 
     Returns:
@@ -95,10 +95,10 @@ def ratio_stats(
     if n == 0:
         return dict.fromkeys(RATIO_STAT_NAMES, math.nan)
     logs = np.log(ratios)
-    means = np.empty(n_boot)  # (n_boot,) mean log-ratio of each resample
+    means = np.empty(bootstrap)  # (bootstrap,) mean log-ratio of each resample
     step = max(1, _BOOT_CELLS // n)
-    for start in range(0, n_boot, step):
-        stop = min(start + step, n_boot)
+    for start in range(0, bootstrap, step):
+        stop = min(start + step, bootstrap)
         means[start:stop] = logs[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])

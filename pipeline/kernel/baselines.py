@@ -49,7 +49,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 def make_baselines(
     images: torch.Tensor,
     kind: Baseline | str,
-    n_draws: int,
+    n_baselines: int,
     *,
     seed: int = 0,
     image_ids: Sequence[str],
@@ -61,7 +61,7 @@ def make_baselines(
     Args:
         images: ``(N, C, H, W)`` pixel-space images.
         kind: a :class:`Baseline`.
-        n_draws: ``K``; must be 1 for fixed baselines.
+        n_baselines: ``K``; must be 1 for fixed baselines.
         seed: run seed; with ``image_ids`` it fully determines random draws.
         image_ids: ``N`` stable identifiers.
         value: for ``constant``: a scalar, a ``(C,)`` vector, a ``(C, H, W)`` tensor or an
@@ -78,11 +78,11 @@ def make_baselines(
     n, c, h, w = images.shape
     if len(image_ids) != n:
         raise ValueError(f"got {len(image_ids)} image_ids for {n} images")
-    if n_draws < 1:
-        raise ValueError(f"n_baselines must be >= 1, got {n_draws}")
-    if not kind.is_random and n_draws != 1:
+    if n_baselines < 1:
+        raise ValueError(f"n_baselines must be >= 1, got {n_baselines}")
+    if not kind.is_random and n_baselines != 1:
         raise ValueError(
-            f"baseline {kind.value!r} is deterministic: n_baselines must be 1, got {n_draws}"
+            f"baseline {kind.value!r} is deterministic: n_baselines must be 1, got {n_baselines}"
         )
     dev, dt = images.device, images.dtype
     if kind is Baseline.ZERO:
@@ -106,12 +106,14 @@ def make_baselines(
         return gaussian_blur(images, blur_sigma).unsqueeze(1)
     gens = [draw_generator(seed, str(i)) for i in image_ids]
     if kind is Baseline.NOISE:
-        noise = [torch.rand((n_draws, c, h, w), generator=g) for g in gens]
+        noise = [torch.rand((n_baselines, c, h, w), generator=g) for g in gens]
         return torch.stack(noise).to(device=dev, dtype=dt)
     # Random pixels: indices are drawn on the CPU generator so that they do not depend on the
     # device; the gather happens on the device.
     per_pixel = 1 if kind is Baseline.RANDOM_PIXEL else c
-    idx = torch.stack([torch.randint(0, h * w, (n_draws, per_pixel), generator=g) for g in gens])
-    idx = idx.expand(n, n_draws, c).to(dev)  # (N, K, C)
-    flat = images.reshape(n, 1, c, h * w).expand(n, n_draws, c, h * w)
-    return flat.gather(3, idx.unsqueeze(-1)).view(n, n_draws, c, 1, 1)
+    idx = torch.stack(
+        [torch.randint(0, h * w, (n_baselines, per_pixel), generator=g) for g in gens]
+    )
+    idx = idx.expand(n, n_baselines, c).to(dev)  # (N, K, C)
+    flat = images.reshape(n, 1, c, h * w).expand(n, n_baselines, c, h * w)
+    return flat.gather(3, idx.unsqueeze(-1)).view(n, n_baselines, c, 1, 1)

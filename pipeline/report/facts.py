@@ -22,12 +22,12 @@ def run_facts(record: RunRecord | None, params: Mapping[str, Any]) -> list[tuple
         record: the run's ``run.json`` record, or ``None`` for a run folder without one (then
             only the audit parameters are shown).
         params: audit parameters (``group_by``, ``threshold``, ``min_images``, ``confidence``,
-            ``n_boot``, ``seed``).
+            ``bootstrap``, ``seed``).
     """
     audit = (
         f"group by {', '.join(params['group_by'])}; threshold {params['threshold']}; "
         f"min_images {params['min_images']}; confidence {params['confidence']}; "
-        f"bootstrap {params['n_boot']} resamples, seed {params['seed']}"
+        f"bootstrap {params['bootstrap']} resamples, seed {params['seed']}"
     )
     if record is None:
         return [("Audit", audit)]

@@ -44,8 +44,8 @@ class Inspection:
     sample_errors: list[str] = field(default_factory=list)
     mean_fg_area: float = math.nan  # fraction of the image, over sampled images with one
     windows: int = 0  # per image
-    draws: int = 0
-    forward_passes: int = 0  # images x windows x draws, plus one clean pass per image
+    n_baselines: int = 0  # K, the draws per window
+    forward_passes: int = 0  # images x windows x n_baselines, plus one clean pass per image
     seconds_per_image: float = math.nan  # one worker, calibrated
     actors: int = 1  # the most actors the pool asks for on the target
     startup_s: float = 0.0
@@ -74,7 +74,7 @@ class Inspection:
             f"sample: {len(self.sample_errors)} of {self.sampled} unreadable",
             *[f"  {printable(e)}" for e in self.sample_errors[:10]],
             f"forward passes: {self.forward_passes} ({self.images} images x {self.windows} "
-            f"windows x {self.draws} draws, + {self.images} clean)",
+            f"windows x {self.n_baselines} draws, + {self.images} clean)",
             f"pool on {self.target}: {self.pool}",
             f"calibration: {self.seconds_per_image:.3f} s/image per actor on "
             f"{self.calibrated_on or 'nothing'}, {self.actors} actor(s)",
@@ -136,7 +136,7 @@ def inspect_audit(
     occ = config.occlusion
     grid = WindowGrid.create((3, *config.dataset.image_size), occ.window, occ.stride)
     windows = math.prod(grid.counts)
-    draws = int(occ.n_baselines or 1)
+    k = int(occ.n_baselines or 1)
     est = estimate(config, good[: calibrate + 1], len(plan.shards), cluster_file)
     local = str(config.cluster.address) == "local" and cluster_file is None
     startup = STARTUP_LOCAL_S if local else STARTUP_CLUSTER_S
@@ -161,8 +161,8 @@ def inspect_audit(
         sample_errors=errors,
         mean_fg_area=sum(areas) / len(areas) if areas else math.nan,
         windows=windows,
-        draws=draws,
-        forward_passes=plan.images * (windows * draws + 1),
+        n_baselines=k,
+        forward_passes=plan.images * (windows * k + 1),
         seconds_per_image=est.seconds_per_image,
         actors=actors,
         startup_s=startup,
