@@ -221,7 +221,11 @@ def _parser() -> argparse.ArgumentParser:
     add_runs_parsers(sub)
 
     b = sub.add_parser("bench", help="time our kernel against Captum and the forward roofline")
-    b.add_argument("--model", default="seed-cnn", help="seed-cnn | seed-cnn-gap | resnet50")
+    b.add_argument(
+        "--model",
+        default="seed-cnn",
+        help="seed-cnn | seed-cnn-gap | small-resnet | resnet50 | vgg-small",
+    )
     b.add_argument("--image-size", type=int, default=224, help="square side, pixels")
     b.add_argument("--window", type=int, default=32)
     b.add_argument("--stride", type=int, default=16)

@@ -1,4 +1,5 @@
-"""Networks for ``occlusion-audit bench``: the shipped seed CNNs plus two standard-sized ones.
+"""Networks for ``occlusion-audit bench``: the shipped seed CNNs and ``small-resnet``
+(:class:`~pipeline.models.nets.SmallResNet`, four residual blocks), plus two standard-sized ones.
 
 ``resnet50`` is a ResNet-50 (He et al. 2016, https://arxiv.org/abs/1512.03385): bottleneck blocks
 ``[3, 4, 6, 3]`` with BatchNorm, 23.5M parameters plus ``2048 * num_classes`` in the head (25.6M
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.models.nets import SeedCNN, SeedCNNWithGAP
+from pipeline.models.nets import SeedCNN, SeedCNNWithGAP, SmallResNet
 
 __all__ = ["BENCH_MODELS", "ResNet50", "VGGSmall", "build_bench_model"]
 
@@ -125,6 +126,7 @@ Factory = Callable[[int, int], nn.Module]
 BENCH_MODELS: dict[str, Factory] = {
     "seed-cnn": lambda size, classes: SeedCNN(num_classes=classes, input_dim=size),
     "seed-cnn-gap": lambda size, classes: SeedCNNWithGAP(num_classes=classes),
+    "small-resnet": lambda size, classes: SmallResNet(num_classes=classes),
     "resnet50": lambda size, classes: ResNet50(num_classes=classes),
     "vgg-small": lambda size, classes: VGGSmall(num_classes=classes),
 }
