@@ -26,7 +26,7 @@ from pipeline.kernel.approx_check import (
 from pipeline.kernel.baselines import make_baselines
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.occlusion import check_windows
-from pipeline.models.nets import SeedCNN
+from pipeline.models.nets import SeedCNN, SmallResNet
 from pipeline.run.settings import worker_compute
 from tests.test_incremental import MODELS, Gated, ResNetish, VGGish, _eval
 
@@ -34,6 +34,8 @@ NETS = {
     "seedcnn": lambda: _eval(SeedCNN(num_classes=3, input_dim=32)),
     "resnet": MODELS["resnet"],  # residual adds, strided stem, max pool, GAP head
     "vgg": MODELS["vgg"],  # conv stack with max/avg pools, flatten + MLP head
+    # the network of benchmarks/approx_quality.py: BatchNorm, strided residual blocks, GAP head
+    "smallresnet": lambda: _eval(SmallResNet(num_classes=3)),
 }
 IDS = ["cat-7", "dog-2", "owl-5"]
 
