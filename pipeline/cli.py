@@ -226,8 +226,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--model",
         default="seed-cnn",
-        help="seed-cnn | seed-cnn-gap | resnet50 | vgg-small, or your architecture with random "
-        "weights: timm:NAME | torchvision:NAME | transformers:PATH (a folder with config.json)",
+        help="seed-cnn | seed-cnn-gap | small-resnet | resnet50 | vgg-small, or your architecture "
+        "with random weights: timm:NAME | torchvision:NAME | transformers:PATH (a folder with "
+        "config.json)",
     )
     b.add_argument(
         "--model-kwargs",

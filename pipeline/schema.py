@@ -83,7 +83,10 @@ MAPS_SCHEMA = pa.schema(
         pa.field("delta", pa.list_(pa.float32())),
         pa.field("delta_std", pa.list_(pa.float32())),  # population std over the K draws
         # engine approximate: the largest |approximate - exact| score drop over the image's
-        # sampled check windows (a lower bound on its error); null for exact engines
+        # approx_check_windows n check windows, drawn uniformly (seed, image id): at least the
+        # q-quantile of the image's window errors with probability 1 - q^n (n = 29: the 90th
+        # percentile with 95% confidence; all windows when n >= their number); null for exact
+        # engines
         pa.field("approx_error", pa.float32()),
         *(pa.field(m, pa.float64()) for m in IMAGE_METRICS),
         pa.field("metric_note", pa.string()),  # why a metric is NaN, else null

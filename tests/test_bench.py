@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from pipeline.bench.approximate import add_approx_argument
-from pipeline.bench.engines import bench_threshold
+from pipeline.bench.engines import bench_checks, bench_threshold
 from pipeline.bench.nets import BENCH_MODELS, build_bench_model
 from pipeline.cli import main
+from pipeline.kernel import defaults
 from pipeline.run.pool import worker_threads_here
 
 
@@ -25,7 +26,7 @@ def test_bench_smoke(tmp_path, capsys):
     # SeedCNNWithGAP's trunk is local: a run would pick the incremental engine, so it is "ours"
     assert facts["incremental"] == "ok" and facts["ours"] == "incremental"
     expected = {"generic", "incremental", "captum", "captum-best", "roofline", "cf-swaps"}
-    assert set(rows) == expected | {"approximate"}
+    assert set(rows) == expected | {"approximate", "approx-unchecked"}
     assert facts["machine"]["heap_tuned"] is True  # glibc: as a run's CPU workers
     for r in rows.values():
         assert r["median_seconds"] > 0 and r["images_per_s"] > 0 and r["peak_bytes"] > 0
@@ -34,9 +35,19 @@ def test_bench_smoke(tmp_path, capsys):
         assert rows[name]["max_abs_diff"] <= 1e-5, name
     assert rows["roofline"]["max_abs_diff"] is None and rows["cf-swaps"]["max_abs_diff"] is None
     # approximate maps are not held to the tolerance; the row reports its measured error
-    approx = rows["approximate"]
-    assert approx["approx_threshold"] == 0.4 and approx["approx_check_windows"] == 4
-    assert approx["approx_error"] >= 0 and approx["max_abs_diff"] is not None
+    approx, bare = rows["approximate"], rows["approx-unchecked"]
+    assert approx["approx_threshold"] == 0.4 and approx["windows"] == 49
+    assert approx["approx_check_windows"] == defaults.APPROX_CHECK_WINDOWS < 49
+    assert approx["largest_error"] > 1e-6  # thresholding changes these maps
+    # a sample of the windows: at most the largest error over all of them
+    assert 0 < approx["approx_error"] <= approx["largest_error"]
+    # a full-resolution map is a mean over draws and windows of score drops, so it differs from
+    # the exact (Captum's) map by at most the largest error of one window, plus the tolerance
+    assert approx["max_abs_diff"] <= approx["largest_error"] + facts["tolerance"]
+    # without the check windows: the same maps, no error, and the check's cost side by side
+    assert bare["max_abs_diff"] == approx["max_abs_diff"] and "approx_error" not in bare
+    ratio = bare["median_seconds"] / approx["median_seconds"]
+    assert facts["ratios"]["approximate/approx-unchecked"] == pytest.approx(ratio)
     assert approx["recomputed_elements"] <= approx["exact_recomputed_elements"]
     assert approx["conv_macs"] < approx["full_pass_conv_macs"]
     assert 0 < facts["counterfactual_seconds_per_image"] == rows["cf-swaps"]["median_seconds"] / 2
@@ -58,6 +69,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert "captum-best" in text and "roofline" in text and "incremental" in text
     assert "ours (occlusion.engine auto: incremental)" in text
     assert "approximate (tau=0.4)" in text and "measured error" in text
+    assert "29 check windows of 49 cost" in text and "90th percentile" in text
 
 
 def _one_window_bench(tmp_path, model: str, *extra: str) -> dict:
@@ -82,10 +94,17 @@ def test_bench_engine_generic_times_the_generic_kernel_as_ours(tmp_path, capsys)
 def test_bench_no_captum_checks_incremental_maps_against_generic(tmp_path, capsys):
     facts = _one_window_bench(tmp_path, "resnet50", "--no-captum", "--max-batch", "4")
     rows = {r["engine"]: r for r in facts["rows"]}
-    assert set(rows) == {"generic", "incremental", "approximate", "roofline", "cf-swaps"}
+    kinds = {"generic", "incremental", "approximate", "approx-unchecked", "roofline", "cf-swaps"}
+    assert set(rows) == kinds
     assert rows["generic"]["max_abs_diff"] == 0.0  # the reference itself
     assert rows["incremental"]["max_abs_diff"] <= facts["tolerance"]
-    assert rows["approximate"]["approx_error"] >= 0
+    # 4 windows, fewer than the check windows: every one is checked, so the measured error is
+    # the largest; each pixel lies in one window (stride = window), K = 1, so the full maps
+    # differ from the generic kernel's by exactly that error, within the tolerance
+    approx = rows["approximate"]
+    assert approx["windows"] == 4 < approx["approx_check_windows"]
+    assert approx["approx_error"] == approx["largest_error"]
+    assert abs(approx["approx_error"] - approx["max_abs_diff"]) <= facts["tolerance"]
     assert not any("captum" in k for k in facts["ratios"])
     assert facts["ratios"]["incremental/roofline"] > 0
     assert "maps vs the generic kernel's" in capsys.readouterr().out
@@ -94,7 +113,8 @@ def test_bench_no_captum_checks_incremental_maps_against_generic(tmp_path, capsy
 def test_bench_compile_times_the_compiled_generic_kernel(tmp_path, capsys):
     facts = _one_window_bench(tmp_path, "seed-cnn-gap", "--compile", "--no-captum")
     rows = {r["engine"]: r for r in facts["rows"]}
-    kinds = {"generic", "compiled", "incremental", "approximate", "roofline", "cf-swaps"}
+    kinds = {"generic", "compiled", "incremental", "approximate", "approx-unchecked"}
+    kinds |= {"roofline", "cf-swaps"}
     assert set(rows) == kinds
     # the worker's settings with occlusion.compile: true, and the eager maps
     assert rows["compiled"]["setting"].endswith(",fixed,compile")
@@ -111,6 +131,10 @@ def test_approx_threshold_flag():
     args = parser.parse_args(["--approx-threshold", "0.6"])
     assert args.approx_threshold == 0.6 and bench_threshold(args) == 0.6
     assert bench_threshold(argparse.Namespace()) == 0.4  # a namespace without the flag
+    assert parser.parse_args([]).approx_check_windows == defaults.APPROX_CHECK_WINDOWS
+    args = parser.parse_args(["--approx-check-windows", "59"])
+    assert bench_checks(args) == 59
+    assert bench_checks(argparse.Namespace()) == defaults.APPROX_CHECK_WINDOWS
 
 
 @pytest.mark.parametrize("name", sorted(BENCH_MODELS))

@@ -1,6 +1,7 @@
-"""The engines ``occlusion-audit bench`` times: our kernel (generic, incremental, approximate),
-Captum's ``Occlusion`` and the forward-pass roofline, each as a :class:`Row` whose ``run()``
-does the work of one timed run, plus the timer and peak-memory probe of the device they run on.
+"""The engines ``occlusion-audit bench`` times: our kernel (generic, incremental; the approximate
+rows are in :mod:`pipeline.bench.approximate`), Captum's ``Occlusion`` and the forward-pass
+roofline, each as a :class:`Row` whose ``run()`` does the work of one timed run, plus the timer
+and peak-memory probe of the device they run on.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "Device",
     "Row",
     "Setup",
+    "bench_checks",
     "bench_occlusion",
     "bench_threshold",
     "captum_rows",
@@ -129,6 +131,8 @@ def bench_occlusion(
         precision=args.precision,
         max_batch=args.max_batch,
         engine=engine,
+        approx_threshold=bench_threshold(args),
+        approx_check_windows=bench_checks(args),
     )
 
 
@@ -136,6 +140,12 @@ def bench_threshold(args: argparse.Namespace) -> float:
     """``--approx-threshold``: tau of the approximate row (the default where not given)."""
     tau = getattr(args, "approx_threshold", None)
     return defaults.APPROX_THRESHOLD if tau is None else float(tau)
+
+
+def bench_checks(args: argparse.Namespace) -> int:
+    """``--approx-check-windows`` of the approximate row (the default where not given)."""
+    n = getattr(args, "approx_check_windows", None)
+    return defaults.APPROX_CHECK_WINDOWS if n is None else int(n)
 
 
 @dataclass
@@ -157,9 +167,7 @@ class Setup:
         if key not in self._compute:
             occ = bench_occlusion(self.args, engine, compile_)
             shape = (int(self.x.shape[1]), int(self.x.shape[2]), int(self.x.shape[3]))
-            tau = bench_threshold(self.args)
-            wc = worker_compute(replace(occ, approx_threshold=tau), self.model, shape, self.d.dev)
-            self._compute[key] = (occ, wc)
+            self._compute[key] = (occ, worker_compute(occ, self.model, shape, self.d.dev))
         return self._compute[key]
 
     def ours(self, n: int, engine: str = "generic", compile_: bool = False) -> OcclusionResult:

@@ -1,4 +1,5 @@
-"""Networks for ``occlusion-audit bench``: the shipped seed CNNs, two standard-sized ones, and
+"""Networks for ``occlusion-audit bench``: the shipped seed CNNs, ``small-resnet``
+(:class:`~pipeline.models.nets.SmallResNet`, four residual blocks), two standard-sized ones, and
 any timm, torchvision or Hugging Face ``transformers`` architecture (``timm:NAME``,
 ``torchvision:NAME``, ``transformers:PATH``) with random weights, so that users time their own.
 
@@ -21,7 +22,7 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.kernel.targets import score_tensor
 from pipeline.models import load_model
-from pipeline.models.nets import SeedCNN, SeedCNNWithGAP
+from pipeline.models.nets import SeedCNN, SeedCNNWithGAP, SmallResNet
 from pipeline.models.zoo import random_transformers
 
 __all__ = ["BENCH_MODELS", "ZOO", "ResNet50", "VGGSmall", "build_bench_model"]
@@ -135,6 +136,7 @@ Factory = Callable[[int, int], nn.Module]
 BENCH_MODELS: dict[str, Factory] = {
     "seed-cnn": lambda size, classes: SeedCNN(num_classes=classes, input_dim=size),
     "seed-cnn-gap": lambda size, classes: SeedCNNWithGAP(num_classes=classes),
+    "small-resnet": lambda size, classes: SmallResNet(num_classes=classes),
     "resnet50": lambda size, classes: ResNet50(num_classes=classes),
     "vgg-small": lambda size, classes: VGGSmall(num_classes=classes),
 }

@@ -28,6 +28,7 @@ from pipeline.kernel.defaults import (
     Engine,
     Precision,
     check_blur_sigma,
+    check_check_windows,
     default_draws,
     default_stride,
 )
@@ -83,7 +84,9 @@ class OcclusionConfig:
     compile: bool = defaults.COMPILE  # full forward passes through torch.compile (inductor)
     # engine approximate: each layer's changed box is capped at this fraction of its side
     approx_threshold: float = defaults.APPROX_THRESHOLD
-    approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS  # per image, also scored exactly
+    # engine approximate: windows per image also scored exactly; approx_error is their largest
+    # difference (pipeline.kernel.approx_check: what it means)
+    approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS
 
     def __post_init__(self) -> None:
         # a section built in code may spell options as strings, like the YAML does
@@ -122,7 +125,10 @@ class OcclusionConfig:
             check_threshold(self.approx_threshold)
         except ValueError as e:
             fail("approx_threshold", str(e))
-        _positive("approx_check_windows", self.approx_check_windows, strict=False)
+        try:
+            check_check_windows(self.approx_check_windows)
+        except ValueError as e:
+            fail("approx_check_windows", str(e).removeprefix("approx_check_windows "))
 
 
 class Device(_Option):

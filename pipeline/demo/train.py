@@ -79,8 +79,9 @@ def train_demo_model(
     batch_size: int = 32,
     lr: float = 1e-3,
     log: bool = False,
+    net: nn.Module | None = None,
 ) -> Path:
-    """Train ``SeedCNN`` on a demo manifest and save its ``state_dict``.
+    """Train ``SeedCNN`` (or ``net``) on a demo manifest and save its ``state_dict``.
 
     Args:
         manifest: ``manifest.parquet`` written by ``generate_dataset``.
@@ -94,6 +95,8 @@ def train_demo_model(
         batch_size: images per optimiser step.
         lr: Adam learning rate.
         log: print the mean training loss of each epoch.
+        net: the network to train instead of ``SeedCNN``, freshly initialised, with one output
+            for ``regression`` or three for ``classification``; trained in place.
 
     Returns:
         ``out_path`` as a ``Path``.
@@ -104,7 +107,8 @@ def train_demo_model(
     x, frame = load_images(manifest, image_size)
     y = _targets(frame, task)
     torch.manual_seed(seed)
-    model = SeedCNN(num_classes=1 if task == "regression" else 3, input_dim=image_size)
+    classes = 1 if task == "regression" else 3
+    model = SeedCNN(num_classes=classes, input_dim=image_size) if net is None else net
     loss_fn: nn.Module = nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)

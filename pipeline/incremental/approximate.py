@@ -10,9 +10,11 @@ where a trained net's effective receptive field gives it the least weight. ``tau
 exact engine.
 
 The maps are approximate, so the error is measured, not assumed: :func:`pipeline.attribute`
-also computes the exact score of a few seeded windows per image with :attr:`exact` (the same
-cached activations, so the check costs a handful of exact windows) and returns the largest
-difference as ``OcclusionResult.approx_error``.
+also computes the exact score of ``approx_check_windows`` windows per image, drawn uniformly and
+seeded by the seed and the image id, with :attr:`exact` (the same cached activations, so the
+check costs that many exact windows) and returns the largest difference as
+``OcclusionResult.approx_error``: with ``n`` windows, at least the ``q``-quantile of the image's
+window errors with probability ``1 - q^n`` (:mod:`pipeline.kernel.approx_check`).
 
 Example:
     >>> from pipeline import ComputeOptions, attribute

@@ -20,6 +20,7 @@ import torch
 from pipeline.incremental.approximate import ApproximateEngine
 from pipeline.incremental.engine import auto_engine
 from pipeline.kernel import defaults
+from pipeline.kernel.approx_check import error_meaning
 from pipeline.kernel.defaults import Engine
 from pipeline.kernel.forward import resolve_options
 from pipeline.kernel.occlusion import OcclusionResult, model_device, occlude
@@ -92,7 +93,9 @@ def resolve_compute(
     device: torch.device | str,
 ) -> Compute:
     """``options`` resolved for ``model``: the engine chosen, then ``max_batch`` and
-    ``channels_last`` decided (:func:`pipeline.kernel.forward.resolve_options`).
+    ``channels_last`` decided (:func:`pipeline.kernel.forward.resolve_options`). An approximate
+    engine's note also says what its ``approx_error`` means
+    (:func:`pipeline.kernel.approx_check.error_meaning`).
 
     Raises:
         ValueError: see :func:`select_engine`.
@@ -104,6 +107,8 @@ def resolve_compute(
     chosen = replace(options, engine=Engine.GENERIC if engine is None else engine)
     resolved = resolve_options(chosen, model, tuple(image_shape), device)
     name = "generic" if engine is None else str(getattr(engine, "name", "incremental"))
+    if isinstance(engine, ApproximateEngine):  # run.json's notes say what approx_error means
+        note = f"{note}; {error_meaning(options.approx_check_windows)}"
     return Compute(resolved, name, note)
 
 

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from pipeline.kernel import defaults
-from pipeline.kernel.baselines import draw_generator, make_baselines
+from pipeline.kernel.approx_check import approx_error as _approx_error
+from pipeline.kernel.approx_check import check_windows
+from pipeline.kernel.baselines import make_baselines
 from pipeline.kernel.compiled import compiled
 from pipeline.kernel.defaults import Baseline, Engine, default_draws
 from pipeline.kernel.forward import Forward, OccludedBatch, resolve_options
@@ -44,10 +46,13 @@ class OcclusionResult:
         attributions: ``(N, T, C, H, W)`` full-resolution maps when requested, else None.
         approx_error: ``(N,)`` float32, approximate engines only (else None, as when
             ``approx_check_windows`` is 0): the largest ``|approximate - exact|`` score drop,
-            in the units of ``delta`` (score units), over the image's check windows
-            (:func:`check_windows`), its ``K`` draws and its ``T`` targets. A lower bound of
-            the error over all windows. Never NaN: NaN/Inf scores count as no difference
-            (``finite`` flags those images, whose maps are NaN).
+            in the units of ``delta`` (score units), over the image's ``n`` check windows
+            (drawn uniformly, seeded by ``seed`` and the image id: :func:`check_windows`), its
+            ``K`` draws and its ``T`` targets. With probability at least ``1 - q^n`` it is at
+            least the ``q``-quantile of the image's per-window errors (``n = 29``, the default:
+            the 90th percentile with 95% confidence; :mod:`pipeline.kernel.approx_check`).
+            Never NaN: NaN/Inf scores count as no difference (``finite`` flags those images,
+            whose maps are NaN).
     """
 
     delta: torch.Tensor
@@ -242,67 +247,6 @@ def _occluded_deltas(
         s = fwd.occluded(x, base, grid, batch, img, draw, win).gather(1, tgt[img])  # (B, T)
         out[q0 : q0 + q.numel()] = score0[img] - s
     return out.view(n, k, p_count, -1).permute(0, 1, 3, 2)  # (N, K, T, P)
-
-
-def check_windows(n_windows: int, count: int, image_ids: Sequence[str], seed: int) -> torch.Tensor:
-    """Windows of each image whose exact score measures an approximate engine's error.
-
-    Drawn without replacement from a generator seeded by ``(seed, image_id)`` alone (apart from
-    the baseline draws'), so they do not depend on batching, sharding or the other images.
-
-    Args:
-        n_windows: ``P``, windows per image.
-        count: windows wanted per image; all ``P`` when ``count >= P``.
-        image_ids: the ``N`` image ids.
-        seed: the ``seed`` of :func:`occlude`.
-
-    Returns:
-        ``(N, min(count, P))`` int64 window indices (row-major grid order), ascending per row.
-    """
-    s = min(int(count), int(n_windows))
-    rows = [
-        torch.randperm(n_windows, generator=draw_generator(seed, f"{i}\x00approx-check"))[:s]
-        for i in image_ids
-    ]
-    if not rows:
-        return torch.zeros((0, s), dtype=torch.int64)
-    return torch.stack(rows).sort(dim=1).values
-
-
-def _approx_error(
-    exact: Forward,
-    x: torch.Tensor,
-    base: torch.Tensor,
-    grid: WindowGrid,
-    tgt: torch.Tensor,
-    score0: torch.Tensor,
-    deltas: torch.Tensor,
-    wins: torch.Tensor,
-    max_batch: int,
-) -> torch.Tensor:
-    """``(N,)`` largest ``|deltas - exact deltas|`` over the windows ``wins`` ``(N, S)``, the
-    draws and the targets; ``exact`` runs the exact engine, ``deltas`` is ``(N, K, T, P)``."""
-    n, k, t = deltas.shape[:3]
-    s = wins.shape[1]
-    # Each image's K * S copies run on their own, in passes of one size (padded to it under
-    # fixed_batch): no pass mixes images, and a few check copies are not padded to max_batch
-    # rows (a full pass of the exact engine for 4 windows would cost as much as the map).
-    rows = min(max_batch, k * s)
-    if exact.fixed_batch is not None:
-        exact.fixed_batch = rows
-    q = torch.arange(k * s, device=x.device)  # (draw, check window) of one image's copies
-    draw = q // s
-    got = torch.empty((n, k * s, t), dtype=torch.float32, device=x.device)
-    for i in range(n):
-        img, win = torch.full_like(q, i), wins[i, q % s]
-        for q0 in range(0, k * s, rows):
-            b = slice(q0, q0 + rows)
-            out = exact.occluded(x, base, grid, None, img[b], draw[b], win[b])  # (B, O)
-            got[i, b] = score0[i] - out.gather(1, tgt[img[b]])
-    ref = got.view(n, k, s, t).permute(0, 1, 3, 2)  # (N, K, T, S)
-    approx = deltas.gather(3, wins[:, None, None, :].expand(n, k, t, s))
-    diff = torch.nan_to_num((approx - ref).abs(), nan=0.0, posinf=0.0, neginf=0.0)
-    return diff.flatten(1).amax(dim=1) if diff.numel() else diff.new_zeros(n)
 
 
 def expand_map(row: Mapping[str, Any], channels: bool = False) -> np.ndarray:

@@ -9,14 +9,13 @@ Python API given the same options computes the same maps as a run, bit for bit.
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from pipeline.kernel import defaults
-from pipeline.kernel.defaults import Engine, Precision
+from pipeline.kernel.defaults import Engine, Precision, check_check_windows
 
 __all__ = [
     "ComputeOptions",
@@ -71,8 +70,9 @@ class ComputeOptions:
     # engine="approximate": largest side of each layer's recomputed region, as a fraction of
     # that layer's output side, in (0, 1] (1: exact). An engine object carries its own.
     approx_threshold: float = defaults.APPROX_THRESHOLD
-    # approximate engines: windows per image whose exact score is also computed to measure the
-    # error (0: not measured, approx_error is None)
+    # approximate engines: windows per image, drawn uniformly (seeded by seed and image id),
+    # whose exact score is also computed to measure the error (0: not measured, approx_error
+    # is None); pipeline.kernel.approx_check says what the measured maximum means
     approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS
 
     def __post_init__(self) -> None:
@@ -86,14 +86,7 @@ class ComputeOptions:
         if self.on_nonfinite not in ("raise", "nan"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'nan', got {self.on_nonfinite!r}")
         check_threshold(self.approx_threshold)
-        try:
-            checks = operator.index(self.approx_check_windows)  # ints only, not 1.5 or "4"
-        except TypeError:
-            checks = -1
-        if isinstance(self.approx_check_windows, bool) or checks < 0:
-            raise ValueError(
-                f"approx_check_windows must be an integer >= 0, got {self.approx_check_windows!r}"
-            )
+        checks = check_check_windows(self.approx_check_windows)
         object.__setattr__(self, "approx_check_windows", checks)
 
 

@@ -4,7 +4,8 @@ Owns: :func:`load_model` (TorchScript, torch.export, ONNX through onnxruntime, a
 torchvision and Hugging Face ``transformers``, each builder with an optional ``state_dict``; Hub
 files), ``model.output`` (:class:`SelectOutput`), the input an archive declares
 (:func:`input_signature`), input normalisation inside the model, file hashes, and the small
-networks used by the demo and the bench (:class:`SeedCNN`, :class:`SeedCNNWithGAP`).
+networks used by the demo and the bench (:class:`SeedCNN`, :class:`SeedCNNWithGAP`,
+:class:`SmallResNet`).
 ``pipeline.models:SeedCNN`` is a valid ``model.factory``. timm, torchvision, transformers and
 onnxruntime are optional extras, imported only when their source is loaded.
 
@@ -14,7 +15,7 @@ May import: ``pipeline.config``, ``pipeline.storage``. Never Ray, pandas or matp
 from pipeline.models.exported import InputSignature, check_signature, input_signature
 from pipeline.models.factory import ModelLoadError, build_factory
 from pipeline.models.loading import Normalized, load_model, model_hash, resolve_model_file
-from pipeline.models.nets import SeedCNN, SeedCNNWithGAP
+from pipeline.models.nets import SeedCNN, SeedCNNWithGAP, SmallResNet
 from pipeline.models.outputs import SelectOutput, describe_output
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "SeedCNN",
     "SeedCNNWithGAP",
     "SelectOutput",
+    "SmallResNet",
     "build_factory",
     "check_signature",
     "describe_output",
