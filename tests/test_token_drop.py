@@ -6,26 +6,30 @@ embedding, class/register tokens and position embeddings, blocks, final norm, he
 shortened sequence. Tiny random models (2 blocks, 32 px, 8 px patches), built as
 ``tests/_zoo.py`` builds them. Also: windows off the patch grid, models it does not fit, one
 draw and no engine, passes of equal token counts, bitwise independence of grouping, the config
-section and the pre-run check.
+section, the pre-run check, run comparisons and the report's run facts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from pipeline import attribute, load_config
-from pipeline.config import ConfigError, OcclusionConfig
+from pipeline.audit.compare import map_settings
+from pipeline.config import AuditConfig, ConfigError, OcclusionConfig
 from pipeline.incremental.tokens import token_model
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.occlusion import occlude
 from pipeline.kernel.options import ComputeOptions
 from pipeline.kernel.tokens import kept_tokens
 from pipeline.models import Normalized
+from pipeline.report.html import run_facts
 from pipeline.run.preflight import ModelCheckError, probe_model
+from pipeline.run.record import RunRecord
 from tests._zoo import CLASSES, SIDE, gap_net, tiny_hf
 
 PATCH = 8
@@ -240,16 +244,17 @@ def test_passes_hold_equal_token_counts_and_fixed_batches_are_bitwise_stable():
         assert torch.equal(alone.delta[0], together.delta[i])
 
 
+def _config(tmp_path: Path, model: dict | None = None, **occlusion: object) -> AuditConfig:
+    """An audit config (its model is only named: nothing is loaded)."""
+    data = {"dataset": {"manifest": "m.parquet", "image_size": [SIDE, SIDE]},
+            "model": model or {"timm": "vit_tiny_patch16_224"}, "occlusion": occlusion}  # fmt: skip
+    return load_config(data, base_dir=str(tmp_path))
+
+
 def test_the_config_section_and_its_refusals(tmp_path):
     occ = OcclusionConfig(mode="token-drop", window=(16, 16))
     assert occ.n_baselines == 1 and str(occ.mode) == "token-drop"
     assert OcclusionConfig().n_baselines == 3 and str(OcclusionConfig().mode) == "fill"
-
-    def load(occlusion: dict) -> object:
-        data = {"dataset": {"manifest": "m.parquet", "image_size": [SIDE, SIDE]},
-                "model": {"timm": "vit_tiny_patch16_224"}, "occlusion": occlusion}  # fmt: skip
-        return load_config(data, base_dir=str(tmp_path))
-
     for occlusion, message in [
         ({"mode": "token-drop", "n_baselines": 3}, r"occlusion\.n_baselines: must be 1 in token"),
         ({"mode": "token-drop", "engine": "approximate"}, r"occlusion\.engine: approximate does"),
@@ -257,19 +262,33 @@ def test_the_config_section_and_its_refusals(tmp_path):
         ({"mode": "tokens"}, r"occlusion\.mode"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            load(occlusion)
+            _config(tmp_path, **occlusion)
 
 
 def test_the_pre_run_check_refuses_before_any_worker(tmp_path):
-    def cfg(model: dict, **occlusion: object) -> object:
-        data = {"dataset": {"manifest": "m.parquet", "image_size": [SIDE, SIDE]}, "model": model,
-                "occlusion": {"mode": "token-drop", "window": [16, 16], **occlusion}}  # fmt: skip
-        return load_config(data, base_dir=str(tmp_path))
-
     vit = {"timm": "vit_tiny_patch16_224", "kwargs": {"num_classes": CLASSES, **_VIT}}
-    probe_model(FAMILIES["timm-vit"](), cfg(vit))  # fits: no error
+    tokens = {"mode": "token-drop", "window": [16, 16]}
+    probe_model(FAMILIES["timm-vit"](), _config(tmp_path, vit, **tokens))  # fits: no error
+    off_grid = _config(tmp_path, vit, **{**tokens, "window": [12, 12], "stride": [12, 12]})
     with pytest.raises(ModelCheckError, match=r"model timm:vit_tiny.*occlusion\.window \[12, 12\]"):
-        probe_model(FAMILIES["timm-vit"](), cfg(vit, window=[12, 12], stride=[12, 12]))
+        probe_model(FAMILIES["timm-vit"](), off_grid)
     cnn = {"factory": "pipeline.models:SeedCNNWithGAP", "kwargs": {"num_classes": CLASSES}}
     with pytest.raises(ModelCheckError, match=r"the model is a SeedCNNWithGAP$"):
-        probe_model(gap_net(), cfg(cnn))
+        probe_model(gap_net(), _config(tmp_path, cnn, **tokens))
+
+
+def test_comparisons_and_run_facts_name_the_mode(tmp_path):
+    def settings(**occlusion: object) -> dict:
+        return map_settings(RunRecord("r", _config(tmp_path, **occlusion)))
+
+    fill, tokens = settings(), settings(mode="token-drop", window=[16, 16])
+    assert fill["occlusion.mode"] == "fill" and tokens["occlusion.mode"] == "token-drop"
+    # maps of the two modes are never compared as alike; token-drop has no fill settings
+    assert settings(mode="token-drop", window=[16, 16], baseline="zero", value=0.5) == tokens
+    assert settings(baseline="zero", n_baselines=1) != fill
+    params = {"group_by": [], "threshold": 1, "min_images": 2, "confidence": 0.9, "n_boot": 9,
+              "seed": 0}  # fmt: skip
+    record = RunRecord("r", _config(tmp_path, mode="token-drop", window=[16, 16]))
+    occlusion = dict(run_facts(record, params))["Occlusion"]
+    assert occlusion.startswith("mode: token-drop; window: [16, 16]")
+    assert "baseline:" not in occlusion and "n_baselines: 1" in occlusion
