@@ -207,6 +207,9 @@ def test_models_it_does_not_fit_are_refused_naming_their_class():
             attribute(model, X, mode="token-drop", window=[16, 16])
     with pytest.raises(ValueError, match=r"needs a model with patch_size, grid and forward_kept"):
         occlude(vit, X, mode="token-drop", window=[16, 16])  # the kernel takes token models only
+    # a token model given to the API is used as it is (a custom ViT can bring its own)
+    own = attribute(token_model(vit), X, mode="token-drop", window=[16, 16])
+    assert torch.equal(own.delta, attribute(vit, X, mode="token-drop", window=[16, 16]).delta)
 
 
 def test_one_draw_no_engine_and_no_baseline():

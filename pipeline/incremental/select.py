@@ -6,7 +6,8 @@ model (:func:`pipeline.incremental.tokens.token_model`), and where the kernel's 
 resolved for it (:func:`resolve_compute`). :func:`attribute`, the package's public entry point,
 and every worker (:func:`pipeline.run.settings.worker_compute`) go through it, so the Python API
 and a run given the same settings compute the same maps, bit for bit. The kernel itself
-(:func:`pipeline.kernel.occlusion.occlude`) only computes with what it is given."""
+(:func:`pipeline.kernel.occlusion.occlude`) only computes with what it is given.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pipeline.kernel.defaults import Engine, Mode
 from pipeline.kernel.forward import resolve_options
 from pipeline.kernel.occlusion import OcclusionResult, model_device, occlude
 from pipeline.kernel.options import ComputeOptions, OccludedEngine, check_threshold
+from pipeline.kernel.tokens import TokenModel
 
 __all__ = ["Compute", "attribute", "resolve_compute", "select_engine"]
 
@@ -120,17 +122,18 @@ def resolve_compute(
 def _token_compute(
     options: ComputeOptions, model: Any, image_shape: Sequence[int], device: torch.device
 ) -> Compute:
-    """:func:`resolve_compute` under ``mode="token-drop"``: no engine, the token model."""
+    """:func:`resolve_compute` under ``mode="token-drop"``: no engine, the token model (a
+    model that already is a :class:`~pipeline.kernel.tokens.TokenModel` is used as it is)."""
     if options.engine not in (Engine.AUTO, Engine.GENERIC):
         raise ValueError(
             f"engine '{options.engine}' does not apply to mode 'token-drop' (the model runs on "
             "fewer tokens, not on filled pixels); use engine auto or generic"
         )
-    tokens = token_model(model)
+    tokens = model if isinstance(model, TokenModel) else token_model(model)
     chosen = replace(options, engine=Engine.GENERIC)  # the unoccluded passes are plain ones
     resolved = resolve_options(chosen, tokens, tuple(image_shape), device)
-    ph, pw = tokens.patch_size
-    note = f"token-drop: {tokens.family}, {ph}x{pw} patches; the tokens under a window removed"
+    (ph, pw), family = tokens.patch_size, getattr(tokens, "family", type(tokens).__name__)
+    note = f"token-drop: {family}, {ph}x{pw} patches; the tokens under a window removed"
     return Compute(resolved, "token-drop", note, tokens)
 
 
