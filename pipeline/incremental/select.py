@@ -26,7 +26,6 @@ from pipeline.kernel.defaults import Engine, Mode
 from pipeline.kernel.forward import resolve_options
 from pipeline.kernel.occlusion import OcclusionResult, model_device, occlude
 from pipeline.kernel.options import ComputeOptions, OccludedEngine, check_threshold
-from pipeline.kernel.tokens import TokenModel
 
 __all__ = ["Compute", "attribute", "resolve_compute", "select_engine"]
 
@@ -122,14 +121,13 @@ def resolve_compute(
 def _token_compute(
     options: ComputeOptions, model: Any, image_shape: Sequence[int], device: torch.device
 ) -> Compute:
-    """:func:`resolve_compute` under ``mode="token-drop"``: no engine, the token model (a
-    model that already is a :class:`~pipeline.kernel.tokens.TokenModel` is used as it is)."""
+    """:func:`resolve_compute` under ``mode="token-drop"``: no engine, the token model."""
     if options.engine not in (Engine.AUTO, Engine.GENERIC):
         raise ValueError(
             f"engine '{options.engine}' does not apply to mode 'token-drop' (the model runs on "
             "fewer tokens, not on filled pixels); use engine auto or generic"
         )
-    tokens = model if isinstance(model, TokenModel) else token_model(model)
+    tokens = token_model(model)
     chosen = replace(options, engine=Engine.GENERIC)  # the unoccluded passes are plain ones
     resolved = resolve_options(chosen, tokens, tuple(image_shape), device)
     (ph, pw), family = tokens.patch_size, getattr(tokens, "family", type(tokens).__name__)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.kernel.tokens import TokenModel
+
 __all__ = ["TokenDrop", "token_model"]
 
 _TIMM = "timm.models.vision_transformer.VisionTransformer"
@@ -161,12 +163,13 @@ class TokenDrop(nn.Module):
         return out
 
 
-def token_model(model: nn.Module) -> TokenDrop:
+def token_model(model: nn.Module) -> TokenModel:
     """``model`` as a :class:`~pipeline.kernel.tokens.TokenModel` for ``mode="token-drop"``.
 
     Args:
         model: a ViT of a known family (module docstring), itself or inside wrappers that keep
-            pixel positions (``keeps_pixel_positions = True``, e.g. ``Normalized``).
+            pixel positions (``keeps_pixel_positions = True``, e.g. ``Normalized``); or a model
+            that already is a ``TokenModel`` (a custom ViT's own), returned as it is.
 
     Returns:
         A :class:`TokenDrop` around ``model`` (a new one per call; building it is cheap).
@@ -179,6 +182,8 @@ def token_model(model: nn.Module) -> TokenDrop:
         Traceback (most recent call last):
         ValueError: occlusion.mode token-drop applies to ViTs ...; the model is a Linear
     """
+    if isinstance(model, TokenModel):
+        return model
     inner: Any = model
     path = [type(model).__name__]
     while _base(inner) is None and getattr(type(inner), "keeps_pixel_positions", False):
