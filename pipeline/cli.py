@@ -132,6 +132,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.mode == "token-drop":
+        if args.end_to_end:
+            raise ValueError("--mode token-drop times the kernel; leave out --end-to-end")
+        from pipeline.bench.tokens import run_token_bench
+
+        return run_token_bench(args)
     if args.end_to_end:
         from pipeline.bench.end_to_end import run_end_to_end
 
@@ -267,6 +273,13 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "generic"),
         help="auto: also time the incremental engine, ours when the model allows it (as a run)",
+    )
+    b.add_argument(
+        "--mode",
+        default="fill",
+        choices=("fill", "token-drop"),
+        help="token-drop: time token-drop occlusion of a ViT against fill with --k draws "
+        "(the two rows alone)",
     )
     b.add_argument(
         "--compile",

@@ -74,6 +74,9 @@ MAPS_SCHEMA = pa.schema(
         pa.field("image_h", pa.int32()),  # pixels, after resize
         pa.field("image_w", pa.int32()),
         pa.field("image_c", pa.int32()),
+        # what occluding a window meant: "fill" (a baseline) or "token-drop" (a ViT's patch
+        # tokens under it removed)
+        pa.field("mode", pa.string()),
         pa.field("window", pa.list_(pa.int32())),  # [c, h, w]
         pa.field("stride", pa.list_(pa.int32())),  # [c, h, w]
         pa.field("grid_c", pa.int32()),  # window positions per axis

@@ -198,3 +198,23 @@ def test_bench_model_names_and_kwargs_are_checked():
         build_bench_model("seed-cnn", 32, kwargs={"img_size": 32})
     vit = build_bench_model("timm:vit_tiny_patch16_224", 32, kwargs={"img_size": 32, "depth": 1})
     assert vit(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_bench_mode_token_drop_times_it_against_fill_on_a_vit(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    vit = '{"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}'
+    argv = ["bench", "--mode", "token-drop", "--model", "timm:vit_tiny_patch16_224"]
+    argv += ["--model-kwargs", vit, "--image-size", "32", "--window", "16", "--stride", "8"]
+    argv += ["--images", "2", "--repeats", "1", "--json", str(out)]
+    assert main(argv) == 0
+    facts = json.loads(out.read_text())
+    # 9 windows: fill draws K=3 of each, token-drop one; plus the unoccluded pass
+    assert facts["passes_per_image"] == {"fill": 28, "token-drop": 10}
+    assert [r["engine"] for r in facts["rows"]] == ["fill", "token-drop"]
+    assert facts["token-drop/fill speed"] > 0 and -1 <= facts["map_correlation"] <= 1
+    assert "token-drop: " in capsys.readouterr().out
+    # a model it does not fit, or an end-to-end run, is a usage error in one line
+    assert main(["bench", "--mode", "token-drop", "--model", "seed-cnn", "--image-size", "32"]) == 2
+    assert "the model is a SeedCNN" in capsys.readouterr().err
+    assert main(["bench", "--mode", "token-drop", "--end-to-end", "4"]) == 2
+    assert "leave out --end-to-end" in capsys.readouterr().err

@@ -202,10 +202,11 @@ def test_resume_refuses_other_settings_and_shards_without_a_record(image_set, tm
     for key, change in changes.items():
         proc = _cli({**raw, **change}, tmp_path, "--resume", name=key)
         _one_line_error(proc, 2, "cannot resume", key)
-    # a run recorded before occlusion.compile existed resumes with it off, not with it on
+    # a run recorded before occlusion.compile and occlusion.mode existed resumes with them off
+    # (compile false, mode fill), not with compile on
     record_path = tmp_path / "run" / "run.json"
     record = json.loads(record_path.read_text())
-    del record["identity"]["occlusion"]["compile"]
+    del record["identity"]["occlusion"]["compile"], record["identity"]["occlusion"]["mode"]
     record_path.write_text(json.dumps(record))
     on = {"occlusion": {**raw["occlusion"], "compile": True}}
     _one_line_error(_cli({**raw, **on}, tmp_path, "--resume"), 2, "cannot resume", "compile")

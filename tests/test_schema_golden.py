@@ -27,6 +27,7 @@ MAPS = [
     ("image_h", I32, True),
     ("image_w", I32, True),
     ("image_c", I32, True),
+    ("mode", S, True),
     ("window", pa.list_(I32), True),
     ("stride", pa.list_(I32), True),
     ("grid_c", I32, True),

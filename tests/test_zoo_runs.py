@@ -9,7 +9,7 @@ picked (``occlusion.engine: auto``), which must be the one expected for the fami
 (``tests/test_model_zoo.py`` checks that ``auto`` resolves to it). The drivers join one Ray
 started here (``RAY_ADDRESS``), two at a time, so the matrix pays for Ray's start once and one
 driver's start-up overlaps another's workers. Archives and outputs that cannot work are refused
-before Ray starts.
+before Ray starts. A timm ViT also runs with ``occlusion.mode: token-drop``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
+import torch
 import yaml
 
+from pipeline import attribute, load_config, read_maps
 from pipeline.cli import main
+from pipeline.config import ModelConfig
+from pipeline.data.images import load_image
+from pipeline.models import load_model
+from pipeline.run.settings import kernel_keywords, worker_compute
 from tests._dataset import make_image_set
 from tests._zoo import FAMILIES, SIDE, export_pt2, hf_folder, model_section
 
@@ -36,7 +43,9 @@ STARTUP = str(Path(__file__).parent / "_startup")  # tests/_torchvision_ops.py i
 N_IMAGES = 4
 
 
-def _write_config(data: Path, folder: Path, model: dict[str, Any], address: str) -> Path:
+def _write_config(
+    data: Path, folder: Path, model: dict[str, Any], address: str, **occlusion: Any
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
         "name": folder.name,
@@ -48,7 +57,13 @@ def _write_config(data: Path, folder: Path, model: dict[str, Any], address: str)
         },
         "model": model,
         # 4 windows and one fixed baseline: the model's cost, not the kernel's, is measured
-        "occlusion": {"window": [16, 16], "stride": [16, 16], "baseline": "zero", "max_batch": 8},
+        "occlusion": {
+            "window": [16, 16],
+            "stride": [16, 16],
+            "baseline": "zero",
+            "max_batch": 8,
+            **occlusion,
+        },
         "counterfactual": {"enabled": False},
         "cluster": {"address": address, "actors": 1, "shard_size": N_IMAGES},
         "audit": {"min_images": 2, "bootstrap": 200},
@@ -153,3 +168,41 @@ def test_unusable_models_are_refused_before_ray(case, data, tmp_path):
     assert all(w in lines[0] for w in words), lines[0]
     assert "Ray" not in proc.stderr + proc.stdout  # no Ray was started
     assert not (folder / "run").exists()
+
+
+def test_token_drop_through_the_cli_on_a_timm_vit(data, zoo_ray, tmp_path, capsys):
+    """``occlusion.mode: token-drop`` as a user runs it: the maps record their mode, equal the
+    API's bit for bit, and ``run.json`` and the report say which mode made them."""
+    folder = tmp_path / "vit"
+    section = model_section("timm-vit", folder)
+    # random weights, saved: the workers and this test must load the same ones
+    torch.save(load_model(ModelConfig(**section)).state_dict(), tmp_path / "vit.pth")
+    section["weights"] = str(tmp_path / "vit.pth")
+    # 9 windows of 2x2 of the 4x4 tokens: 9 passes per image instead of fill's 27 at K=3
+    cfg_path = _write_config(data, folder, section, "auto", mode="token-drop", stride=[8, 8])
+    proc = _cli("run", str(cfg_path), "--no-report", "--quiet", cwd=tmp_path,
+                env=_env(RAY_ADDRESS=zoo_ray))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((folder / "run" / "run.json").read_text())
+    assert record["identity"]["occlusion"]["mode"] == "token-drop"
+    assert record["identity"]["occlusion"]["n_baselines"] == 1
+    assert record["engine"]["path"] == "token-drop", record["engine"]
+    assert "timm VisionTransformer, 8x8 patches" in record["engine"]["notes"][0]
+    maps = read_maps(folder / "run").sort_values("image_id")
+    assert set(maps["mode"]) == {"token-drop"} and set(maps["status"]) == {"ok"}
+
+    cfg = load_config(cfg_path)
+    ids = list(maps["image_id"])
+    paths = zip(maps["path"], ids, strict=True)
+    images = torch.stack([load_image(p, str(data), (SIDE, SIDE), image_id=i)[0] for p, i in paths])
+    model = load_model(cfg.model, cfg.dataset.normalize, "cpu")
+    wc = worker_compute(cfg.occlusion, model, (3, SIDE, SIDE), torch.device("cpu"))
+    api = attribute(model, images, image_ids=ids, options=wc.options, **kernel_keywords(cfg))
+    stored = np.stack(maps["delta"].to_list())
+    np.testing.assert_array_equal(stored, api.delta[:, 0].flatten(1).numpy())
+
+    assert main(["aggregate", str(folder / "run")]) == 0
+    assert main(["report", str(folder / "run"), "--out", str(folder / "report")]) == 0
+    capsys.readouterr()
+    page = (folder / "report" / "index.html").read_text()
+    assert "mode: token-drop" in page and "baseline:" not in page

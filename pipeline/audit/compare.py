@@ -67,7 +67,9 @@ def map_settings(record: RunRecord) -> dict[str, Any]:
     """The settings that make two runs' maps and ratios comparable."""
     cfg = record.config
     occ = to_plain(cfg.occlusion)
-    keep = ("window", "stride", "baseline", "n_baselines", "value", "blur_sigma")
+    keep: tuple[str, ...] = ("mode", "window", "stride", "n_baselines")
+    if occ["mode"] == "fill":  # token-drop has no baseline: its fill settings change nothing
+        keep += ("baseline", "value", "blur_sigma")
     return {
         **{f"occlusion.{k}": occ[k] for k in keep},
         "dataset.image_size": list(cfg.dataset.image_size),

@@ -26,6 +26,7 @@ from pipeline.kernel import defaults
 from pipeline.kernel.defaults import (
     Baseline,
     Engine,
+    Mode,
     Precision,
     check_blur_sigma,
     check_check_windows,
@@ -67,6 +68,9 @@ class OcclusionConfig:
     """The occlusion sweep; pixels are those of the resized image. Defaults come from
     :mod:`pipeline.kernel.defaults`, which :func:`pipeline.attribute` uses too."""
 
+    # fill: the window's pixels replaced by a baseline; token-drop: a ViT's patch tokens under
+    # the window removed (no baseline, K = 1; window and stride on the patch grid)
+    mode: Mode = defaults.MODE
     window: tuple[int, ...] = defaults.WINDOW  # [h, w] across all channels, or [c, h, w]
     stride: tuple[int, ...] | None = defaults.STRIDE  # like window; None: half the window
     baseline: Baseline = defaults.BASELINE
@@ -90,7 +94,13 @@ class OcclusionConfig:
 
     def __post_init__(self) -> None:
         # a section built in code may spell options as strings, like the YAML does
-        for key, kind in (("baseline", Baseline), ("precision", Precision), ("engine", Engine)):
+        kinds = (
+            ("mode", Mode),
+            ("baseline", Baseline),
+            ("precision", Precision),
+            ("engine", Engine),
+        )
+        for key, kind in kinds:
             object.__setattr__(self, key, kind(getattr(self, key)))
         if len(self.window) not in (2, 3):
             fail("window", f"must be [h, w] or [c, h, w], got {list(self.window)!r}")
@@ -113,7 +123,9 @@ class OcclusionConfig:
         except ValueError as e:
             fail("blur_sigma", str(e).removeprefix("blur_sigma "))
         k = self.n_baselines
-        if k is None:
+        if self.mode is Mode.TOKEN_DROP:
+            self._check_token_drop()
+        elif k is None:
             object.__setattr__(self, "n_baselines", default_draws(self.baseline))
         elif k < 1:
             fail("n_baselines", f"must be >= 1, got {k}")
@@ -129,6 +141,22 @@ class OcclusionConfig:
             check_check_windows(self.approx_check_windows)
         except ValueError as e:
             fail("approx_check_windows", str(e).removeprefix("approx_check_windows "))
+
+    def _check_token_drop(self) -> None:
+        """Token-drop has no baseline (one draw) and no engine; the patch grid is the model's,
+        checked before the run (pipeline.run.preflight)."""
+        k = self.n_baselines
+        if k not in (None, 1):
+            fail("n_baselines", f"must be 1 in token-drop mode (there is no baseline), got {k}")
+        object.__setattr__(self, "n_baselines", 1)
+        if self.engine in (Engine.INCREMENTAL, Engine.APPROXIMATE):
+            fail(
+                "engine",
+                f"{self.engine} does not apply to mode token-drop (the model runs on fewer "
+                "tokens, not on filled pixels); use auto or generic",
+            )
+        if len(self.window) == 3 and self.window[0] < 3:
+            fail("window", f"a token holds every channel: use [h, w], got {list(self.window)}")
 
 
 class Device(_Option):

@@ -21,6 +21,7 @@ __all__ = [
     "COMPILE",
     "ENGINE",
     "MAX_BATCH",
+    "MODE",
     "N_BASELINES",
     "PRECISION",
     "SEED",
@@ -29,6 +30,7 @@ __all__ = [
     "WINDOW",
     "Baseline",
     "Engine",
+    "Mode",
     "Precision",
     "check_blur_sigma",
     "check_check_windows",
@@ -58,6 +60,16 @@ class Baseline(_Option):
         return self in (Baseline.RANDOM_PIXEL, Baseline.RANDOM_CHANNEL, Baseline.NOISE)
 
 
+class Mode(_Option):
+    """What occluding a window means."""
+
+    FILL = "fill"  # the window's pixels are replaced by a baseline (K draws)
+    # the patch tokens under the window are removed from a ViT's sequence: no fill value, so no
+    # missingness bias from one (Jain, Salman et al., "Missingness Bias in Model Debugging",
+    # ICLR 2022, https://arxiv.org/abs/2204.08945); K = 1
+    TOKEN_DROP = "token-drop"
+
+
 class Precision(_Option):
     """Arithmetic of the forward passes: fp32, or bf16/fp16 autocast (CUDA)."""
 
@@ -77,6 +89,7 @@ class Engine(_Option):
     APPROXIMATE = "approximate"
 
 
+MODE = Mode.FILL
 WINDOW: tuple[int, ...] = (32, 32)  # [h, w] across all channels, pixels
 STRIDE: tuple[int, ...] | None = None  # None: half the window (default_stride)
 BASELINE = Baseline.RANDOM_PIXEL

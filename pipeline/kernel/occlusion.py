@@ -1,10 +1,11 @@
 """The occlusion kernel: Captum-exact occlusion, batched over windows, draws and images.
 
 For each window position ``p`` and baseline draw ``k``, ``delta = f_t(x) - f_t(x with the window
-replaced by the baseline)``. Occluded copies of many images are built on the device by
-broadcasting a window mask against the images and their baselines, and go through the model
-``max_batch`` at a time, so memory is bounded by ``max_batch`` whatever the number of windows.
-The kernel is plain torch: no Ray, pandas or plotting here.
+replaced by the baseline)`` (``mode="fill"``; ``mode="token-drop"`` removes the window's patch
+tokens from a ViT instead, :mod:`pipeline.kernel.tokens`). Occluded copies of many images are
+built on the device by broadcasting a window mask against the images and their baselines, and go
+through the model ``max_batch`` at a time, so memory is bounded by ``max_batch`` whatever the
+number of windows. The kernel is plain torch: no Ray, pandas or plotting here.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from pipeline.kernel.approx_check import approx_error as _approx_error
 from pipeline.kernel.approx_check import check_windows
 from pipeline.kernel.baselines import make_baselines
 from pipeline.kernel.compiled import compiled
-from pipeline.kernel.defaults import Baseline, Engine, default_draws
+from pipeline.kernel.defaults import Baseline, Engine, Mode, default_draws
 from pipeline.kernel.forward import Forward, OccludedBatch, resolve_options
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import ComputeOptions
 from pipeline.kernel.targets import Score, TargetSpec, Task, resolve_targets
+from pipeline.kernel.tokens import check_token_grid, check_token_mode, token_deltas
 
 __all__ = ["OcclusionResult", "check_windows", "expand_map", "model_device", "occlude"]
 
@@ -96,6 +98,7 @@ def occlude(
     model: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     *,
+    mode: Mode | str = defaults.MODE,
     window: Sequence[int] = defaults.WINDOW,
     stride: Sequence[int] | None = defaults.STRIDE,
     baseline: Baseline | str | float | Sequence[float] | torch.Tensor = defaults.BASELINE,
@@ -122,6 +125,10 @@ def occlude(
         model: maps ``(B, C, H, W)`` pixel-space images to ``(B,)`` or ``(B, O)``; any
             normalisation belongs inside it (occlusion happens in pixel space).
         images: ``(N, C, H, W)`` float images, e.g. RGB in [0, 1]. Not modified.
+        mode: ``fill`` (the window's pixels replaced by a baseline) or ``token-drop`` (the
+            patch tokens under the window removed; ``model`` a
+            :class:`~pipeline.kernel.tokens.TokenModel`, windows on its patch grid, ``K = 1``,
+            ``baseline``, ``value`` and ``blur_sigma`` unused).
         window: ``[h, w]`` (spans all channels) or ``[c, h, w]``, in pixels.
         stride: like ``window``; None: half the window.
         baseline: a :class:`Baseline` name, or a scalar / ``(C,)`` / ``(C, H, W)`` /
@@ -156,8 +163,11 @@ def occlude(
     grid = WindowGrid.create(images.shape[1:], window, stride)
     ids = [str(i) for i in range(n)] if image_ids is None else [str(i) for i in image_ids]
     kind, value = _resolve_baseline(baseline, value)
-    k = default_draws(kind) if n_baselines is None else int(n_baselines)
     device = model_device(model, images)
+    tokens = None  # mode token-drop: the model's tokens, no baseline (one draw)
+    if Mode(mode) is Mode.TOKEN_DROP:
+        tokens = check_token_mode(model, n_baselines, opts.engine)
+        check_token_grid(grid, tokens)  # windows on the model's patch grid
     opts = resolve_options(opts, model, tuple(images.shape[1:]), device)
     engine = None if opts.engine is Engine.GENERIC else opts.engine
     max_batch, channels_last = int(opts.max_batch or 1), bool(opts.channels_last)
@@ -173,9 +183,6 @@ def occlude(
     fwd.engine = engine
 
     x = images.to(device=device, dtype=torch.float32)  # a copy only when needed; never written
-    base = make_baselines(
-        x, kind, k, seed=seed, image_ids=ids, value=value, blur_sigma=blur_sigma
-    )  # (N, K, C, 1|H, 1|W)
     plain = max_batch if fwd.plain_batch is None else fwd.plain_batch
     scores0 = torch.cat([fwd(x[i : i + plain]) for i in range(0, n, plain)])  # (N, O)
     finite = torch.isfinite(scores0).all(dim=1)
@@ -183,8 +190,15 @@ def occlude(
     tgt = resolve_targets(target, torch.nan_to_num(scores0), fwd.task)  # (N, T)
     score0 = scores0.gather(1, tgt)  # (N, T)
 
-    deltas = _occluded_deltas(fwd, x, base, grid, tgt, score0, max_batch)  # (N, K, T, P)
     approx_error = None
+    if tokens is not None:
+        deltas = token_deltas(fwd, tokens, x, grid, tgt, score0, max_batch)  # (N, 1, T, P)
+    else:
+        k = default_draws(kind) if n_baselines is None else int(n_baselines)
+        base = make_baselines(
+            x, kind, k, seed=seed, image_ids=ids, value=value, blur_sigma=blur_sigma
+        )  # (N, K, C, 1|H, 1|W)
+        deltas = _occluded_deltas(fwd, x, base, grid, tgt, score0, max_batch)  # (N, K, T, P)
     if getattr(engine, "exact", None) is not None and opts.approx_check_windows > 0:
         wins = check_windows(grid.n_windows, opts.approx_check_windows, ids, seed).to(device)
         exact = copy.copy(fwd)  # same precision and batching, the exact engine

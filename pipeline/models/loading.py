@@ -15,7 +15,7 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -76,6 +76,9 @@ class Normalized(nn.Module):
 
     mean: torch.Tensor  # (1, C, 1, 1)
     std: torch.Tensor  # (1, C, 1, 1)
+    # the inner model sees every pixel where it was: occlusion.mode token-drop reaches through
+    # (pipeline.incremental.tokens)
+    keeps_pixel_positions: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ that entry, or says which entries there are.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +41,10 @@ class SelectOutput(nn.Module):
         >>> m((torch.ones(2), torch.zeros(2))).tolist()
         [1.0, 1.0]
     """
+
+    # the model gets the input as it is: occlusion.mode token-drop reaches through
+    # (pipeline.incremental.tokens)
+    keeps_pixel_positions: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, key: str | int) -> None:
         super().__init__()

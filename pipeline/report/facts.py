@@ -4,7 +4,7 @@ words (plain text; the template escapes it)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config.typed import to_plain
@@ -31,7 +31,9 @@ def run_facts(record: RunRecord | None, params: Mapping[str, Any]) -> list[tuple
     )
     if record is None:
         return [("Audit", audit)]
-    dataset = record.config.dataset
+    dataset, occ = record.config.dataset, record.config.occlusion
+    # token-drop has no baseline: its fill settings would only mislead
+    unused = ("baseline", "value", "blur_sigma") if str(occ.mode) == "token-drop" else ()
     counts = to_plain(record.counts)
     facts = [
         ("Run", record.name),
@@ -42,7 +44,7 @@ def run_facts(record: RunRecord | None, params: Mapping[str, Any]) -> list[tuple
         ("Manifest", dataset.manifest),
         ("Image root", dataset.root),
         ("Image size", facts_text(dataset.image_size)),
-        ("Occlusion", section_text(record.config.occlusion)),
+        ("Occlusion", section_text(occ, unused)),
         ("Audit", audit),
         ("Images", facts_text(counts) if any(counts.values()) else None),  # zeros: not counted yet
         ("Time", facts_text(record.timings) if record.timings else None),
@@ -72,7 +74,8 @@ def facts_text(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def section_text(section: Any) -> str:
-    """A config section (dataclass) as :func:`facts_text`, unset (None or empty) keys left out."""
-    plain = to_plain(section)
+def section_text(section: Any, unused: Sequence[str] = ()) -> str:
+    """A config section (dataclass) as :func:`facts_text`, unset (None or empty) and ``unused``
+    keys left out."""
+    plain = {k: v for k, v in to_plain(section).items() if k not in unused}
     return facts_text({k: v for k, v in plain.items() if v not in (None, {}, [])})

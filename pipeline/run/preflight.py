@@ -18,8 +18,12 @@ from typing import Any
 import torch
 
 from pipeline.config import AuditConfig, Device, config_to_dict
+from pipeline.incremental.tokens import token_model
+from pipeline.kernel.defaults import Mode
 from pipeline.kernel.forward import PLAIN_BATCH
+from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.targets import output_scores, resolve_targets
+from pipeline.kernel.tokens import check_token_grid, kept_tokens
 from pipeline.models import (
     check_signature,
     input_signature,
@@ -89,7 +93,9 @@ def probe_model(model: torch.nn.Module, cfg: AuditConfig) -> None:
     the unoccluded passes' ``min(max_batch, 16)``, the occluded passes' ``max_batch``; 32 on
     a ``cpu`` cluster, else 256 when unset) and ``(3, H, W)``; one forward pass of 2 images;
     the output's score tensor (``model.output``), its batch dimension and shape; the target
-    index against the outputs.
+    index against the outputs; under ``occlusion.mode: token-drop``, that the model is a ViT
+    of a known family, that the windows lie on its patch grid, and one pass with a window's
+    tokens removed.
 
     Raises:
         ModelCheckError: one line naming the source, what failed and the fix.
@@ -126,6 +132,27 @@ def probe_model(model: torch.nn.Module, cfg: AuditConfig) -> None:
         resolve_targets(target if isinstance(target, int) else "predicted", scores, cfg.model.task)
     except (TypeError, ValueError) as e:
         raise ModelCheckError(f"{source} on {_PROBE_IMAGES} images of {size}: {e}") from e
+    if occ.mode is Mode.TOKEN_DROP:
+        _probe_tokens(model, x, cfg, source)
+
+
+def _probe_tokens(model: torch.nn.Module, x: torch.Tensor, cfg: AuditConfig, source: str) -> None:
+    """The token-drop checks of :func:`probe_model` on the probe images ``x``."""
+    try:
+        tokens = token_model(model)
+        grid = WindowGrid.create(x.shape[1:], cfg.occlusion.window, cfg.occlusion.stride)
+        check_token_grid(grid, tokens)
+    except ValueError as e:  # one line naming the model's class or the setting to change
+        raise ModelCheckError(f"{source}: {e}") from e
+    keep = kept_tokens(grid, tokens.patch_size)[0].expand(x.shape[0], -1)  # (2, L)
+    try:
+        with torch.inference_mode():
+            tokens.forward_kept(x, keep)
+    except Exception as e:  # the model's own failure on a shorter sequence, whatever its type
+        raise ModelCheckError(
+            f"{source} failed with the tokens of a window removed (occlusion.mode token-drop): "
+            f"{_first_line(e)}"
+        ) from e
 
 
 def run_identity(
@@ -145,16 +172,22 @@ def run_identity(
     }
 
 
-def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+# Settings added since runs were first recorded whose "off" value is neither false nor null:
+# what every run computed before the setting existed.
+_ADDED_OFF = {"occlusion.mode": Mode.FILL.value}
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
     """Keys whose values differ (dotted). A key the stored identity does not have (a setting
-    added after that run) is the same when it is off now (false or null), as it was then."""
+    added after that run) is the same when it is off now (false, null, or its value in
+    ``_ADDED_OFF``), as it was then."""
     out = []
     for key in sorted(set(before) | set(now)):
         a, b = before.get(key), now.get(key)
-        if key not in before and b in (None, False):
+        if key not in before and (b in (None, False) or _ADDED_OFF.get(prefix + key) == b):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{key}.{d}" for d in _differences(a, b)]
+            out += [f"{key}.{d}" for d in _differences(a, b, f"{prefix}{key}.")]
         elif a != b:
             out.append(f"{key} ({a!r} -> {b!r})" if not isinstance(a, dict) else key)
     return out

@@ -32,6 +32,7 @@ WorkerCompute = Compute  # how a worker computes: its resolved options and engin
 def occlusion_keywords(occ: OcclusionConfig) -> dict[str, Any]:
     """The keywords of :func:`pipeline.attribute` that the ``occlusion`` section sets."""
     return {
+        "mode": occ.mode,
         "window": occ.window,
         "stride": occ.stride,
         "baseline": occ.baseline,
@@ -75,7 +76,8 @@ def worker_compute(
 
     Raises:
         ValueError: ``occlusion.engine: incremental`` or ``approximate`` and the model does
-            not allow incremental inference.
+            not allow incremental inference; ``occlusion.mode: token-drop`` and a model that is
+            no known ViT (naming its class).
         pipeline.kernel.compiled.CompileError: ``occlusion.compile`` and torch cannot compile
             the model.
     """
@@ -91,21 +93,22 @@ def worker_compute(
         approx_threshold=occ.approx_threshold,
         approx_check_windows=occ.approx_check_windows,
     )
-    resolved = resolve_compute(asked, model, image_shape, device)
+    resolved = resolve_compute(asked, model, image_shape, device, occ.mode)
     options = resolved.options
     if options.compile:
         # the unoccluded passes' size, and the occluded passes' when they are full passes
         max_batch = int(options.max_batch or 1)
-        full = options.engine is Engine.GENERIC
+        full = options.engine is Engine.GENERIC and resolved.engine_name != "token-drop"
         sizes = [min(max_batch, PLAIN_BATCH)] + ([max_batch] if full else [])
-        warm_up(model, image_shape, sizes, device, occ.precision, bool(options.channels_last))
-    return WorkerCompute(options, resolved.engine_name, resolved.engine_note)
+        channels_last = bool(options.channels_last)
+        warm_up(resolved.model, image_shape, sizes, device, occ.precision, channels_last)
+    return resolved
 
 
 def worker_setup(cfg: AuditConfig, device: torch.device) -> tuple[Any, WorkerCompute]:
-    """A worker's model (loaded on ``device``) and its resolved compute settings: what a
-    :class:`~pipeline.run.worker.ShardWorker` builds when it starts, and what ``inspect``
-    times."""
+    """What the kernel calls (the model loaded on ``device``, or under token-drop its token
+    model) and the resolved compute settings: what a :class:`~pipeline.run.worker.ShardWorker`
+    builds when it starts, and what ``inspect`` times."""
     model = load_model(cfg.model, cfg.dataset.normalize, device)
-    shape = (3, *cfg.dataset.image_size)
-    return model, worker_compute(cfg.occlusion, model, shape, device)
+    compute = worker_compute(cfg.occlusion, model, (3, *cfg.dataset.image_size), device)
+    return compute.model, compute

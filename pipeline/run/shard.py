@@ -261,6 +261,7 @@ def _row(
         target=res["target"],
         score=res["score"],
         image_c=g.image[0],
+        mode=str(cfg.occlusion.mode),
         window=list(g.window),
         stride=list(g.stride),
         grid_c=g.counts[0],
