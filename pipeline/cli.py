@@ -153,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Occlusion-saliency audits of vision models over whole datasets, on Ray.",
     )
     from pipeline import __version__
+    from pipeline.kernel import defaults
 
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -245,7 +246,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, default=224, help="square side, pixels")
     b.add_argument("--window", type=int, default=32)
     b.add_argument("--stride", type=int, default=16)
-    b.add_argument("--k", type=int, default=3, help="random baselines per image")
+    b.add_argument(
+        "--n-baselines",
+        "--k",
+        dest="n_baselines",
+        type=int,
+        default=defaults.default_draws("random-pixel"),
+        metavar="K",
+        help="random-pixel baselines per image, occlusion.n_baselines (alias --k; default "
+        f"{defaults.default_draws('random-pixel')}, a random baseline's)",
+    )
     b.add_argument("--images", type=int, default=4, help="images per timed run")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median)")
     b.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -253,7 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--max-batch",
         type=int,
-        help="occluded copies per pass (default as a run: 32 for CPU full passes, else 256)",
+        help="occluded copies per pass, occlusion.max_batch (default as a run: "
+        f"{defaults.MAX_BATCH_CPU_FULL} for CPU full passes, else {defaults.MAX_BATCH_OTHER})",
     )
     b.add_argument("--json", help="also write the results here")
     b.add_argument(
@@ -278,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
         "--mode",
         default="fill",
         choices=("fill", "token-drop"),
-        help="token-drop: time token-drop occlusion of a ViT against fill with --k draws "
+        help="token-drop: time token-drop occlusion of a ViT against fill with --n-baselines draws "
         "(the two rows alone)",
     )
     b.add_argument(

@@ -21,7 +21,7 @@ for model in seed-cnn resnet50; do
     extra=()
     [ "$model" = resnet50 ] && extra=(--no-captum)
     python3 -m pipeline bench --device cuda --model "$model" --precision "$precision" \
-      --image-size 224 --window 32 --stride 16 --k 3 --images 16 --repeats 3 "${extra[@]}" \
+      --image-size 224 --window 32 --stride 16 --n-baselines 3 --images 16 --repeats 3 "${extra[@]}" \
       --json "$out/bench-$model-$precision.json" 2>&1 | tee -a "$out/bench.log" || status=1
   done
 done
@@ -29,7 +29,7 @@ done
 # compiling ResNet-50 for two batch sizes at two precisions would not fit a few minutes)
 for precision in fp32 bf16; do
   python3 -m pipeline bench --device cuda --model seed-cnn --precision "$precision" --compile \
-    --no-captum --image-size 224 --window 32 --stride 16 --k 3 --images 16 --repeats 3 \
+    --no-captum --image-size 224 --window 32 --stride 16 --n-baselines 3 --images 16 --repeats 3 \
     --json "$out/bench-seed-cnn-$precision-compiled.json" 2>&1 | tee -a "$out/bench.log" || status=1
 done
 exit $status

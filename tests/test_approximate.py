@@ -241,13 +241,13 @@ def test_invalid_check_windows_names_the_setting(checks):
 def test_resolve_and_worker_compute_build_the_approximate_engine():
     model = NETS["resnet"]()
     engine, note = select_engine("approximate", model, (3, 32, 32), "cpu", 0.4)
-    assert isinstance(engine, ApproximateEngine) and engine.threshold == 0.4
+    assert isinstance(engine, ApproximateEngine) and engine.approx_threshold == 0.4
     assert note == "approximate: projective fields capped at tau=0.4"
     occ = OcclusionConfig(window=(8, 8), stride=(4, 4), engine="approximate")
     wc = worker_compute(replace(occ, approx_threshold=0.6), model, (3, 32, 32), "cpu")
     assert wc.engine_name == "approximate" and "tau=0.6" in wc.engine_note
     assert isinstance(wc.options.engine, ApproximateEngine)
-    assert wc.options.engine.threshold == wc.options.approx_threshold == 0.6
+    assert wc.options.engine.approx_threshold == wc.options.approx_threshold == 0.6
     assert wc.options.approx_check_windows == defaults.APPROX_CHECK_WINDOWS
     # run.json's engine notes say what the stored number means
     assert error_meaning(defaults.APPROX_CHECK_WINDOWS) in wc.engine_note

@@ -19,7 +19,18 @@ from pipeline.run.pool import worker_threads_here
 def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "--model", "seed-cnn-gap", "--image-size", "32", "--window", "8"]
-    argv += ["--stride", "4", "--k", "2", "--images", "2", "--repeats", "1", "--json", str(out)]
+    argv += [
+        "--stride",
+        "4",
+        "--n-baselines",
+        "2",
+        "--images",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     facts = json.loads(out.read_text())
     rows = {r["engine"]: r for r in facts["rows"]}
@@ -75,7 +86,7 @@ def test_bench_smoke(tmp_path, capsys):
 def _one_window_bench(tmp_path, model: str, *extra: str) -> dict:
     """The bench on one 32x32 image with a single 16 px window grid, K=1; its JSON facts."""
     out = tmp_path / "bench.json"
-    argv = ["bench", "--model", model, "--image-size", "32", "--window", "16", "--k", "1"]
+    argv = ["bench", "--model", model, "--image-size", "32", "--window", "16", "--n-baselines", "1"]
     argv += ["--stride", "16", "--images", "1", "--repeats", "1", "--json", str(out), *extra]
     assert main(argv) == 0
     return json.loads(out.read_text())
@@ -159,7 +170,7 @@ def test_unknown_model_is_an_error(capsys):
 def test_bench_end_to_end_times_a_real_run_the_kernel_and_a_captum_script(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     argv = ["bench", "--end-to-end", "8", "--image-size", "32", "--window", "8", "--stride", "8"]
-    assert main([*argv, "--k", "1", "--rounds", "2", "--json", str(out)]) == 0
+    assert main([*argv, "--n-baselines", "1", "--rounds", "2", "--json", str(out)]) == 0
     facts = json.loads(out.read_text())
     assert set(facts["rows"]) == {"run", "kernel", "captum-script"}
     assert facts["rows"]["run"]["ok"] == 8
@@ -182,7 +193,17 @@ def test_bench_times_a_library_architecture_with_random_weights(model, tmp_path,
         model = f"transformers:{hf_folder('convnext', tmp_path / 'hf')}"
     out = tmp_path / "bench.json"
     argv = ["bench", "--model", model, "--image-size", "32", "--window", "16", "--stride", "16"]
-    argv += ["--k", "1", "--images", "1", "--repeats", "1", "--no-captum", "--json", str(out)]
+    argv += [
+        "--n-baselines",
+        "1",
+        "--images",
+        "1",
+        "--repeats",
+        "1",
+        "--no-captum",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     facts = json.loads(out.read_text())
     # the engine a run would pick: ResNets' trunks are local, a transformers model is not traced

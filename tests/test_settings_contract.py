@@ -138,3 +138,32 @@ def test_the_api_and_the_occlusion_section_share_names_and_defaults() -> None:
         else:
             assert f.name in options, f"occlusion.{f.name} is neither a keyword nor an option"
             assert _default(options[f.name]) == _default(f), f.name
+
+
+def test_bench_flags_of_occlusion_settings_use_their_names_and_defaults() -> None:
+    from pipeline.config import OcclusionConfig
+    from pipeline.kernel import defaults
+
+    sub = next(a for a in _parser()._actions if a.dest == "command")
+    bench = sub.choices["bench"]  # type: ignore[attr-defined]
+    fields = {f.name: f for f in dataclasses.fields(OcclusionConfig)}
+    by_dest = {a.dest: a for a in bench._actions if a.option_strings}
+    named = [d for d in by_dest if d in fields]
+    # the flags a user expects to be occlusion settings are, under the setting's name
+    want = {"n_baselines", "approx_threshold", "approx_check_windows", "max_batch", "mode"}
+    assert want <= set(named), sorted(named)
+    for dest in named:
+        action, f = by_dest[dest], fields[dest]
+        assert "--" + dest.replace("_", "-") in action.option_strings, action.option_strings
+        extra = [o for o in action.option_strings if o != "--" + dest.replace("_", "-")]
+        assert all(f"alias {o}" in (action.help or "") for o in extra), (dest, action.help)
+        if dest == "n_baselines":  # None in the config: the baseline's; the bench draws pixels
+            assert action.default == defaults.default_draws("random-pixel")
+        elif dest in ("engine", "precision"):  # the bench's choice of rows, not the setting
+            continue
+        elif dest in ("window", "stride"):  # square sides; the stride's default: half the window
+            window = _default(fields["window"])
+            want_side = window if dest == "window" else list(defaults.default_stride(window))
+            assert [action.default] * 2 == want_side, dest
+        else:
+            assert _plain(action.default) == _default(f), (dest, action.default)

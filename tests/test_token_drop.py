@@ -27,7 +27,7 @@ from pipeline.kernel.occlusion import occlude
 from pipeline.kernel.options import ComputeOptions
 from pipeline.kernel.tokens import kept_tokens
 from pipeline.models import Normalized
-from pipeline.report.html import run_facts
+from pipeline.report.facts import run_facts
 from pipeline.run.preflight import ModelCheckError, probe_model
 from pipeline.run.record import RunRecord
 from tests._zoo import CLASSES, SIDE, gap_net, tiny_hf
@@ -289,7 +289,7 @@ def test_comparisons_and_run_facts_name_the_mode(tmp_path):
     # maps of the two modes are never compared as alike; token-drop has no fill settings
     assert settings(mode="token-drop", window=[16, 16], baseline="zero", value=0.5) == tokens
     assert settings(baseline="zero", n_baselines=1) != fill
-    params = {"group_by": [], "threshold": 1, "min_images": 2, "confidence": 0.9, "n_boot": 9,
+    params = {"group_by": [], "threshold": 1, "min_images": 2, "confidence": 0.9, "bootstrap": 9,
               "seed": 0}  # fmt: skip
     record = RunRecord("r", _config(tmp_path, mode="token-drop", window=[16, 16]))
     occlusion = dict(run_facts(record, params))["Occlusion"]

@@ -73,7 +73,7 @@ def approximate_rows(s: Setup) -> list[Row]:
     assert isinstance(engine, ApproximateEngine)
     res = s.ours(1, "approximate")  # warm-up
     checks = wc.options.approx_check_windows
-    setting = f"tau={engine.threshold:g},checks={checks},{worker_setting(wc)}"
+    setting = f"tau={engine.approx_threshold:g},checks={checks},{worker_setting(wc)}"
     row = Row("approximate", setting, lambda: None)
 
     def run() -> torch.Tensor:
@@ -89,12 +89,12 @@ def approximate_rows(s: Setup) -> list[Row]:
     _attribute(s, unchecked)  # warm-up
     bare = Row(
         "approx-unchecked",
-        f"tau={engine.threshold:g},checks=0,{worker_setting(wc)}",
+        f"tau={engine.approx_threshold:g},checks=0,{worker_setting(wc)}",
         lambda: _attribute(s, unchecked).full()[:, 0],
     )
     approx, exact = engine.cost(res.grid), engine.cost(res.grid, 1.0)
     row.extra.update(
-        approx_threshold=engine.threshold,
+        approx_threshold=engine.approx_threshold,
         approx_check_windows=checks,
         windows=res.grid.n_windows,
         largest_error=float(every.approx_error.max()),

@@ -76,7 +76,7 @@ def _config(root: Path, args: argparse.Namespace, weights: Path) -> Any:
             "occlusion": {
                 "window": [args.window] * 2,
                 "stride": [args.stride] * 2,
-                "n_baselines": args.k,
+                "n_baselines": args.n_baselines,
                 "compile": bool(getattr(args, "compile", False)),
             },
             "counterfactual": {"enabled": False},
@@ -225,7 +225,7 @@ def run_end_to_end(args: argparse.Namespace) -> int:
     }
     print(
         f"end to end: {n} images, {args.image_size}px, window {args.window} stride "
-        f"{args.stride}, K={args.k}, SeedCNN regression, median of {rounds} round(s)"
+        f"{args.stride}, K={args.n_baselines}, SeedCNN regression, median of {rounds} round(s)"
     )
     for name, r in rows.items():
         each = ", ".join(f"{v:.2f}" for v in r["rounds"])

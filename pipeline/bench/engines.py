@@ -127,7 +127,7 @@ def bench_occlusion(
         compile=compile_,
         window=(args.window, args.window),
         stride=(args.stride, args.stride),
-        n_baselines=args.k,
+        n_baselines=args.n_baselines,
         precision=args.precision,
         max_batch=args.max_batch,
         engine=engine,
@@ -204,7 +204,7 @@ class Setup:
         from captum.attr import Occlusion
 
         a, x, c = self.args, self.x[:n], self.x.shape[1]
-        base = make_baselines(x, "random-pixel", a.k, seed=0, image_ids=self.ids[:n])
+        base = make_baselines(x, "random-pixel", a.n_baselines, seed=0, image_ids=self.ids[:n])
         occ = Occlusion(self._captum_forward)
         maps = [
             occ.attribute(
@@ -215,7 +215,7 @@ class Setup:
                 target=target[:n],
                 perturbations_per_eval=ppe,
             )
-            for j in range(a.k)
+            for j in range(a.n_baselines)
         ]
         return torch.stack(maps).mean(dim=0)
 

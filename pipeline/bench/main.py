@@ -97,7 +97,7 @@ def _measure(args: argparse.Namespace, d: Device) -> tuple[list[Row], OcclusionR
     rows = [generic_row(s)] + ([compiled_row(s)] if getattr(args, "compile", False) else [])
     if not args.no_captum:
         rows += captum_rows(s, res.target[:, 0], p)
-    rows.append(roofline_row(s, n * args.k * p + n))
+    rows.append(roofline_row(s, n * args.n_baselines * p + n))
     inc = incremental_row(s) if args.engine == "auto" else "--engine generic"
     rows += [inc, *approximate_rows(s)] if isinstance(inc, Row) else []
     rows.append(counterfactual_row(s))
@@ -213,10 +213,10 @@ def run_bench(args: argparse.Namespace) -> int:
     ours = next((r for r in rows if r.engine == "incremental"), generic)
     ratios = _ratios(rows, ours)
     p, stored = res.grid.n_windows, _stored_bytes(res, [f"bench-{i:04d}" for i in range(n)])
-    total = n * args.k * p + n
+    total = n * args.n_baselines * p + n
     print(
         f"bench {args.model} {args.image_size}px window {args.window} stride {args.stride} "
-        f"K={args.k} N={n}: {p} windows/image, {total} forward passes/run, median of "
+        f"K={args.n_baselines} N={n}: {p} windows/image, {total} forward passes/run, median of "
         f"{len(ours.seconds)}, {args.precision}, {d.name()}, {threads} threads (a worker's), "
         f"heap {'tuned' if heap_tuned else 'default'}"
     )
@@ -275,7 +275,7 @@ def run_bench(args: argparse.Namespace) -> int:
         facts = {
             "args": {k: v for k, v in vars(args).items() if k != "func"},
             "machine": machine,
-            "work": {"images": n, "windows": p, "draws": args.k, "forward_passes": total},
+            "work": {"images": n, "windows": p, "draws": args.n_baselines, "forward_passes": total},
             "rows": [r.facts(n) for r in rows],
             "incremental": no_inc or "ok",
             "ours": ours.engine,

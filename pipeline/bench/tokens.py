@@ -3,10 +3,11 @@ occlusion with ``K`` random-pixel draws, on the same images and windows.
 
 Both rows compute as a run's worker does (:func:`pipeline.run.settings.worker_compute`, fixed
 batches, a worker's torch threads): ``fill`` with ``occlusion.mode: fill, engine: generic`` and
-``--k`` draws, ``token-drop`` with ``occlusion.mode: token-drop`` (``K = 1``, the tokens under
-each window removed). Each is warmed up, then the timed runs interleave (one of each per round,
-``--repeats`` rounds) and the table shows medians. The two maps differ by design (token-drop has
-no fill value), so no tolerance applies; the bench prints how alike they are instead.
+``--n-baselines`` draws, ``token-drop`` with ``occlusion.mode: token-drop`` (``K = 1``, the
+tokens under each window removed). Each is warmed up, then the timed runs interleave (one of
+each per round, ``--repeats`` rounds) and the table shows medians. The two maps differ by
+design (token-drop has no fill value), so no tolerance applies; the bench prints how alike they
+are instead.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = ["run_token_bench"]
 def _row(s: Setup, mode: Mode) -> tuple[Row, int]:
     """The row of ``mode`` computed with a worker's settings, and its forward passes per
     image (unoccluded included)."""
-    k = 1 if mode is Mode.TOKEN_DROP else int(s.args.k)
+    k = 1 if mode is Mode.TOKEN_DROP else int(s.args.n_baselines)
     occ = replace(bench_occlusion(s.args, "generic"), mode=mode, n_baselines=k)
     shape = (int(s.x.shape[1]), int(s.x.shape[2]), int(s.x.shape[3]))
     wc = worker_compute(occ, s.model, shape, s.d.dev)
@@ -57,7 +58,8 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_token_bench(args: argparse.Namespace) -> int:
-    """Time ``fill`` (``--k`` draws) against ``token-drop`` on ``--model``; print the table.
+    """Time ``fill`` (``--n-baselines`` draws) against ``token-drop`` on ``--model``; print the
+    table.
 
     Returns:
         0 (the two modes' maps differ by design: nothing to fail on).
@@ -93,7 +95,7 @@ def run_token_bench(args: argparse.Namespace) -> int:
     alike = _correlation(maps["fill"], maps["token-drop"])
     print(
         f"bench {args.model} {args.image_size}px window {args.window} stride {args.stride} "
-        f"N={n}: fill K={args.k} {fill_passes} forward passes/image, token-drop K=1 "
+        f"N={n}: fill K={args.n_baselines} {fill_passes} forward passes/image, token-drop K=1 "
         f"{token_passes}; median of {len(fill.seconds)}, {args.precision}, {d.name()}, "
         f"{threads} threads (a worker's), heap {'tuned' if heap_tuned else 'default'}"
     )
@@ -104,7 +106,7 @@ def run_token_bench(args: argparse.Namespace) -> int:
             f"{r.peak_bytes / 2**20:>9.0f}"
         )
     print(
-        f"token-drop: {speed:.2f}x the speed of fill with K={args.k} "
+        f"token-drop: {speed:.2f}x the speed of fill with K={args.n_baselines} "
         f"({fill_passes / token_passes:.2f}x fewer forward passes)"
     )
     print(f"maps: mean Pearson correlation of the two modes' window grids {alike:.3f}")

@@ -66,18 +66,18 @@ class ApproximateEngine:
     Args:
         exact: the exact engine of the model; its cached activations are shared, and it
             computes the exact scores of the check windows.
-        threshold: tau in (0, 1], the largest side of a layer's recomputed region as a
+        approx_threshold: tau in (0, 1], the largest side of a layer's recomputed region as a
             fraction of that layer's output side (1: exact).
 
     Raises:
-        ValueError: ``threshold`` is not in (0, 1] (the message names ``approx_threshold``).
+        ValueError: ``approx_threshold`` is not in (0, 1] (the message names it).
     """
 
     name = "approximate"
 
-    def __init__(self, exact: IncrementalEngine, threshold: float) -> None:
+    def __init__(self, exact: IncrementalEngine, approx_threshold: float) -> None:
         self.exact = exact
-        self.threshold = check_threshold(threshold)
+        self.approx_threshold = check_threshold(approx_threshold)
 
     @classmethod
     def build_or_reason(
@@ -85,13 +85,13 @@ class ApproximateEngine:
         model: nn.Module | Any,
         image_shape: Sequence[int],
         device: torch.device | str,
-        threshold: float,
+        approx_threshold: float,
     ) -> tuple[ApproximateEngine | None, str]:
         """An approximate engine for ``model`` on ``(C, H, W)`` images, or None and why the
         model does not allow incremental inference."""
-        check_threshold(threshold)
+        check_threshold(approx_threshold)
         exact, reason = IncrementalEngine.build_or_reason(model, image_shape, device)
-        return (None, reason) if exact is None else (cls(exact, threshold), "")
+        return (None, reason) if exact is None else (cls(exact, approx_threshold), "")
 
     @torch.inference_mode()
     def forward_occluded(
@@ -105,16 +105,16 @@ class ApproximateEngine:
     ) -> torch.Tensor:
         """Approximate raw outputs ``(B, ...)`` of occluded copies (arguments as
         :meth:`IncrementalEngine.forward_occluded`)."""
-        return self.exact.forward_occluded(x, fill, grid, img, draw, win, self.threshold)
+        return self.exact.forward_occluded(x, fill, grid, img, draw, win, self.approx_threshold)
 
-    def cost(self, grid: WindowGrid, threshold: float | None = None) -> Cost:
-        """Work per occluded copy on ``grid`` at ``threshold`` (default: this engine's).
+    def cost(self, grid: WindowGrid, approx_threshold: float | None = None) -> Cost:
+        """Work per occluded copy on ``grid`` at ``approx_threshold`` (default: this engine's).
 
         The region of a node is the same size for every window, so the count is exact for
-        every copy (the exact engine's is ``threshold=1``).
+        every copy (the exact engine's is ``approx_threshold=1``).
         """
-        tau = self.threshold if threshold is None else check_threshold(threshold)
-        plan = self.exact.plan(grid, torch.device("cpu"), tau)
+        cap = self.approx_threshold if approx_threshold is None else approx_threshold
+        plan = self.exact.plan(grid, torch.device("cpu"), check_threshold(cap))
         t = self.exact.traced
         by_name = {st.name: st for st in t.steps}
         elements = conv_macs = full_elements = full_macs = 0

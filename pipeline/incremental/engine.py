@@ -137,15 +137,15 @@ class IncrementalEngine:
 
     # ---- caches ----------------------------------------------------------------------------
 
-    def plan(self, grid: WindowGrid, device: torch.device, threshold: float = 1.0) -> Plan:
+    def plan(self, grid: WindowGrid, device: torch.device, approx_threshold: float = 1.0) -> Plan:
         """The regions of every node for the windows of ``grid`` (cached), with changed boxes
-        capped at ``threshold`` (tau in (0, 1]; 1: exact)."""
+        capped at ``approx_threshold`` (in (0, 1]; 1: exact)."""
         if grid.image != self.image_shape:
             raise ValueError(
                 f"this engine was built for images of shape {self.image_shape}, got windows over "
                 f"{grid.image}; build one per image size"
             )
-        key = (grid, torch.device(device), float(threshold))
+        key = (grid, torch.device(device), float(approx_threshold))
         if key not in self._plans:
             t = self.traced
             heads = self._runner.head_reads
@@ -208,7 +208,7 @@ class IncrementalEngine:
         img: torch.Tensor,
         draw: torch.Tensor,
         win: torch.Tensor,
-        threshold: float = 1.0,
+        approx_threshold: float = 1.0,
     ) -> torch.Tensor:
         """Raw model outputs of occluded copies, as ``model(occluded_copy)`` would return them.
 
@@ -217,7 +217,7 @@ class IncrementalEngine:
             fill: ``(N, K, C, 1|H, 1|W)`` baseline fill of every image and draw.
             grid: the window geometry.
             img, draw, win: ``(B,)`` int64 image, draw and window of each copy.
-            threshold: tau in (0, 1]: each layer's changed region is capped to this fraction
+            approx_threshold: in (0, 1]: each layer's changed region is capped to this fraction
                 of its side, the rest keeps unoccluded values (1: exact; below 1 the outputs
                 are approximate, see :class:`~pipeline.incremental.approximate.ApproximateEngine`).
 
@@ -231,7 +231,7 @@ class IncrementalEngine:
                 f"{tuple(x.shape[1:])}; build one per image size"
             )
         cache = self._activations(x)
-        plan = self.plan(grid, x.device, threshold)
+        plan = self.plan(grid, x.device, approx_threshold)
         fills = self._fill(fill, x)
         # The trunk runs in chunks, which bounds its peak memory whatever max_batch is; chunks
         # stay large because every op costs a thread synchronisation, which dominates small ops

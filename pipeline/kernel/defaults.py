@@ -21,6 +21,8 @@ __all__ = [
     "COMPILE",
     "ENGINE",
     "MAX_BATCH",
+    "MAX_BATCH_CPU_FULL",
+    "MAX_BATCH_OTHER",
     "MODE",
     "N_BASELINES",
     "PRECISION",
@@ -98,7 +100,9 @@ SEED = 0
 VALUE: float | tuple[float, ...] = 0.0  # fill of the constant baseline
 BLUR_SIGMA = 5.0  # Gaussian sigma of the blur baseline, pixels
 PRECISION = Precision.FP32
-MAX_BATCH: int | None = None  # None: pipeline.kernel.options.default_max_batch
+MAX_BATCH: int | None = None  # None: pipeline.kernel.options.default_max_batch, of these two:
+MAX_BATCH_CPU_FULL = 32  # full forward passes on CPU
+MAX_BATCH_OTHER = 256  # on GPUs, and through an engine (its calls are small crops)
 # Channels-last input makes full passes of a CNN about 2x faster on CPU, but a model that calls
 # .view() on a conv output fails with it. None (auto): full passes use it when a probe shows the
 # model accepts it and computes the same scores (pipeline.kernel.forward.accepts_channels_last).

@@ -123,4 +123,5 @@ def default_max_batch(device: torch.device | str, engine: Any = None) -> int:
     busy, and larger batches only grow the activations past the caches (seed-shaped CNN at
     224x224 on 2 cores: 128 -> 32 cut peak RSS from 2.7 to 1.0 GiB at the same speed).
     """
-    return 256 if engine is not None or torch.device(device).type != "cpu" else 32
+    full_on_cpu = engine is None and torch.device(device).type == "cpu"
+    return defaults.MAX_BATCH_CPU_FULL if full_on_cpu else defaults.MAX_BATCH_OTHER
