@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.kernel.targets import score_tensor
 from pipeline.models import load_model
-from pipeline.models.nets import SeedCNN, SeedCNNWithGAP, SmallResNet
+from pipeline.models.nets import SeedCNN, SeedCNNWithGAP, SmallResNet, projection_shortcut
 from pipeline.models.zoo import random_transformers
 
 __all__ = ["BENCH_MODELS", "ZOO", "ResNet50", "VGGSmall", "build_bench_model"]
@@ -47,11 +47,7 @@ class _Bottleneck(nn.Module):
             nn.Conv2d(planes, cout, 1, bias=False),
             nn.BatchNorm2d(cout),
         )
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+        self.shortcut = projection_shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))

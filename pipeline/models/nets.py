@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SeedCNN", "SeedCNNWithGAP", "SmallResNet"]
+__all__ = ["SeedCNN", "SeedCNNWithGAP", "SmallResNet", "projection_shortcut"]
 
 _FILTERS = (16, 32, 64)
 
@@ -86,6 +86,14 @@ class SeedCNNWithGAP(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))  # (N, num_classes)
 
 
+def projection_shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    """A residual block's shortcut: the identity, or where the block changes the side or the
+    channels, a strided 1x1 convolution and BatchNorm (He et al. 2016, option B)."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
 class _BasicBlock(nn.Module):
     """Two 3x3 conv + BatchNorm layers (the first carries the stride) plus the input, projected
     by a strided 1x1 conv when the shape changes (He et al. 2016, https://arxiv.org/abs/1512.03385).
@@ -100,11 +108,7 @@ class _BasicBlock(nn.Module):
             nn.Conv2d(cout, cout, 3, padding=1, bias=False),
             nn.BatchNorm2d(cout),
         )
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+        self.shortcut = projection_shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
