@@ -33,3 +33,14 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory):
+    """``occlusion-audit demo --quick`` once for the session: its data, planted-shortcut model,
+    run ``runs/demo`` and report. Tests read it, or add runs of their own beside it."""
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("quick-demo")
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    return out

@@ -7,16 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.cli import main
 from pipeline.demo import DEFAULT_SHORTCUT_ROOMS
 from tests._browser import chromium, probe_page, screenshot
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
-    return out
+def demo_dir(quick_demo: Path) -> Path:
+    return quick_demo
 
 
 @pytest.mark.slow

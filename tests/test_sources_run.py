@@ -4,7 +4,6 @@ real run's time."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -125,12 +124,7 @@ def test_inspect_eta_is_within_2x_of_a_real_run(data, tmp_path) -> None:
         capture_output=True,
     )
     real = time.perf_counter() - t0
-    timings = json.loads((tmp_path / "eta" / "run.json").read_text())["timings"]
-    # the calibrated part (compute once the pool is up) within 2x of the run's own; the start-up
-    # is a fixed allowance, so on a loaded machine the whole is held to a looser 3x
-    computed, planned = timings["total_s"] - timings["startup_s"], found.eta_s - found.startup_s
-    assert computed / 2 <= planned <= computed * 2, (found, timings)
-    assert real / 3 <= found.eta_s <= real * 3, (found.eta_s, real)
+    assert real / 2 <= found.eta_s <= real * 2, (found.eta_s, real)
 
 
 def test_inspect_plans_the_pool_of_a_cold_deployment(data, tmp_path) -> None:

@@ -22,10 +22,15 @@ from pipeline.terminal import printable
 
 __all__ = ["Inspection", "inspect_audit"]
 
-# Starting an embedded Ray, its actors and their models, measured at 8-15 s on a 2-core
-# machine; joining a running cluster skips Ray's own start (not the nodes an autoscaler starts).
-STARTUP_LOCAL_S = 10.0
+# What a run costs besides its images, as measured on a 2-core machine: the command's own start
+# (Python, torch, Ray imports, the pre-run check) and an embedded Ray, its actors and their
+# models, 15-18 s from the command to the first shard; joining a running cluster skips Ray's own
+# start (not the nodes an autoscaler starts). Each shard then costs its dispatch, its Parquet
+# commit and the driver's bookkeeping, about 0.5 s whatever its size (run.json: total_s -
+# startup_s against the workers' phases_s).
+STARTUP_LOCAL_S = 15.0
 STARTUP_CLUSTER_S = 4.0
+SHARD_OVERHEAD_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,9 @@ def inspect_audit(
     if config.occlusion.compile:  # every actor compiles while it starts
         startup += est.setup_s
     actors = est.pool.actors
-    eta = startup + est.seconds_per_image * plan.images / max(1, actors)
+    per_actor = max(1, actors)
+    shards_each = math.ceil(len(plan.shards) / per_actor)
+    eta = startup + shards_each * SHARD_OVERHEAD_S + est.seconds_per_image * plan.images / per_actor
     pool = (
         f"{est.pool.device} ({est.pool.why}), up to {actors} actor(s) of "
         f"{{GPU: {est.pool.num_gpus:g}, CPU: {est.pool.num_cpus:g}}}"
