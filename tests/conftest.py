@@ -16,7 +16,27 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# Under pytest-xdist (scripts/test.sh runs two workers with --dist loadgroup) every module is a
+# group of its own, so its module fixtures are built once, except these: the modules that share
+# the session's quick demo, and those that start multi-node Ray clusters, the fake autoscaler or
+# Ray's job server (their heads' dashboards want the same port), which run one after another.
+_SHARED_GROUPS = {
+    "quick-demo": ("test_compare", "test_demo"),
+    "ray-clusters": (
+        "test_autoscaling",
+        "test_cluster_faults",
+        "test_runner_remote",
+        "test_runs_in_buckets",
+        "test_submit",
+    ),
+}
+_GROUP_OF = {m: g for g, modules in _SHARED_GROUPS.items() for m in modules}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+        item.add_marker(pytest.mark.xdist_group(_GROUP_OF.get(module, module)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -149,9 +149,11 @@ def test_half_a_gpu_per_actor_puts_two_actors_on_each_gpu(
     assert len(facts["actors"]) >= 3 and max(per_gpu.values()) == 2, facts["actors"]
     assert set(per_gpu) <= {"0", "1"} and all(n <= 2 for n in per_gpu.values()), facts["actors"]
     assert all(len(a["gpu_ids"]) == 1 for a in facts["actors"])
-    assert np.array_equal(
-        stored_deltas(tmp_path / "run", N_IMAGES), stored_deltas(cpu_run, N_IMAGES)
-    )
+    # one image per shard puts other copies side by side in a forward pass than the reference's
+    # shards of 7, and a convolution's sums may round differently with the batch: equal to float32
+    # rounding, not bit for bit
+    got, want = stored_deltas(tmp_path / "run", N_IMAGES), stored_deltas(cpu_run, N_IMAGES)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_a_gpu_actor_whose_torch_sees_no_cuda_stops_the_run_in_one_line(
