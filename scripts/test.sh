@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup.sh
-# Two workers by default (TEST_WORKERS=0: one process): many tests wait on Ray's start, a lease
-# or a cluster's nodes, so a second worker fills that time. Each test module (or group of modules
-# that share a fixture or a port, tests/conftest.py) runs whole on one worker.
-exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
+# One process by default. TEST_WORKERS=2 runs two pytest-xdist workers, each test module (or
+# group of modules that share a fixture or a port, tests/conftest.py) whole on one of them: on a
+# machine with cores to spare. On 2 cores it saved only 15% (40 -> 34 min) and a Ray head then
+# timed out starting under the doubled load.
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-0}" --dist loadgroup "$@"

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-# Under pytest-xdist (scripts/test.sh runs two workers with --dist loadgroup) every module is a
+# Under pytest-xdist (TEST_WORKERS=2 bash scripts/test.sh: --dist loadgroup) every module is a
 # group of its own, so its module fixtures are built once, except these: the modules that share
 # the session's quick demo, and those that start multi-node Ray clusters, the fake autoscaler or
 # Ray's job server (their heads' dashboards want the same port), which run one after another.
