@@ -7,4 +7,8 @@ cd "$(dirname "$0")/.."
 # group of modules that share a fixture or a port, tests/conftest.py) whole on one of them: on a
 # machine with cores to spare. On 2 cores it saved only 15% (40 -> 34 min) and a Ray head then
 # timed out starting under the doubled load.
-exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-0}" --dist loadgroup "$@"
+workers=${TEST_WORKERS:-0}
+if [ "$workers" = 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+exec .venv/bin/python -m pytest -n "$workers" --dist loadgroup "$@"
