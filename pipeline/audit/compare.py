@@ -67,9 +67,9 @@ def map_settings(record: RunRecord) -> dict[str, Any]:
     """The settings that make two runs' maps and ratios comparable."""
     cfg = record.config
     occ = to_plain(cfg.occlusion)
-    keep: tuple[str, ...] = ("mode", "window", "stride", "n_baselines")
-    if occ["mode"] == "fill":  # token-drop has no baseline: its fill settings change nothing
-        keep += ("baseline", "value", "blur_sigma")
+    keep = ("mode", "window", "stride", "n_baselines", "baseline", "value", "blur_sigma")
+    unused = cfg.occlusion.unused_settings  # they change nothing in this mode's maps
+    keep = tuple(k for k in keep if k not in unused)
     return {
         **{f"occlusion.{k}": occ[k] for k in keep},
         "dataset.image_size": list(cfg.dataset.image_size),

@@ -92,6 +92,11 @@ class OcclusionConfig:
     # difference (pipeline.kernel.approx_check: what it means)
     approx_check_windows: int = defaults.APPROX_CHECK_WINDOWS
 
+    @property
+    def unused_settings(self) -> tuple[str, ...]:
+        """The settings its ``mode`` ignores (``Mode.unused_settings``, kernel defaults)."""
+        return Mode(self.mode).unused_settings
+
     def __post_init__(self) -> None:
         # a section built in code may spell options as strings, like the YAML does
         kinds = (

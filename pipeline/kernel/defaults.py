@@ -71,6 +71,11 @@ class Mode(_Option):
     # ICLR 2022, https://arxiv.org/abs/2204.08945); K = 1
     TOKEN_DROP = "token-drop"
 
+    @property
+    def unused_settings(self) -> tuple[str, ...]:
+        """The ``occlusion`` settings this mode ignores: token-drop has no baseline to fill."""
+        return ("baseline", "value", "blur_sigma") if self is Mode.TOKEN_DROP else ()
+
 
 class Precision(_Option):
     """Arithmetic of the forward passes: fp32, or bf16/fp16 autocast (CUDA)."""

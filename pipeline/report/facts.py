@@ -32,8 +32,7 @@ def run_facts(record: RunRecord | None, params: Mapping[str, Any]) -> list[tuple
     if record is None:
         return [("Audit", audit)]
     dataset, occ = record.config.dataset, record.config.occlusion
-    # token-drop has no baseline: its fill settings would only mislead
-    unused = ("baseline", "value", "blur_sigma") if str(occ.mode) == "token-drop" else ()
+    unused = occ.unused_settings  # shown, they would only mislead
     counts = to_plain(record.counts)
     facts = [
         ("Run", record.name),
