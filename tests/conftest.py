@@ -46,12 +46,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A fresh embedded 2-CPU Ray for one test module (never one another process advertised)."""
+def ray_env(shared_ray):
+    """The session's Ray head in this process's environment for one test module
+    (``RAY_ADDRESS``): CLI runs it starts with ``cluster.address: auto`` join the head."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in shared_ray.env.items():
+            mp.setenv(key, value)
+        yield shared_ray
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_env):
+    """This process connected to the session's 2-CPU Ray head for one test module: in-process
+    runs use it whatever their ``cluster.address``."""
     if ray.is_initialized():  # a Ray left by another module may have other resources
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
+    ray.init(address=ray_env.address, configure_logging=False)
+    yield ray_env
     ray.shutdown()
 
 
@@ -64,3 +75,14 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("quick-demo")
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """A 2-CPU Ray head for the session that CLI runs join (``cluster.address: auto`` and
+    ``shared_ray.environ()``) when their test is not about the embedded start: see
+    tests/_shared_ray.py."""
+    from tests._shared_ray import shared_ray_head
+
+    with shared_ray_head() as head:
+        yield head

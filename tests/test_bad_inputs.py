@@ -93,7 +93,7 @@ def bad_set(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api_run(local_ray, bad_set, tmp_path_factory):
+def api_run(ray_driver, bad_set, tmp_path_factory):
     root, ids = bad_set
     out = tmp_path_factory.mktemp("api") / "run"
     return run_audit(load_config(_config(root, out)), progress=False), ids

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,11 @@ from PIL import Image
 
 from pipeline import load_config, read_maps, run_audit
 from tests._dataset import audit_config, image_set_with_model, save_gap_model
-from tests._faults import Background, embedded_ray_env, save_picky_model
+from tests._faults import Background, cli, save_picky_model
+
+# Every run here joins the session's Ray head (the CLI runs in this process): what is tested is
+# what a run writes, refuses and resumes, not how it starts Ray.
+pytestmark = pytest.mark.usefixtures("ray_driver")
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +39,10 @@ def _copy(image_set: Path, dest: Path) -> Path:
 def _cli(
     config: dict, tmp_path: Path, *args: str, name: str = "cfg"
 ) -> subprocess.CompletedProcess:
+    """``run CONFIG --quiet --no-report ARGS`` in this process, on the module's Ray."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(path), "--quiet", "--no-report", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=embedded_ray_env(),
-    )
+    return cli("run", str(path), "--quiet", "--no-report", *args)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
@@ -56,7 +54,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -
     return lines[0]
 
 
-def test_hostile_files_are_one_error_row_each(local_ray, image_set, tmp_path):
+def test_hostile_files_are_one_error_row_each(ray_driver, image_set, tmp_path):
     root = _copy(image_set, tmp_path / "data")
     images = root / "images"
     for name in ("img005", "img006", "img007"):
@@ -76,7 +74,7 @@ def test_hostile_files_are_one_error_row_each(local_ray, image_set, tmp_path):
     assert (result.ok, result.errors, result.exit_code) == (9, 3, 1)
 
 
-def test_a_model_failing_on_one_image_fails_only_that_image(local_ray, image_set, tmp_path):
+def test_a_model_failing_on_one_image_fails_only_that_image(ray_driver, image_set, tmp_path):
     root = _copy(image_set, tmp_path / "data")
     marked = np.asarray(Image.open(root / "images" / "img003.png")).copy()
     marked[0, 0] = (255, 0, 255)
@@ -144,12 +142,7 @@ def test_a_hostile_config_is_refused_in_one_line(image_set, tmp_path):
     for name, body in cases.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(body)
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline", "run", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = cli("run", str(path))
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert ("more than" if name == "bomb" else "duplicate key") in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -43,7 +43,7 @@ def _by_id(run_dir: Path):
     return read_maps(run_dir).set_index("image_id").sort_index()
 
 
-def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, tmp_path):
+def test_every_image_exactly_once_and_equal_to_the_kernel(ray_driver, image_set, tmp_path):
     res = run_audit(_cfg(image_set, tmp_path / "run"), progress=False)
     assert (res.images, res.ok, res.errors, res.exit_code) == (20, 20, 0, 0)
     maps = read_maps(tmp_path / "run")
@@ -85,7 +85,7 @@ def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, 
         assert actor["heap_tuned"] is True and actor["max_batch"] == 64, actor
 
 
-def test_group_by_the_manifest_label_groups_by_class(local_ray, image_set, tmp_path):
+def test_group_by_the_manifest_label_groups_by_class(ray_driver, image_set, tmp_path):
     cfg = _cfg(image_set, tmp_path / "run")
     cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, group_by=("label",)))
     assert run_audit(cfg, progress=False).ok == 20
@@ -95,7 +95,7 @@ def test_group_by_the_manifest_label_groups_by_class(local_ray, image_set, tmp_p
     assert list(summary["label"]) == ["0", "1"] and list(summary["n"]) == [10, 10]
 
 
-def test_maps_do_not_depend_on_actor_count_or_shard_size(local_ray, image_set, tmp_path):
+def test_maps_do_not_depend_on_actor_count_or_shard_size(ray_driver, image_set, tmp_path):
     a = tmp_path / "a"
     b = tmp_path / "b"
     run_audit(_cfg(image_set, a, cluster={"actors": 1, "shard_size": 20}), progress=False)
@@ -108,7 +108,7 @@ def test_maps_do_not_depend_on_actor_count_or_shard_size(local_ray, image_set, t
 
 
 def test_an_existing_run_needs_resume_and_a_locked_folder_is_refused(
-    local_ray, image_set, tmp_path
+    ray_driver, image_set, tmp_path
 ):
     cfg = _cfg(image_set, tmp_path / "run")
     run_audit(cfg, progress=False)
@@ -121,7 +121,7 @@ def test_an_existing_run_needs_resume_and_a_locked_folder_is_refused(
 
 
 def test_an_actor_killed_mid_shard_is_replaced_and_every_image_lands_once(
-    local_ray, image_set, tmp_path
+    ray_driver, image_set, tmp_path
 ):
     # Slow shards (many windows, small batches) so that the kill lands inside one.
     cfg = _cfg(
@@ -176,17 +176,21 @@ def _busy_worker_pid() -> int | None:
 
 
 @pytest.mark.slow
-def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
+def test_driver_killed_then_resume_is_byte_identical(ray_env, image_set, tmp_path):
+    """The drivers join the session's Ray head, as a job on a cluster does: the killed one's
+    actors die with it, and the resumed run's actors take the head's CPUs."""
     slow = {
         "window": [4, 4],
-        "stride": [1, 1],
+        "stride": [2, 2],
         "n_baselines": 3,
         "max_batch": 16,
-        "engine": "generic",  # slow enough to be killed between shards
+        "engine": "generic",  # slow enough (about 1 s a shard) to be killed between shards
     }
     paths = {}
     for name in ("ref", "killed"):
-        cfg = audit_config(image_set, tmp_path / name, occlusion=slow, cluster={"shard_size": 4})
+        cfg = audit_config(
+            image_set, tmp_path / name, occlusion=slow, cluster={"shard_size": 4, "address": "auto"}
+        )
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
     ref = run_cli(paths["ref"])
@@ -198,7 +202,7 @@ def test_driver_killed_then_resume_is_byte_identical(image_set, tmp_path):
     while time.time() < deadline and len(list(maps.glob("part-*.parquet"))) < 2:
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver: its actors on the head die with it
     proc.wait()
     partial = len(list(maps.glob("part-*.parquet")))
     assert 2 <= partial < 5
