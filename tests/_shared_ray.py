@@ -15,6 +15,7 @@ machine nor outlives the tests: SIGTERM stops it, SIGKILL of its process group s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,20 @@ class SharedRay:
     def environ(self, **extra: str) -> dict[str, str]:
         """``os.environ`` with this head's variables (and ``extra``) for a CLI subprocess."""
         return {**os.environ, **self.env, **extra}
+
+
+def runtime_env(*keys: str, environ: Mapping[str, str] = os.environ) -> dict[str, dict[str, str]]:
+    """A Ray ``runtime_env`` that hands ``keys`` of ``environ`` to the job's workers: the
+    head's workers do not inherit a driver's environment, as an embedded Ray's do. For a test
+    that points the drivers at a server it started (S3, GCS) or changes the workers' tools."""
+    return {"env_vars": {k: environ[k] for k in keys if k in environ}}
+
+
+def job_env_vars(*keys: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment that gives every driver started with it :func:`runtime_env` of
+    ``keys``, as the job's runtime env (what a Ray job submission does with its own)."""
+    env = runtime_env(*keys, environ=environ)
+    return {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": env})}
 
 
 def _free_port() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import yaml
 from pipeline import load_config, read_maps, run_audit
 from tests._dataset import audit_config, make_image_set
 from tests._faults import (
-    embedded_ray_env,
+    cli,
     save_nan_model,
     write_png,
     write_random_bytes,
@@ -162,16 +161,11 @@ def test_result_and_run_json_count_and_list_the_failures(api_run):
 
 
 def _cli(cfg_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(cfg_path), "--no-report", "--quiet", *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=embedded_ray_env(),
-    )
+    """``run CFG --no-report --quiet EXTRA`` in this process, on the module's Ray."""
+    return cli("run", str(cfg_path), "--no-report", "--quiet", *extra)
 
 
-def test_cli_exit_code_is_1_with_failures_and_0_within_max_failures(bad_set, tmp_path):
+def test_cli_exit_code_is_1_with_failures_and_0_within_max_failures(ray_driver, bad_set, tmp_path):
     root, ids = bad_set
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(root, tmp_path / "strict")))

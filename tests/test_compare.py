@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -22,16 +20,17 @@ from pipeline.demo import DEFAULT_SHORTCUT_ROOMS
 from pipeline.demo.synth import generate_dataset
 from pipeline.demo.train import train_demo_model
 from tests._browser import chromium, probe_page
-from tests._faults import embedded_ray_env
+from tests._faults import cli
 
 pytestmark = pytest.mark.slow
 CLEAN_ROOMS = {"kitchen", "hallway", "bedroom", "living-room"}
 
 
 @pytest.fixture(scope="module")
-def demo(quick_demo: Path) -> Path:
+def demo(quick_demo: Path, ray_driver) -> Path:
     """The quick demo (planted shortcut model, run ``runs/demo``) plus a model trained without
-    the shortcut on as many views, audited on the same images into ``runs/clean``."""
+    the shortcut on as many views, audited on the same images into ``runs/clean``. The module's
+    runs are in this process, on the session's Ray head."""
     out = quick_demo
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -77,11 +76,7 @@ def test_runs_with_other_occlusion_settings_are_refused_unless_forced(demo: Path
     overrides = ["--set", "occlusion.stride=[16,16]", "--set", f"output.dir={other}"]
     overrides += ["--no-report"]
     assert main(["run", str(demo / "demo.yaml"), "--quiet", *overrides]) == 0
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "compare", str(demo / "runs" / "demo"), str(other)],
-        capture_output=True,
-        text=True,
-    )
+    proc = cli("compare", str(demo / "runs" / "demo"), str(other))
     assert proc.returncode == 2 and "occlusion.stride ([8, 8] -> [16, 16])" in proc.stderr
     assert main(["compare", str(demo / "runs" / "demo"), str(other), "--force"]) == 0
 
@@ -142,13 +137,7 @@ def test_a_scheduled_run_compares_with_the_last_night_and_posts_the_summary(
         path.write_text(yaml.safe_dump(cfg))
         tonight = ["--set", f"output.dir={nights / '2026-12-02'}"]
         tonight += ["--set", f"output.report_dir={tmp_path / 'reports' / '2026-12-02'}"]
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline", "run", str(path), "--quiet", *tonight],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=embedded_ray_env(),
-        )
+        proc = cli("run", str(path), "--quiet", *tonight)
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
         server.shutdown()

@@ -7,7 +7,6 @@ with one line naming the setting.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from pipeline.kernel.compiled import CompileError
 from pipeline.models import SeedCNN, SeedCNNWithGAP
 from pipeline.run.settings import worker_compute
 from tests._dataset import audit_config, image_set_with_model
+from tests._shared_ray import job_env_vars
 
 KEYS = {"window": [8, 8], "stride": [4, 4], "n_baselines": 2, "seed": 3}
 
@@ -130,16 +130,18 @@ def test_a_compiled_run_stores_the_eager_maps(ray_driver, image_set, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_on_a_machine_without_a_compiler_stops_with_one_line(image_set, tmp_path):
+def test_a_run_on_a_machine_without_a_compiler_stops_with_one_line(shared_ray, image_set, tmp_path):
+    raw = _cfg(image_set, tmp_path / "run", True)
+    raw["cluster"]["address"] = "auto"  # the session's Ray head; the workers get the job's env
     cfg = tmp_path / "audit.yaml"
-    cfg.write_text(yaml.safe_dump(_cfg(image_set, tmp_path / "run", True)))
-    env = {
-        **os.environ,
+    cfg.write_text(yaml.safe_dump(raw))
+    tools = {
         "CXX": str(tmp_path / "no-such-g++"),  # inductor's C++ compiler, read at import
         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),  # nothing compiled to reuse
         "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
         "TORCHINDUCTOR_COMPILE_THREADS": "1",
     }
+    env = shared_ray.environ(**tools, **job_env_vars(*tools, environ=tools))
     out = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(cfg), "--no-report", "--quiet"],
         capture_output=True,

@@ -5,7 +5,6 @@ audit settings' own validation, the blur sigma in the kernel."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,8 @@ from pipeline import attribute
 from pipeline.audit.aggregate import aggregate
 from pipeline.config import ConfigError
 from tests._dataset import audit_config, image_set_with_model
+from tests._faults import cli
 from tests._runfixtures import standard_rows, write_run
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def _one_line(proc: subprocess.CompletedProcess, command: str, *words: str) -> str:
@@ -51,7 +45,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 )
 def test_aggregate_refuses_values_the_audit_settings_refuse(run_dir, flags, key, shown) -> None:
     before = sorted(p.name for p in run_dir.iterdir())
-    line = _one_line(_cli("aggregate", str(run_dir), *flags), "aggregate", key, shown)
+    line = _one_line(cli("aggregate", str(run_dir), *flags), "aggregate", key, shown)
     assert "math domain" not in line
     assert sorted(p.name for p in run_dir.iterdir()) == before  # no summary written
 
@@ -87,7 +81,7 @@ def test_a_stride_beyond_the_window_is_refused_before_anything_runs(tmp_path) ->
     path = tmp_path / "a.yaml"
     path.write_text(yaml.safe_dump(cfg))
     for command in ("run", "inspect"):
-        _one_line(_cli(command, str(path)), command, "occlusion.stride", "stride 8 is larger")
+        _one_line(cli(command, str(path)), command, "occlusion.stride", "stride 8 is larger")
     assert not (tmp_path / "run").exists()
 
 
@@ -114,6 +108,6 @@ def test_an_output_folder_inside_a_folder_dataset_is_refused(tmp_path, key) -> N
     path = tmp_path / "a.yaml"
     path.write_text(yaml.safe_dump(cfg))
     before = sorted(p.relative_to(folder) for p in Path(folder).rglob("*"))
-    _one_line(_cli("run", str(path)), "run", f"output.{key}", "lies inside the dataset")
+    _one_line(cli("run", str(path)), "run", f"output.{key}", "lies inside the dataset")
     # the refused attempt left nothing there: no run folder, no lock
     assert sorted(p.relative_to(folder) for p in Path(folder).rglob("*")) == before

@@ -28,10 +28,13 @@ from pipeline import read_maps
 from pipeline.audit.aggregate import aggregate
 from tests._data_helpers import moto_server
 from tests._dataset import audit_config, image_set_with_model
-from tests._faults import run_cli, wait_until
+from tests._faults import cli, run_cli, wait_until
 from tests._s3proxy import S3Proxy
+from tests._shared_ray import job_env_vars
 
-pytestmark = pytest.mark.slow
+# The drivers join the session's Ray head (``cluster.address: auto``), as jobs on a cluster do:
+# a paused driver's actors go on, as they would there.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_env")]
 
 N = 12
 SLOW = {"window": [4, 4], "stride": [2, 2], "n_baselines": 3, "max_batch": 16,
@@ -46,15 +49,18 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def s3():
     """moto on loopback with bucket ``audits``, and a fault switch in front of it; the
-    environment points this process and every process it starts at the switch."""
+    environment points this process, every process it starts and their Ray workers at the
+    switch."""
     keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
             "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED")  # fmt: skip
-    old = {k: os.environ.get(k) for k in (*keys, "AWS_PROFILE", "AWS_ENDPOINT_URL")}
+    job = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+    old = {k: os.environ.get(k) for k in (*keys, "AWS_PROFILE", "AWS_ENDPOINT_URL", job)}
     with moto_server() as endpoint:
         proxy = S3Proxy(endpoint)
         os.environ.pop("AWS_PROFILE", None)
         os.environ.pop("AWS_ENDPOINT_URL", None)
         os.environ.update(dict(zip(keys, ("t", "t", "us-east-1", proxy.url, "true"), strict=True)))
+        os.environ.update(job_env_vars(*keys))
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="audits")
         try:
@@ -74,13 +80,21 @@ def _objects(client: Any, prefix: str) -> dict[str, str]:
     return {o["Key"]: o["ETag"] for o in listed}
 
 
-def _config(tmp: Path, data: Path, out: str, name: str, lease: float, **occlusion: Any) -> Path:
+def _config(
+    tmp: Path,
+    data: Path,
+    out: str,
+    name: str,
+    lease: float,
+    address: str = "auto",
+    **occlusion: Any,
+) -> Path:
     cfg = audit_config(
         data,
         out,  # type: ignore[arg-type]
         occlusion={**SLOW, **occlusion},
         counterfactual={"enabled": False},
-        cluster={"shard_size": 1},
+        cluster={"shard_size": 1, "address": address},
         output={"lock_lease_s": lease},
     )
     path = tmp / f"{name}.yaml"
@@ -100,8 +114,9 @@ def test_a_paused_driver_whose_lock_was_taken_over_writes_nothing_more(s3, data,
     code, out = _finish(ref)
     assert code == 0, out
 
-    # the first audit (stride 2), paused past its 3 s lease after it stored a shard
-    first = run_cli(_config(tmp_path, data, "s3://audits/lease/run", "first", 3))
+    # the first audit (stride 2), paused past its 3 s lease after it stored a shard; on a Ray
+    # of its own, whose CPUs its paused driver holds while the second audit runs on the head
+    first = run_cli(_config(tmp_path, data, "s3://audits/lease/run", "first", 3, "local"))
     shards = lambda: [k for k in _objects(client, "lease/run/maps/")]  # noqa: E731
     assert wait_until(lambda: len(shards()) >= 1 or first.poll() is not None, 300)
     assert first.poll() is None, _finish(first)[1]
@@ -165,7 +180,7 @@ def test_a_failed_release_of_the_lock_keeps_the_run_outcome(s3, data, tmp_path):
     proxy.fail("HEAD", "/release/run/.lock", 500, times=10, after=done)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True,
-        timeout=300, env={**os.environ, "RAY_ADDRESS": "local"},
+        timeout=300,
     )  # fmt: skip
     assert ("HEAD", "/audits/release/run/.lock", 500) in proxy.seen
     assert proc.returncode == 0, proc.stderr
@@ -188,10 +203,7 @@ def test_an_unreachable_store_mid_run_is_exit_4_and_a_store_fault_is_one_line(s3
         lines = [s for s in out.splitlines() if "occlusion-audit run: error:" in s]
         assert len(lines) == 1 and "--resume" in lines[0], out
         # another command on the unreachable store: one line, exit 2
-        agg = subprocess.run(
-            [sys.executable, "-m", "pipeline", "aggregate", "s3://audits/down/run"],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        agg = cli("aggregate", "s3://audits/down/run")
         assert agg.returncode == 2 and "Traceback" not in agg.stderr, agg.stderr
         assert "occlusion-audit aggregate: error:" in agg.stderr
     finally:

@@ -6,8 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pipeline.run.folder import RunLock, RunLockedError
 from pipeline.run.preflight import RunFolderError
 from pipeline.run.settings import worker_compute
 from tests._dataset import audit_config, image_set_with_model, save_gap_model
-from tests._faults import run_cli
+from tests._faults import cli, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +237,7 @@ def test_an_unknown_config_key_fails_before_any_work(image_set, tmp_path):
     cfg = audit_config(image_set, tmp_path / "run", occlusion={"windw": [8, 8]})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(path)], capture_output=True, text=True
-    )
+    proc = cli("run", str(path))
     assert proc.returncode == 2
     assert "occlusion.windw" in proc.stderr and "window" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -28,23 +28,26 @@ from pipeline.storage.store import Store
 from tests._data_helpers import gcs_server, moto_server
 from tests._dataset import audit_config, image_set_with_model
 from tests._faults import Background, private_ray_tmpdir, run_cli, wait_until
+from tests._shared_ray import job_env_vars, runtime_env
 
 N = 12
 SHARD = 2
+AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3",
+       "AWS_EC2_METADATA_DISABLED")  # fmt: skip
+JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server with bucket ``audits``; the environment points pyarrow, boto3 and every
-    Ray process started afterwards at it."""
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED")  # fmt: skip
-    old = {k: os.environ.get(k) for k in (*keys, "AWS_PROFILE", "AWS_ENDPOINT_URL")}
+    """A moto S3 server with bucket ``audits``; the environment points pyarrow, boto3, every
+    Ray process started afterwards and the workers of every CLI driver at it."""
+    old = {k: os.environ.get(k) for k in (*AWS, "AWS_PROFILE", "AWS_ENDPOINT_URL", JOB)}
     with moto_server() as endpoint:
         os.environ.pop("AWS_PROFILE", None)
         os.environ.pop("AWS_ENDPOINT_URL", None)
         values = ("testing", "testing", "us-east-1", endpoint, "true")
-        os.environ.update(dict(zip(keys, values, strict=True)))
+        os.environ.update(dict(zip(AWS, values, strict=True)))
+        os.environ.update(job_env_vars(*AWS))
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="audits")
         try:
@@ -142,8 +145,9 @@ def test_a_three_node_cluster_writes_its_run_to_a_bucket(s3, data, tmp_path) -> 
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(s3, data, tmp_path) -> None:
-    slow = {"window": [4, 4], "stride": [1, 1], "n_baselines": 3, "max_batch": 16,
+def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(ray_env, s3, data, tmp_path):
+    """The drivers join the session's Ray head, as jobs on a cluster do."""
+    slow = {"window": [4, 4], "stride": [2, 2], "n_baselines": 3, "max_batch": 16,
             "engine": "generic"}  # fmt: skip
     paths = {}
     for name in ("ref", "killed"):
@@ -151,7 +155,7 @@ def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(s3, data, tmp_pat
             data,
             f"s3://audits/kill/{name}",  # type: ignore[arg-type]
             occlusion=slow,
-            cluster={"shard_size": 3},
+            cluster={"shard_size": 3, "address": "auto"},
             output={"lock_lease_s": 20},
         )
         paths[name] = tmp_path / f"{name}.yaml"
@@ -163,7 +167,7 @@ def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(s3, data, tmp_pat
     shards = lambda: [k for k in _keys(s3, "kill/killed/maps/")]  # noqa: E731
     assert wait_until(lambda: len(shards()) >= 2 or proc.poll() is not None, 240)
     assert proc.poll() is None, proc.stdout.read().decode()
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver: its actors on the head die with it
     proc.wait()
     partial = len(shards())
     assert 2 <= partial < N // 3
@@ -230,12 +234,13 @@ def test_shards_are_whole_objects_and_resume_reads_their_footers(s3, data) -> No
 
 
 @pytest.mark.slow
-def test_a_run_in_the_gcs_emulator_is_exactly_once(data, tmp_path, monkeypatch) -> None:
+def test_a_run_in_the_gcs_emulator_is_exactly_once(ray_env, data, tmp_path, monkeypatch) -> None:
     with gcs_server("audits") as endpoint:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        env = runtime_env("STORAGE_EMULATOR_HOST")
+        ray.init(address=ray_env.address, runtime_env=env, configure_logging=False)
         try:
             res = run_audit(_cfg(data, "gs://audits/gcs/run", actors=2), progress=False)
         finally:
@@ -251,13 +256,13 @@ def test_a_run_in_the_gcs_emulator_is_exactly_once(data, tmp_path, monkeypatch) 
 
 
 @pytest.mark.slow
-def test_nightly_runs_in_a_bucket_compare_and_chart_themselves(s3, data) -> None:
+def test_nightly_runs_in_a_bucket_compare_and_chart_themselves(ray_env, s3, data) -> None:
     """``trend.runs_dir`` and ``output.report_dir`` in the bucket, as the jobs set them."""
     from pipeline.report.publish import publish_run
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address=ray_env.address, runtime_env=runtime_env(*AWS), configure_logging=False)
     try:
         docs = []
         for day in ("2026-12-01", "2026-12-02"):

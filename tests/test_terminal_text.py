@@ -6,7 +6,6 @@ output shows them escaped (``\\x1b``), with printable Unicode kept."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,8 +38,9 @@ def _raw(output: bytes | str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def audit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """The run, made by the CLI in a fresh process as a user would."""
+def audit(tmp_path_factory: pytest.TempPathFactory, shared_ray) -> dict[str, object]:
+    """The run, made by the CLI in a fresh process as a user would (joining the session's Ray
+    head, as a job on a cluster does)."""
     root = image_set_with_model(tmp_path_factory.mktemp("escapes"), n=N)
     rows = pq.read_table(root / "manifest.parquet").to_pylist()
     for i, row in enumerate(rows):
@@ -53,7 +53,7 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         root / "run",
         occlusion={"window": [8, 8], "stride": [8, 8], "n_baselines": 1, "baseline": "mean"},
         counterfactual={"enabled": False},
-        cluster={"shard_size": 6, "actors": 1, "max_failures": MISSING},
+        cluster={"shard_size": 6, "actors": 1, "max_failures": MISSING, "address": "auto"},
         audit={"min_images": 2},
         output={"report_dir": str(root / "report")},
     )
@@ -62,7 +62,7 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         [sys.executable, "-m", "pipeline", "run", str(root / "audit.yaml")],
         capture_output=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=shared_ray.environ(PYTHONPATH=str(REPO)),
         timeout=600,
     )
     return {"root": root, "run": root / "run", "done": done}

@@ -8,7 +8,7 @@ YAML (every other family is loaded and resolved in-process by ``tests/test_model
 ``run.json`` records the source and the engine the workers
 picked (``occlusion.engine: auto``), which must be the one expected for the family
 (``tests/test_model_zoo.py`` checks that ``auto`` resolves to it). The drivers join one Ray
-started here (``RAY_ADDRESS``), two at a time, so the matrix pays for Ray's start once and one
+of the session (``RAY_ADDRESS``), two at a time, so the matrix does not pay for Ray's start and one
 driver's start-up overlaps another's workers. Archives and outputs that cannot work are refused
 before Ray starts. A timm ViT also runs with ``occlusion.mode: token-drop``.
 """
@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import ray
 import torch
 import yaml
 
@@ -110,22 +109,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zoo_ray() -> Any:
-    """One embedded 2-CPU Ray whose workers import tests/_startup (``PYTHONPATH`` is read by
-    the raylet, whose environment every worker inherits); yields its address."""
-    if ray.is_initialized():
-        ray.shutdown()
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = _env()["PYTHONPATH"]
-    try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        if before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = before
+def zoo_ray(shared_ray) -> dict[str, str]:
+    """The environment that joins the session's Ray head, whose workers import tests/_startup
+    (tests/_shared_ray.py)."""
+    return shared_ray.env
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +125,7 @@ def runs(data, zoo_ray, tmp_path_factory) -> dict[str, tuple[Path, subprocess.Co
         folder = top / family
         folder.mkdir()
         cfg = _write_config(data, folder, model_section(family, folder), "auto")
-        env = _env(RAY_ADDRESS=zoo_ray)
+        env = _env(**zoo_ray)
         return folder, _cli("run", str(cfg), "--no-report", "--quiet", cwd=top, env=env)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -193,7 +180,7 @@ def test_token_drop_through_the_cli_on_a_timm_vit(data, zoo_ray, tmp_path, capsy
     # 9 windows of 2x2 of the 4x4 tokens: 9 passes per image instead of fill's 27 at K=3
     cfg_path = _write_config(data, folder, section, "auto", mode="token-drop", stride=[8, 8])
     proc = _cli("run", str(cfg_path), "--no-report", "--quiet", cwd=tmp_path,
-                env=_env(RAY_ADDRESS=zoo_ray))  # fmt: skip
+                env=_env(**zoo_ray))  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads((folder / "run" / "run.json").read_text())
     assert record["identity"]["occlusion"]["mode"] == "token-drop"
