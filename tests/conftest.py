@@ -56,13 +56,13 @@ def ray_env(shared_ray):
 
 
 @pytest.fixture(scope="module")
-def ray_driver(ray_env):
-    """This process connected to the session's 2-CPU Ray head for one test module: in-process
-    runs use it whatever their ``cluster.address``."""
+def local_ray():
+    """A fresh embedded 2-CPU Ray in this process for one test module (never one another
+    process advertised): in-process runs use it whatever their ``cluster.address``."""
     if ray.is_initialized():  # a Ray left by another module may have other resources
         ray.shutdown()
-    ray.init(address=ray_env.address, configure_logging=False)
-    yield ray_env
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
     ray.shutdown()
 
 

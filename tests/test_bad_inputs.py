@@ -92,7 +92,7 @@ def bad_set(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api_run(ray_driver, bad_set, tmp_path_factory):
+def api_run(local_ray, bad_set, tmp_path_factory):
     root, ids = bad_set
     out = tmp_path_factory.mktemp("api") / "run"
     return run_audit(load_config(_config(root, out)), progress=False), ids
@@ -165,7 +165,7 @@ def _cli(cfg_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return cli("run", str(cfg_path), "--no-report", "--quiet", *extra)
 
 
-def test_cli_exit_code_is_1_with_failures_and_0_within_max_failures(ray_driver, bad_set, tmp_path):
+def test_cli_exit_code_is_1_with_failures_and_0_within_max_failures(local_ray, bad_set, tmp_path):
     root, ids = bad_set
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(root, tmp_path / "strict")))

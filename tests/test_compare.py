@@ -27,10 +27,10 @@ CLEAN_ROOMS = {"kitchen", "hallway", "bedroom", "living-room"}
 
 
 @pytest.fixture(scope="module")
-def demo(quick_demo: Path, ray_driver) -> Path:
+def demo(quick_demo: Path, local_ray) -> Path:
     """The quick demo (planted shortcut model, run ``runs/demo``) plus a model trained without
     the shortcut on as many views, audited on the same images into ``runs/clean``. The module's
-    runs are in this process, on the session's Ray head."""
+    runs are in this process, on the module's embedded Ray."""
     out = quick_demo
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -114,7 +114,7 @@ def _cfg(image_set, out, compile_: bool) -> dict:
 
 
 @pytest.mark.slow
-def test_a_compiled_run_stores_the_eager_maps(ray_driver, image_set, tmp_path):
+def test_a_compiled_run_stores_the_eager_maps(local_ray, image_set, tmp_path):
     for name, flag in (("eager", False), ("compiled", True)):
         res = run_audit(load_config(_cfg(image_set, tmp_path / name, flag)), progress=False)
         assert (res.exit_code, res.ok) == (0, 8)

@@ -137,7 +137,7 @@ def _bank_draws(cfg: AuditConfig, records):
     return {r.image_id: banks.draw(r) for r in records}
 
 
-def test_counterfactuals_do_not_depend_on_sharding_or_actors(ray_driver, tmp_path):
+def test_counterfactuals_do_not_depend_on_sharding_or_actors(local_ray, tmp_path):
     root = image_set_with_model(tmp_path / "data", n=14)
     cols = ["image_id", *COUNTERFACTUAL_METRICS, *LOCALISATION_METRICS, "swap_ids", "swap_scores"]
     got = []

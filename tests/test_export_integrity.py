@@ -36,7 +36,7 @@ LABELS = ["=1+1", "-2+3", "@SUM(1)", "+4", "\t5", "\r6"]
 
 
 @pytest.fixture(scope="module")
-def run(ray_driver, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real run over 24 images whose ids, groups and labels start like formulas."""
     root = image_set_with_model(tmp_path_factory.mktemp("export-run"), n=N)
     table = pq.read_table(root / "manifest.parquet")

@@ -27,7 +27,7 @@ def image_set(tmp_path_factory):
 
 
 @pytest.mark.parametrize("baseline", BASELINES)
-def test_run_maps_equal_the_api_maps(ray_driver, image_set, tmp_path, baseline):
+def test_run_maps_equal_the_api_maps(local_ray, image_set, tmp_path, baseline):
     occlusion = {"window": [8, 8], "stride": [4, 4], "baseline": baseline, "max_batch": 32}
     if baseline in ("mean", "zero", "constant", "blur"):
         occlusion["n_baselines"] = 1

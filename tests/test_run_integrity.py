@@ -21,9 +21,9 @@ from pipeline import load_config, read_maps, run_audit
 from tests._dataset import audit_config, image_set_with_model, save_gap_model
 from tests._faults import Background, cli, save_picky_model
 
-# Every run here joins the session's Ray head (the CLI runs in this process): what is tested is
+# Every run here is in this process, on the module's embedded Ray: what is tested is
 # what a run writes, refuses and resumes, not how it starts Ray.
-pytestmark = pytest.mark.usefixtures("ray_driver")
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -
     return lines[0]
 
 
-def test_hostile_files_are_one_error_row_each(ray_driver, image_set, tmp_path):
+def test_hostile_files_are_one_error_row_each(local_ray, image_set, tmp_path):
     root = _copy(image_set, tmp_path / "data")
     images = root / "images"
     for name in ("img005", "img006", "img007"):
@@ -74,7 +74,7 @@ def test_hostile_files_are_one_error_row_each(ray_driver, image_set, tmp_path):
     assert (result.ok, result.errors, result.exit_code) == (9, 3, 1)
 
 
-def test_a_model_failing_on_one_image_fails_only_that_image(ray_driver, image_set, tmp_path):
+def test_a_model_failing_on_one_image_fails_only_that_image(local_ray, image_set, tmp_path):
     root = _copy(image_set, tmp_path / "data")
     marked = np.asarray(Image.open(root / "images" / "img003.png")).copy()
     marked[0, 0] = (255, 0, 255)

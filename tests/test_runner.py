@@ -41,7 +41,7 @@ def _by_id(run_dir: Path):
     return read_maps(run_dir).set_index("image_id").sort_index()
 
 
-def test_every_image_exactly_once_and_equal_to_the_kernel(ray_driver, image_set, tmp_path):
+def test_every_image_exactly_once_and_equal_to_the_kernel(local_ray, image_set, tmp_path):
     res = run_audit(_cfg(image_set, tmp_path / "run"), progress=False)
     assert (res.images, res.ok, res.errors, res.exit_code) == (20, 20, 0, 0)
     maps = read_maps(tmp_path / "run")
@@ -83,7 +83,7 @@ def test_every_image_exactly_once_and_equal_to_the_kernel(ray_driver, image_set,
         assert actor["heap_tuned"] is True and actor["max_batch"] == 64, actor
 
 
-def test_group_by_the_manifest_label_groups_by_class(ray_driver, image_set, tmp_path):
+def test_group_by_the_manifest_label_groups_by_class(local_ray, image_set, tmp_path):
     cfg = _cfg(image_set, tmp_path / "run")
     cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, group_by=("label",)))
     assert run_audit(cfg, progress=False).ok == 20
@@ -93,7 +93,7 @@ def test_group_by_the_manifest_label_groups_by_class(ray_driver, image_set, tmp_
     assert list(summary["label"]) == ["0", "1"] and list(summary["n"]) == [10, 10]
 
 
-def test_maps_do_not_depend_on_actor_count_or_shard_size(ray_driver, image_set, tmp_path):
+def test_maps_do_not_depend_on_actor_count_or_shard_size(local_ray, image_set, tmp_path):
     a = tmp_path / "a"
     b = tmp_path / "b"
     run_audit(_cfg(image_set, a, cluster={"actors": 1, "shard_size": 20}), progress=False)
@@ -106,7 +106,7 @@ def test_maps_do_not_depend_on_actor_count_or_shard_size(ray_driver, image_set, 
 
 
 def test_an_existing_run_needs_resume_and_a_locked_folder_is_refused(
-    ray_driver, image_set, tmp_path
+    local_ray, image_set, tmp_path
 ):
     cfg = _cfg(image_set, tmp_path / "run")
     run_audit(cfg, progress=False)
@@ -119,7 +119,7 @@ def test_an_existing_run_needs_resume_and_a_locked_folder_is_refused(
 
 
 def test_an_actor_killed_mid_shard_is_replaced_and_every_image_lands_once(
-    ray_driver, image_set, tmp_path
+    local_ray, image_set, tmp_path
 ):
     # Slow shards (many windows, small batches) so that the kill lands inside one.
     cfg = _cfg(

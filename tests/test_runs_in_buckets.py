@@ -28,7 +28,7 @@ from pipeline.storage.store import Store
 from tests._data_helpers import gcs_server, moto_server
 from tests._dataset import audit_config, image_set_with_model
 from tests._faults import Background, private_ray_tmpdir, run_cli, wait_until
-from tests._shared_ray import job_env_vars, runtime_env
+from tests._shared_ray import job_env_vars
 
 N = 12
 SHARD = 2
@@ -234,13 +234,12 @@ def test_shards_are_whole_objects_and_resume_reads_their_footers(s3, data) -> No
 
 
 @pytest.mark.slow
-def test_a_run_in_the_gcs_emulator_is_exactly_once(ray_env, data, tmp_path, monkeypatch) -> None:
+def test_a_run_in_the_gcs_emulator_is_exactly_once(data, tmp_path, monkeypatch) -> None:
     with gcs_server("audits") as endpoint:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
         if ray.is_initialized():
             ray.shutdown()
-        env = runtime_env("STORAGE_EMULATOR_HOST")
-        ray.init(address=ray_env.address, runtime_env=env, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
         try:
             res = run_audit(_cfg(data, "gs://audits/gcs/run", actors=2), progress=False)
         finally:
@@ -256,13 +255,13 @@ def test_a_run_in_the_gcs_emulator_is_exactly_once(ray_env, data, tmp_path, monk
 
 
 @pytest.mark.slow
-def test_nightly_runs_in_a_bucket_compare_and_chart_themselves(ray_env, s3, data) -> None:
+def test_nightly_runs_in_a_bucket_compare_and_chart_themselves(s3, data) -> None:
     """``trend.runs_dir`` and ``output.report_dir`` in the bucket, as the jobs set them."""
     from pipeline.report.publish import publish_run
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address=ray_env.address, runtime_env=runtime_env(*AWS), configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         docs = []
         for day in ("2026-12-01", "2026-12-02"):

@@ -69,7 +69,7 @@ def _maps(cfg: Any, out: Path) -> Any:
     return read_maps(out, columns=COLUMNS).set_index("image_id").sort_index()
 
 
-def test_every_format_audits_to_the_manifest_runs_maps(ray_driver, data, tmp_path) -> None:
+def test_every_format_audits_to_the_manifest_runs_maps(local_ray, data, tmp_path) -> None:
     """Random baselines are seeded by image id, so each format is compared with a plain
     manifest run of the same images under the ids that format gives them."""
     plain = {}

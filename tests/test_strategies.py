@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(ray_driver, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(local_ray, tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("watermark")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
