@@ -251,9 +251,9 @@ class Gated(nn.Module):
     "model,match",
     [
         (Attention(), "flatten"),
-        (nn.Sequential(nn.Linear(16, 4)), r"module '0' \(Linear\)"),
+        (nn.Sequential(nn.Linear(16, 4)), r"cannot follow module Linear at 0"),
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softmax(dim=1), nn.Flatten()), "Softmax"),
-        (Gated(), "whole image"),
+        (Gated(), r"'\.mean\(dim=\(2, 3\), keepdim=True\)' at the model's forward.*whole image"),
         (nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect")), "reflect"),
         (nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2).train()), "model.eval"),
         (lambda t: t.sum(dim=(1, 2, 3)), "not a torch.nn.Module"),

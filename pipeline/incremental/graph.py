@@ -20,10 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from pipeline.incremental.explain import (
+    ROOT,
+    aten_hint,
+    describe,
+    global_source,
+    scripted,
+    trace_failure,
+)
 from pipeline.incremental.ops import run_node
 from pipeline.incremental.rules import (
     Axis,
-    describe,
     entry_kind,
     is_meta,
     pointwise_problem,
@@ -127,6 +134,18 @@ def _is_spatial(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] == 2
 
 
+class _ImageOnly(nn.Module):
+    """The model called with the image alone, so that fx binds every other parameter of its
+    forward to its default (a timm ViT's ``attn_mask=None``) instead of making it an input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        setattr(self, ROOT, model)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return getattr(self, ROOT)(x)  # (N, C, H, W) -> the model's output
+
+
 def trace_model(
     model: nn.Module, image_shape: tuple[int, int, int], device: torch.device
 ) -> Traced | str:
@@ -138,17 +157,26 @@ def trace_model(
         device: where the example pass runs.
 
     Returns:
-        A :class:`Traced`, or a human-readable reason string.
+        A :class:`Traced`, or a human-readable reason string starting ``"incremental engine: "``
+        and naming the op and module that stopped it (:mod:`pipeline.incremental.explain`).
     """
+    traced = _trace(model, image_shape, device)
+    return f"incremental engine: {traced}" if isinstance(traced, str) else traced
+
+
+def _trace(
+    model: nn.Module, image_shape: tuple[int, int, int], device: torch.device
+) -> Traced | str:
     if not isinstance(model, nn.Module):
         return f"the model is a {type(model).__name__}, not a torch.nn.Module that fx can trace"
+    why = scripted(model)
+    if why is not None:
+        return why
+    root = _ImageOnly(model)
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(root)
     except Exception as e:  # fx raises many types on data-dependent control flow
-        return f"torch.fx could not trace the model ({type(e).__name__}: {e})"
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        return f"the model takes {len(placeholders)} inputs; only one image tensor is supported"
+        return trace_failure(root, e)
     modules = _modules(gm)
     try:
         values = _example_values(gm, modules, image_shape, device)
@@ -181,7 +209,7 @@ def _sort_nodes(
         if not sp or node.name in skipped:
             head.add(node.name)
             continue
-        step = _local_step(node, sp, deps, modules, values, out.consts)
+        step = _local_step(node, sp, deps, modules, values, out.consts, spatial)
         if isinstance(step, Step):
             spatial[node.name] = step
             continue
@@ -192,8 +220,13 @@ def _sort_nodes(
             continue
         kind = entry_kind(node, modules, values)
         if kind is None:
-            where = ", ".join(repr(s) for s in sp)
-            return f"unsupported op: {describe(node, modules)} reads the spatial tensor {where}"
+            src = spatial[sp[0]]
+            read = "the input image" if src.kind == "input" else describe(src.node, modules)
+            return (
+                f"cannot follow {describe(node, modules)}: it reads the activation of {read} "
+                "and is neither local (conv, pool, element-wise) nor a head the engine updates "
+                f"(flatten into a Linear, global pooling){aten_hint(node)}"
+            )
         head.add(node.name)
         if kind == "gap":
             out.entries[node.name] = Entry(node.name, sp[0], "gap")
@@ -223,6 +256,7 @@ def _local_step(
     modules: dict[str, nn.Module],
     values: dict[str, Any],
     consts: dict[str, Any],
+    spatial: dict[str, Step],
 ) -> Step | str | None:
     """A trunk step for ``node``, a reason why a local-looking op is unsupported, or None when
     ``node`` is not a local op at all."""
@@ -237,9 +271,15 @@ def _local_step(
         return Step(node.name, "window", node, _chw(val), (sp[0],), axes, pad_value, op)
     problem = pointwise_problem(node, modules, values, consts)
     if problem is None and len(deps) != len(sp):
+        gate = global_source(node, spatial, consts)
+        if gate is None:
+            return (
+                f"cannot follow {describe(node, modules)}: it combines an activation with a "
+                "value computed from the whole image, which is not local"
+            )
         return (
-            f"{describe(node, modules)} combines a spatial tensor with a value computed from the "
-            "whole image (e.g. squeeze-excitation gating), which is not local"
+            f"cannot follow {describe(gate, modules)} (a global op: its value, computed from the "
+            f"whole image, gates {describe(node, modules)}, as squeeze-excitation does; not local)"
         )
     if problem is None:
         shapes = {tuple(values[s].shape[2:]) for s in sp}

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _pair
 
+from pipeline.incremental.explain import describe
 from pipeline.incremental.ops import slice_max_pool
 
-__all__ = ["Axis", "describe", "entry_kind", "is_meta", "pointwise_problem", "window_op"]
+__all__ = ["Axis", "entry_kind", "is_meta", "pointwise_problem", "window_op"]
 
 _POINTWISE_MODULES = {
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -84,16 +85,6 @@ class Axis:
     def crop(self, start: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
         """Input start and length that ``n`` outputs from ``start`` read (start may be < 0)."""
         return start * self.stride - self.pad, self.reads(n)
-
-
-def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """A short human-readable name of the op of ``node``."""
-    if node.op == "call_module":
-        return f"module '{node.target}' ({type(modules[str(node.target)]).__name__})"
-    if node.op == "call_method":
-        return f"method .{node.target}() (node '{node.name}')"
-    name = getattr(node.target, "__name__", str(node.target))
-    return f"function {name} (node '{node.name}')"
 
 
 def is_meta(node: fx.Node) -> bool:
