@@ -186,8 +186,12 @@ class IncrementalEngine:
         bases: dict[str, list[torch.Tensor]],
     ) -> None:
         """Keep node ``name``'s value: padded channels-last for crops, as is for entries."""
-        for value, (top, bottom, left, right) in self._pads.get(name, {}).items():
-            padded = F.pad(env[name], (left, right, top, bottom), value=value)
+        pads = self._pads.get(name, {})
+        full = env[name]
+        if pads and self._steps[name].channels_last:  # cached (N, C, H, W) like every region
+            full = full.permute(0, 3, 1, 2)
+        for value, (top, bottom, left, right) in pads.items():
+            padded = F.pad(full, (left, right, top, bottom), value=value)
             parts.setdefault((name, value), []).append(padded.permute(0, 2, 3, 1).contiguous())
         if name in self.traced.entries:
             bases.setdefault(name, []).append(env[name])

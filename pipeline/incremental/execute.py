@@ -52,6 +52,7 @@ class Runner:
     splices: set[str]
     last: dict[str, int]
     inplace: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+    channels_last: frozenset[str] = frozenset()
 
     @classmethod
     def create(cls, traced: Traced) -> Runner:
@@ -89,7 +90,8 @@ class Runner:
                 inplace[st.name] = twin  # type: ignore[assignment]
             elif st.kind == "pointwise" and _plain_relu(st.node):
                 inplace[st.name] = torch.relu_
-        return cls(traced, head, splices, last, inplace)
+        channels_last = frozenset(st.name for st in traced.steps if st.channels_last)
+        return cls(traced, head, splices, last, inplace, channels_last)
 
     @property
     def head_reads(self) -> set[str]:
@@ -186,7 +188,10 @@ class Runner:
                 env[u] = merge(src, regions[u], origin[u], img, origin[st.name], size, inside)
             else:
                 env[u] = regions[u]
-        return run_node(st.node, env, t.modules, t.gm)
+            if u in self.channels_last:  # the op sees the layout it was written for
+                env[u] = env[u].permute(0, 2, 3, 1)
+        out = run_node(st.node, env, t.modules, t.gm)
+        return out.permute(0, 3, 1, 2) if st.name in self.channels_last else out
 
     def finish(
         self,
@@ -221,6 +226,8 @@ class Runner:
         for name in self.splices:
             org = plan.regions[name].origin[win]
             env[name] = splice(act[(name, 0.0)], regions[name], org, img)
+            if name in self.channels_last:
+                env[name] = env[name].permute(0, 2, 3, 1)
         for node in self.head:
             env[node.name] = run_node(node, env, t.modules, t.gm)
         output = next(n for n in reversed(t.gm.graph.nodes) if n.op == "output")

@@ -12,7 +12,6 @@ CNN Explanations", SIGMOD 2019).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,50 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pipeline.incremental.explain import (
-    ROOT,
-    aten_hint,
-    describe,
-    global_source,
-    scripted,
-    trace_failure,
-)
+from pipeline.incremental.explain import ROOT, aten_hint, describe, scripted, trace_failure
 from pipeline.incremental.ops import run_node
-from pipeline.incremental.rules import (
-    Axis,
-    entry_kind,
-    is_meta,
-    pointwise_problem,
-    window_op,
-)
+from pipeline.incremental.rules import entry_kind, is_meta
+from pipeline.incremental.steps import Step, chw, is_spatial, local_step
 
 __all__ = ["Entry", "Step", "Traced", "trace_model"]
-
-
-@dataclass
-class Step:
-    """One trunk node, computed on the changed region of each occluded copy.
-
-    Attributes:
-        name: fx node name.
-        kind: ``"input"``, ``"pointwise"`` (element-wise, any number of spatial inputs) or
-            ``"window"`` (conv/pool: reads a crop with a halo).
-        node: the fx node.
-        shape: ``(C, H, W)`` of the activation.
-        inputs: names of the spatial nodes it reads.
-        axes: ``(rows, cols)`` window geometry (window steps only).
-        pad_value: value of the padding a window step sees beyond its input (0 or -inf).
-        op: window steps: maps an unpadded crop ``(B, C, h_in, w_in)`` to ``(B, C', h, w)``.
-    """
-
-    name: str
-    kind: str
-    node: fx.Node
-    shape: tuple[int, int, int]
-    inputs: tuple[str, ...]
-    axes: tuple[Axis, Axis] | None = None
-    pad_value: float = 0.0
-    op: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -130,10 +91,6 @@ def _example_values(
     return env
 
 
-def _is_spatial(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] == 2
-
-
 class _ImageOnly(nn.Module):
     """The model called with the image alone, so that fx binds every other parameter of its
     forward to its default (a timm ViT's ``attn_mask=None``) instead of making it an input."""
@@ -196,9 +153,9 @@ def _sort_nodes(
     for node in gm.graph.nodes:
         deps = [a for a in node.all_input_nodes if a.name in spatial or a.name in head]
         if node.op == "placeholder":
-            if not _is_spatial(values[node.name]):
+            if not is_spatial(values[node.name]):
                 return "the input is not an (N, C, H, W) image batch"
-            spatial[node.name] = Step(node.name, "input", node, _chw(values[node.name]), ())
+            spatial[node.name] = Step(node.name, "input", node, chw(values[node.name]), ())
             continue
         if node.op == "output":
             break
@@ -209,7 +166,7 @@ def _sort_nodes(
         if not sp or node.name in skipped:
             head.add(node.name)
             continue
-        step = _local_step(node, sp, deps, modules, values, out.consts, spatial)
+        step = local_step(node, sp, deps, modules, values, out.consts, spatial)
         if isinstance(step, Step):
             spatial[node.name] = step
             continue
@@ -218,6 +175,13 @@ def _sort_nodes(
         if is_meta(node):
             head.add(node.name)
             continue
+        last = [s for s in sp if spatial[s].channels_last]
+        if last:
+            return (
+                f"cannot follow {describe(node, modules)}: it reads the (N, H, W, C) activation "
+                f"of {describe(spatial[last[0]].node, modules)}; only per-position ops and a "
+                "permute(0, 3, 1, 2) back to (N, C, H, W) may follow a permute(0, 2, 3, 1)"
+            )
         kind = entry_kind(node, modules, values)
         if kind is None:
             src = spatial[sp[0]]
@@ -243,55 +207,6 @@ def _sort_nodes(
     out.steps = list(spatial.values())
     out.head = [n for n in gm.graph.nodes if n.name in head]
     return out
-
-
-def _chw(value: torch.Tensor) -> tuple[int, int, int]:
-    return (int(value.shape[1]), int(value.shape[2]), int(value.shape[3]))
-
-
-def _local_step(
-    node: fx.Node,
-    sp: list[str],
-    deps: list[fx.Node],
-    modules: dict[str, nn.Module],
-    values: dict[str, Any],
-    consts: dict[str, Any],
-    spatial: dict[str, Step],
-) -> Step | str | None:
-    """A trunk step for ``node``, a reason why a local-looking op is unsupported, or None when
-    ``node`` is not a local op at all."""
-    val = values[node.name]
-    win = window_op(node, modules, values)
-    if isinstance(win, str):
-        return win
-    if win is not None:
-        if not _is_spatial(val) or len(deps) != 1:
-            return f"{describe(node, modules)} does not map an image batch to an image batch"
-        axes, pad_value, op = win
-        return Step(node.name, "window", node, _chw(val), (sp[0],), axes, pad_value, op)
-    problem = pointwise_problem(node, modules, values, consts)
-    if problem is None and len(deps) != len(sp):
-        gate = global_source(node, spatial, consts)
-        if gate is None:
-            return (
-                f"cannot follow {describe(node, modules)}: it combines an activation with a "
-                "value computed from the whole image, which is not local"
-            )
-        return (
-            f"cannot follow {describe(gate, modules)} (a global op: its value, computed from the "
-            f"whole image, gates {describe(node, modules)}, as squeeze-excitation does; not local)"
-        )
-    if problem is None:
-        shapes = {tuple(values[s].shape[2:]) for s in sp}
-        if not _is_spatial(val) or shapes != {tuple(val.shape[2:])}:
-            return (
-                f"{describe(node, modules)} changes or broadcasts the spatial size "
-                f"({[tuple(values[s].shape) for s in sp]} -> {tuple(val.shape)})"
-            )
-        return Step(node.name, "pointwise", node, _chw(val), tuple(dict.fromkeys(sp)))
-    if problem is not None and problem != "not pointwise":
-        return problem
-    return None
 
 
 _PASS_THROUGH = (nn.Dropout, nn.Identity)
