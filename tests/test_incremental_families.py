@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.incremental.engine import auto_engine
 from pipeline.incremental.select import select_engine
+from pipeline.models.loading import Normalized
 from tests.test_incremental import _eval, _maps
 
 SIDE = 64  # stage 1 of ConvNeXt is 16x16: its 7x7 convs change part of it
@@ -35,6 +36,19 @@ def _torchvision_convnext() -> nn.Module:
     return _eval(ConvNeXt(blocks, layer_scale=1.0, num_classes=3))
 
 
+def _hf(kind: str) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "convnext":
+        cfg = tf.ConvNextConfig(
+            depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], layer_scale_init_value=1.0
+        )
+        return _eval(tf.ConvNextForImageClassification(cfg))
+    cfg = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    return _eval(tf.ResNetForImageClassification(cfg))
+
+
 FAMILIES = {
     # BatchNormAct2d: F.batch_norm inside timm's module
     "timm-mobilenetv2": lambda: _timm("mobilenetv2_035"),
@@ -53,6 +67,10 @@ FAMILIES = {
     ),
     # Permute modules, nn.LayerNorm, nn.Linear, layer scale (C, 1, 1), stochastic depth
     "torchvision-convnext": _torchvision_convnext,
+    # traced with the input's shape known: they check it in Python
+    "hf-convnext": lambda: _hf("convnext"),
+    "hf-resnet": lambda: _hf("resnet"),
+    "hf-convnext-normalized": lambda: Normalized(_hf("convnext"), [0.4, 0.5, 0.6], [0.2] * 3),
 }
 
 

@@ -105,3 +105,12 @@ def test_a_torch_export_archive_says_what_to_load_instead(tmp_path):
     reason = _reason(model)
     assert "cannot follow aten op 'conv2d.default" in reason, reason
     assert "torch.export graph" in reason and "model.factory" in reason, reason
+
+
+def test_a_hugging_face_vit_names_the_check_where_tracing_stops():
+    from tests._zoo import tiny_hf
+
+    reason = _reason(tiny_hf("vit"))
+    assert re.search(r"torch\.fx cannot trace \w+ at vit\b.*modeling_vit\.py:\d+: `if ", reason), (
+        reason
+    )

@@ -23,6 +23,7 @@ from pipeline.incremental.explain import ROOT, aten_hint, describe, scripted, tr
 from pipeline.incremental.ops import run_node
 from pipeline.incremental.rules import entry_kind, is_meta
 from pipeline.incremental.steps import Step, chw, is_spatial, local_step
+from pipeline.incremental.tracer import ImageShapeTracer
 
 __all__ = ["Entry", "Step", "Traced", "trace_model"]
 
@@ -132,8 +133,13 @@ def _trace(
     root = _ImageOnly(model)
     try:
         gm = fx.symbolic_trace(root)
-    except Exception as e:  # fx raises many types on data-dependent control flow
-        return trace_failure(root, e)
+    except Exception:  # fx raises many types on data-dependent control flow
+        # again, with the input's shape known: Hugging Face models check it in Python
+        try:
+            tracer = ImageShapeTracer(image_shape)
+            gm = fx.GraphModule(root, tracer.trace(root), type(model).__name__)
+        except Exception as e:
+            return trace_failure(root, e)
     modules = _modules(gm)
     try:
         values = _example_values(gm, modules, image_shape, device)
