@@ -106,6 +106,7 @@ class Runner:
         img: torch.Tensor,
         draw: torch.Tensor,
         win: torch.Tensor,
+        frozen: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Regions ``(B, C, h, w)`` of the trunk nodes the head reads.
 
@@ -114,7 +115,9 @@ class Runner:
             plan: regions of the current window grid.
             fill: ``(N, K, C)`` or ``(N, K, H, W, C)`` baseline fills.
             img, draw, win: ``(B,)`` image, draw and window of each copy.
+            frozen: ``(N, C, 1, 1)`` unoccluded values of the frozen gates (:attr:`Step.frozen`).
         """
+        frozen = {} if frozen is None else frozen
         t = self.traced
         regions: dict[str, torch.Tensor] = {}
         owned: set[str] = set()  # regions no other tensor aliases: safe to overwrite
@@ -128,7 +131,7 @@ class Runner:
             elif st.kind == "window":
                 value = self._window(st, act, plan, regions, origin, img)
             else:
-                value = self._pointwise(st, i, act, plan, regions, owned, origin, img)
+                value = self._pointwise(st, i, act, plan, regions, owned, origin, img, frozen)
             aliased = [u for u in st.inputs if value.data_ptr() == regions[u].data_ptr()]
             if all(u in owned and self.last.get(u) == i for u in aliased):
                 owned.add(st.name)  # a fresh buffer, or one taken over from a finished input
@@ -171,16 +174,20 @@ class Runner:
         owned: set[str],
         origin: dict[str, torch.Tensor],
         img: torch.Tensor,
+        frozen: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """An element-wise op on its region; inputs with another region are cropped to it."""
+        """An element-wise op on its region; inputs with another region are cropped to it;
+        frozen gates come from the unoccluded pass of each copy's image."""
         t = self.traced
         size = plan.regions[st.name].size
         u = st.inputs[0]
-        twin = self.inplace.get(st.name)
+        twin = None if st.frozen else self.inplace.get(st.name)
         alone = len(st.inputs) == 1 and (st.name, u) not in plan.merges
         if twin is not None and alone and u in owned and self.last.get(u) == i:
             return twin(regions[u])
         env: dict[str, Any] = dict(t.consts)
+        for g in st.frozen:  # (N, C, 1, 1) of the unoccluded pass -> (B, C, 1, 1)
+            env[g] = frozen[g][img]
         for u in st.inputs:
             if (st.name, u) in plan.merges:
                 inside = (st.name, u) in plan.contained

@@ -105,7 +105,10 @@ class _ImageOnly(nn.Module):
 
 
 def trace_model(
-    model: nn.Module, image_shape: tuple[int, int, int], device: torch.device
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    device: torch.device,
+    freeze_gates: bool = False,
 ) -> Traced | str:
     """Trace ``model`` and sort its nodes, or say why it cannot run incrementally.
 
@@ -113,17 +116,20 @@ def trace_model(
         model: a module mapping ``(N, C, H, W)`` images to outputs.
         image_shape: ``(C, H, W)`` of the images, in pixels.
         device: where the example pass runs.
+        freeze_gates: an element-wise op of an activation and a per-channel value of the whole
+            image (a squeeze-excitation gate) becomes a step that reads that value from the
+            unoccluded pass (:attr:`Step.frozen`): approximate, for the approximate engine only.
 
     Returns:
         A :class:`Traced`, or a human-readable reason string starting ``"incremental engine: "``
         and naming the op and module that stopped it (:mod:`pipeline.incremental.explain`).
     """
-    traced = _trace(model, image_shape, device)
+    traced = _trace(model, image_shape, device, freeze_gates)
     return f"incremental engine: {traced}" if isinstance(traced, str) else traced
 
 
 def _trace(
-    model: nn.Module, image_shape: tuple[int, int, int], device: torch.device
+    model: nn.Module, image_shape: tuple[int, int, int], device: torch.device, freeze: bool
 ) -> Traced | str:
     if not isinstance(model, nn.Module):
         return f"the model is a {type(model).__name__}, not a torch.nn.Module that fx can trace"
@@ -145,11 +151,11 @@ def _trace(
         values = _example_values(gm, modules, image_shape, device)
     except Exception as e:
         return f"the model failed on a {tuple(image_shape)} example ({type(e).__name__}: {e})"
-    return _sort_nodes(gm, modules, values)
+    return _sort_nodes(gm, modules, values, freeze)
 
 
 def _sort_nodes(
-    gm: fx.GraphModule, modules: dict[str, nn.Module], values: dict[str, Any]
+    gm: fx.GraphModule, modules: dict[str, nn.Module], values: dict[str, Any], freeze: bool
 ) -> Traced | str:
     """Classify every node as constant, trunk step, entry or head (see the module docstring)."""
     out = Traced(gm=gm, steps=[], entries={}, consts={}, modules=modules)
@@ -172,7 +178,7 @@ def _sort_nodes(
         if not sp or node.name in skipped:
             head.add(node.name)
             continue
-        step = local_step(node, sp, deps, modules, values, out.consts, spatial)
+        step = local_step(node, sp, deps, modules, values, out.consts, spatial, freeze)
         if isinstance(step, Step):
             spatial[node.name] = step
             continue
@@ -212,7 +218,23 @@ def _sort_nodes(
                 )
     out.steps = list(spatial.values())
     out.head = [n for n in gm.graph.nodes if n.name in head]
+    _drop_unused_entries(out)
     return out
+
+
+def _drop_unused_entries(out: Traced) -> None:
+    """Drop entries the output does not read: a frozen gate's pool is read from the unoccluded
+    pass, and updating it per copy would only cost time and keep its source region alive."""
+    steps = {st.name for st in out.steps}
+    output = next(n for n in out.gm.graph.nodes if n.op == "output")
+    need: set[str] = set()
+    todo = list(output.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n.name not in need and n.name not in steps:
+            need.add(n.name)
+            todo.extend(n.all_input_nodes)
+    out.entries = {k: e for k, e in out.entries.items() if k in need}
 
 
 _PASS_THROUGH = (nn.Dropout, nn.Identity)

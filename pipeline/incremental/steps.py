@@ -40,6 +40,8 @@ class Step:
         op: window steps: maps an unpadded crop ``(B, C, h_in, w_in)`` to ``(B, C', h, w)``.
         channels_last: the node's value is ``(N, H, W, C)`` (inside a channels-last section);
             its regions and cache are still kept ``(N, C, H, W)``.
+        frozen: head nodes it also reads, ``(N, C, 1, 1)`` values of the whole image (a
+            squeeze-excitation gate), taken from the unoccluded pass (approximate engine only).
     """
 
     name: str
@@ -51,6 +53,7 @@ class Step:
     pad_value: float = 0.0
     op: Callable[[torch.Tensor], torch.Tensor] | None = None
     channels_last: bool = False
+    frozen: tuple[str, ...] = ()
 
 
 def is_spatial(value: Any) -> bool:
@@ -65,6 +68,11 @@ def chw(value: torch.Tensor, channels_last: bool = False) -> tuple[int, int, int
     return (int(value.shape[1]), int(value.shape[2]), int(value.shape[3]))
 
 
+def _per_channel(value: Any) -> bool:
+    """An ``(N, C, 1, 1)`` value: it broadcasts over any region of an activation."""
+    return is_spatial(value) and tuple(value.shape[2:]) == (1, 1)
+
+
 def local_step(
     node: fx.Node,
     sp: list[str],
@@ -73,6 +81,7 @@ def local_step(
     values: dict[str, Any],
     consts: dict[str, Any],
     spatial: dict[str, Step],
+    freeze: bool = False,
 ) -> Step | str | None:
     """A trunk step for ``node``, a reason why a local-looking op is unsupported, or None when
     ``node`` is not a local op at all.
@@ -81,6 +90,8 @@ def local_step(
         node: a node that reads the trunk nodes ``sp`` (and possibly head nodes: ``deps``).
         modules, values, consts: the traced modules, every node's example value, constants.
         spatial: the trunk steps sorted so far.
+        freeze: an element-wise op of an activation and per-channel values of the whole image
+            reads those values from the unoccluded pass (:attr:`Step.frozen`).
     """
     what = describe(node, modules)
     val = values[node.name]
@@ -111,7 +122,11 @@ def local_step(
         problem = pointwise_problem(node, modules, values, consts, last)
     elif problem is None and node.all_input_nodes[0].name not in spatial:
         return f"cannot follow {what}: an activation is not its first argument"
-    if problem is None and len(deps) != len(sp):
+    gates = tuple(d.name for d in deps if d.name not in spatial)
+    frozen: tuple[str, ...] = ()
+    if gates and freeze and not last and all(_per_channel(values[g]) for g in gates):
+        frozen, gates = gates, ()  # read from the unoccluded pass: element-wise on the rest
+    if problem is None and gates:
         gate = global_source(node, spatial, consts)
         if gate is None:
             return (
@@ -129,7 +144,9 @@ def local_step(
                 f"{what} changes or broadcasts the spatial size "
                 f"({[tuple(values[s].shape) for s in sp]} -> {tuple(val.shape)})"
             )
-        return Step(node.name, "pointwise", node, chw(val, last), inputs, channels_last=last)
+        return Step(
+            node.name, "pointwise", node, chw(val, last), inputs, channels_last=last, frozen=frozen
+        )
     if problem != "not pointwise":
         return problem
     return None
