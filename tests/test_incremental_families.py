@@ -53,6 +53,8 @@ FAMILIES = {
     # BatchNormAct2d: F.batch_norm inside timm's module
     "timm-mobilenetv2": lambda: _timm("mobilenetv2_035"),
     "timm-regnet": lambda: _timm("regnetx_002"),
+    # BatchNormAct2d and concatenation over the channels
+    "timm-densenet": lambda: _timm("densenet121", growth_rate=8, block_config=(2, 2, 2, 2)),
     # LayerNorm2d (permute, layer_norm, permute) and a 1x1-conv MLP
     "timm-convnext-conv-mlp": lambda: _timm(
         "convnext_atto", depths=[1, 1, 1, 1], dims=[8, 16, 32, 64], ls_init_value=1.0
