@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.incremental.engine import auto_engine
 from pipeline.incremental.select import select_engine
+from pipeline.kernel.targets import score_tensor
 from pipeline.models.loading import Normalized
 from tests.test_incremental import _eval, _maps
 
@@ -49,6 +50,17 @@ def _hf(kind: str) -> nn.Module:
     return _eval(tf.ResNetForImageClassification(cfg))
 
 
+class _Logits(nn.Module):
+    """The score tensor of a ``ModelOutput``, as the bench wraps Hugging Face models."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return score_tensor(self.model(x))
+
+
 FAMILIES = {
     # BatchNormAct2d: F.batch_norm inside timm's module
     "timm-mobilenetv2": lambda: _timm("mobilenetv2_035"),
@@ -72,6 +84,7 @@ FAMILIES = {
     # traced with the input's shape known: they check it in Python
     "hf-convnext": lambda: _hf("convnext"),
     "hf-resnet": lambda: _hf("resnet"),
+    "hf-resnet-logits": lambda: _Logits(_hf("resnet")),
     "hf-convnext-normalized": lambda: Normalized(_hf("convnext"), [0.4, 0.5, 0.6], [0.2] * 3),
 }
 
