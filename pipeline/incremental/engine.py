@@ -41,7 +41,12 @@ from pipeline.kernel.geometry import WindowGrid
 
 __all__ = ["IncrementalEngine", "auto_engine"]
 
-_CACHE_CHUNK = 8  # images per unoccluded pass when filling the cache (bounds its peak memory)
+# Images per unoccluded pass when filling the cache. One: a batched pass may round differently
+# at another batch size, and every occluded score is built on these activations, so a cache
+# filled per image keeps each map bitwise independent of the other images of the call. The
+# pass is one full forward pass per image against K * P occluded copies, so batching it saves
+# little; one image also bounds its peak memory.
+_CACHE_CHUNK = 1
 _CHUNK_BYTES = 64 << 20  # bytes of the largest region or crop of one trunk chunk
 
 
