@@ -129,13 +129,16 @@ def export_onnx(path: Path, dynamic: bool = True, two_outputs: bool = False) -> 
     return path
 
 
+# timm families the incremental engine refuses: global ops (EfficientNet's squeeze-excitation
+# gating, ViT attention over all patches)
+_TIMM_GENERIC = {"efficientnet", "vit", "deit"}
 # family -> (the model section's source key, the engine `occlusion.engine: auto` picks for it at
 # 32 px; generic where the incremental engine refuses the graph)
 FAMILIES: dict[str, tuple[str, str]] = {
-    **{f"timm-{k}": ("timm", "incremental" if k == "resnet" else "generic") for k in TIMM},
+    **{f"timm-{k}": ("timm", "generic" if k in _TIMM_GENERIC else "incremental") for k in TIMM},
     "hf-vit": ("transformers", "generic"),
-    "hf-convnext": ("transformers", "generic"),
-    "hf-resnet": ("transformers", "generic"),
+    "hf-convnext": ("transformers", "incremental"),
+    "hf-resnet": ("transformers", "incremental"),
     "torchvision-resnet18": ("torchvision", "incremental"),
     "export-pt2": ("export", "generic"),
     "factory-beside-yaml": ("factory", "incremental"),

@@ -251,9 +251,9 @@ class Gated(nn.Module):
     "model,match",
     [
         (Attention(), "flatten"),
-        (nn.Sequential(nn.Linear(16, 4)), r"module '0' \(Linear\)"),
+        (nn.Sequential(nn.Linear(16, 4)), r"cannot follow module Linear at 0"),
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softmax(dim=1), nn.Flatten()), "Softmax"),
-        (Gated(), "whole image"),
+        (Gated(), r"'\.mean\(dim=\(2, 3\), keepdim=True\)' at the model's forward.*whole image"),
         (nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect")), "reflect"),
         (nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2).train()), "model.eval"),
         (lambda t: t.sum(dim=(1, 2, 3)), "not a torch.nn.Module"),
@@ -311,3 +311,36 @@ def test_tiny_convnet_of_the_kernel_tests():
     ref = _maps(model, x, None, [4, 4], [2, 2], "random-pixel", 3)
     inc = _maps(model, x, engine, [4, 4], [2, 2], "random-pixel", 3)
     torch.testing.assert_close(inc.delta, ref.delta, atol=ATOL, rtol=0)
+
+
+class RowCountingEngine:
+    """An engine that records how many copies each occluded pass gives it."""
+
+    def __init__(self, engine: IncrementalEngine) -> None:
+        self.engine, self.rows = engine, []
+
+    def forward_occluded(self, x, fill, grid, img, draw, win):
+        self.rows.append(int(img.shape[0]))
+        return self.engine.forward_occluded(x, fill, grid, img, draw, win)
+
+
+@pytest.mark.parametrize(
+    ("n", "max_batch", "rows"),
+    [
+        (1, 256, [169]),  # 169 copies: one pass of 169 rows, not 256
+        (3, 256, [169] * 3),
+        (1, 100, [85, 85]),  # 169 = 85 + 84 (padded): two passes per image
+        (2, 100, [85] * 4),
+    ],
+)
+def test_fixed_passes_fit_the_copies_per_image(n, max_batch, rows):
+    model = _eval(SeedCNN(num_classes=2, input_dim=32))
+    engine = IncrementalEngine.build(model, (3, 32, 32), "cpu")
+    assert engine is not None
+    counting = RowCountingEngine(engine)
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    opts = ComputeOptions(engine=counting, max_batch=max_batch, fixed_batch=True)
+    got = attribute(model, x, window=[8, 8], stride=[2, 2], baseline="zero", options=opts)
+    assert counting.rows == rows
+    ref = attribute(model, x, window=[8, 8], stride=[2, 2], baseline="zero")  # generic
+    torch.testing.assert_close(got.delta, ref.delta, atol=ATOL, rtol=0)

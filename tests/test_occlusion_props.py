@@ -9,12 +9,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from pipeline import attribute, expand_map
+from pipeline.config import OcclusionConfig
 from pipeline.kernel.baselines import make_baselines
 from pipeline.kernel.forward import OccludedBatch
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import ComputeOptions, default_max_batch
+from pipeline.kernel.passes import pass_rows, pass_spans
+from pipeline.models.nets import SeedCNN
+from pipeline.run.settings import occlusion_keywords, worker_compute
 from tests._models import tiny_convnet
 
 PROPS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -314,3 +319,106 @@ def test_channels_last_auto_follows_what_the_model_accepts():
             model, x, options=ComputeOptions(engine="generic", channels_last=accepts), **kw
         )
         assert torch.equal(auto.delta, fixed.delta)
+
+
+class RowCounter(nn.Module):
+    """``tiny_convnet`` that records the rows of every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_convnet()
+        self.rows: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(int(x.shape[0]))
+        return self.net(x)
+
+
+def _occluded_rows(n: int, side: int, max_batch: int, fixed: bool = True) -> list[int]:
+    """Rows of each occluded pass of ``n`` images of ``side`` px, 4 px windows at stride 2
+    (``((side - 4) / 2 + 1)^2`` copies per image, one draw)."""
+    model = RowCounter()
+    x = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(0))
+    opts = ComputeOptions(
+        engine="generic", max_batch=max_batch, fixed_batch=fixed, channels_last=False
+    )
+    attribute(model, x, window=[4, 4], stride=[2, 2], baseline="zero", options=opts)
+    plain = -(-n // 16) if fixed else -(-n // max_batch)  # the unoccluded passes come first
+    return model.rows[plain:]
+
+
+def test_occluded_passes_fit_the_copies_per_image():
+    """Fixed passes have ``pass_rows(c, max_batch)`` rows, whatever the number of images."""
+    # 169 copies, max_batch 256: one pass of 169 rows per image, never 256
+    assert _occluded_rows(1, 28, 256) == [169]
+    assert _occluded_rows(2, 28, 256) == [169, 169]
+    # 169 copies, max_batch 64: three passes of 57 per image (57 + 57 + 55, the last padded)
+    assert _occluded_rows(1, 28, 64) == [57] * 3
+    assert _occluded_rows(2, 28, 64) == [57] * 6
+    # 25 copies, max_batch 64: two whole images per pass; only the call's last pass is padded
+    assert _occluded_rows(5, 12, 64) == [50, 50, 50]
+    assert _occluded_rows(4, 12, 64) == [50, 50]
+    assert _occluded_rows(1, 12, 64) == [50]
+    # without fixed passes: max_batch copies at a time across images, nothing padded
+    assert _occluded_rows(5, 12, 64, fixed=False) == [64, 61]
+    assert _occluded_rows(1, 28, 256, fixed=False) == [169]
+
+
+@given(st.integers(0, 6), st.integers(1, 400), st.integers(1, 300), st.booleans())
+def test_pass_spans_cover_the_copies_in_passes_of_one_size(n, copies, max_batch, fixed):
+    spans = pass_spans(n, copies, max_batch, fixed)
+    assert [q for a, b in spans for q in range(a, b)] == list(range(n * copies))
+    assert all(0 < b - a <= max_batch for a, b in spans)
+    if not fixed:
+        return
+    rows = pass_rows(copies, max_batch)
+    assert max_batch / 2 < rows <= max_batch
+    assert all(b - a <= rows for a, b in spans)
+    if copies >= max_batch:  # an image's passes hold its copies alone, split the same way
+        assert rows == -(-copies // -(-copies // max_batch))
+        alone = pass_spans(1, copies, max_batch, fixed)
+        for i in range(n):
+            own = [(a - i * copies, b - i * copies) for a, b in spans if a // copies == i]
+            assert own == alone
+    else:  # whole images, every pass full but the last
+        assert rows == (max_batch // copies) * copies
+        assert all(b - a == rows for a, b in spans[:-1])
+        assert all(a % copies == 0 for a, _ in spans)
+
+
+def _worker_maps(engine: str, x: torch.Tensor, ids: list[str], groups: list[int], **occ):
+    """Maps of ``x`` attributed in consecutive calls of ``groups`` images each, with the
+    options a worker builds (fixed passes), concatenated."""
+    cfg = OcclusionConfig(engine=engine, **occ)
+    torch.manual_seed(0)
+    model = SeedCNN(num_classes=3, input_dim=x.shape[-1]).eval()
+    wc = worker_compute(cfg, model, tuple(x.shape[1:]), torch.device("cpu"))
+    assert wc.options.fixed_batch
+    parts, i = [], 0
+    for g in groups:
+        kw = occlusion_keywords(cfg)
+        parts.append(
+            attribute(wc.model, x[i : i + g], image_ids=ids[i : i + g], options=wc.options, **kw)
+        )
+        i += g
+    fields = ["delta", "delta_std", "score"] + ["approx_error"] * (engine == "approximate")
+    return [torch.cat([getattr(r, f) for r in parts]) for f in fields]
+
+
+@pytest.mark.parametrize("engine", ["generic", "incremental", "approximate"])
+@pytest.mark.parametrize(
+    "max_batch", [64, 256]
+)  # 75 copies per image: 2 passes, or 3 images a pass
+def test_maps_are_bitwise_the_same_in_any_grouping_of_images(engine, max_batch):
+    """Worker settings: a map (and an approximate map's measured error) does not depend on
+    which images share its call, whether the copies per image are fewer than max_batch (several
+    images a pass) or not."""
+    x = torch.rand(6, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    ids = [f"img-{i}" for i in range(6)]
+    occ = dict(window=(8, 8), stride=(4, 4), baseline="random-pixel", n_baselines=3, seed=2,
+               max_batch=max_batch, approx_threshold=0.5, approx_check_windows=4)  # fmt: skip
+    together = _worker_maps(engine, x, ids, [6], **occ)
+    for groups in ([1] * 6, [2, 4], [5, 1], [3, 3]):
+        got = _worker_maps(engine, x, ids, groups, **occ)
+        for a, b in zip(got, together, strict=True):
+            assert torch.equal(a, b), groups

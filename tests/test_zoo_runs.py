@@ -45,7 +45,8 @@ pytestmark = pytest.mark.slow
 RUN_FAMILIES = (
     "timm-resnet",  # timm, incremental
     "timm-vit",  # timm, generic (a ViT)
-    "hf-vit",  # transformers save_pretrained folder
+    "hf-vit",  # transformers save_pretrained folder, generic
+    "hf-convnext",  # transformers, incremental (traced with the input's shape known)
     "torchvision-resnet18",  # torchvision, incremental
     "export-pt2",  # torch.export archive
     "factory-beside-yaml",  # a factory module found beside the YAML

@@ -16,6 +16,13 @@ check costs that many exact windows) and returns the largest difference as
 ``OcclusionResult.approx_error``: with ``n`` windows, at least the ``q``-quantile of the image's
 window errors with probability ``1 - q^n`` (:mod:`pipeline.kernel.approx_check`).
 
+Models whose only non-local ops are squeeze-excitation gates (a per-channel value of the whole
+activation scaling it: global pool, small MLP, sigmoid, multiply) run with the gates *frozen*:
+the multiply reads the unoccluded image's gate instead of recomputing it from the occluded copy.
+The exact engine refuses such models, so their check windows are scored by full forward passes
+(:class:`FullPasses`), and ``approx_error`` measures the frozen gates and the capped fields
+together.
+
 Example:
     >>> from pipeline import ComputeOptions, attribute
     >>> from pipeline.models.nets import SeedCNN
@@ -39,7 +46,7 @@ from pipeline.incremental.engine import IncrementalEngine
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import check_threshold
 
-__all__ = ["ApproximateEngine", "Cost"]
+__all__ = ["ApproximateEngine", "Cost", "FullPasses"]
 
 
 @dataclass(frozen=True)
@@ -60,14 +67,49 @@ class Cost:
     full_conv_macs: int
 
 
+class FullPasses:
+    """Exact occluded outputs by full forward passes of the copies: the check windows of a
+    model the exact incremental engine cannot run (frozen gates)."""
+
+    name = "generic"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def forward_occluded(
+        self,
+        x: torch.Tensor,
+        fill: torch.Tensor,
+        grid: WindowGrid,
+        img: torch.Tensor,
+        draw: torch.Tensor,
+        win: torch.Tensor,
+    ) -> Any:
+        """The model's outputs of occluded copies (arguments as
+        :meth:`IncrementalEngine.forward_occluded`)."""
+        box = grid.boxes().to(x.device)[win]  # (B, 6) [c0, c1, y0, y1, x0, x1]
+        inside = [
+            (torch.arange(n, device=x.device) >= box[:, 2 * a : 2 * a + 1])
+            & (torch.arange(n, device=x.device) < box[:, 2 * a + 1 : 2 * a + 2])
+            for a, n in enumerate(x.shape[1:])
+        ]  # (B, C), (B, H), (B, W)
+        mask = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None]
+        return self.model(torch.where(mask, fill[img, draw], x[img]))  # (B, C, H, W) copies
+
+    def clear(self) -> None:
+        """Nothing is cached."""
+
+
 class ApproximateEngine:
     """The incremental engine with each layer's changed region capped at ``tau`` of its side.
 
     Args:
-        exact: the exact engine of the model; its cached activations are shared, and it
-            computes the exact scores of the check windows.
+        engine: the incremental engine of the model, exact or with frozen gates.
         approx_threshold: tau in (0, 1], the largest side of a layer's recomputed region as a
-            fraction of that layer's output side (1: exact).
+            fraction of that layer's output side (1: exact but for frozen gates).
+        exact: what computes the exact scores of the check windows: ``engine`` itself by
+            default (its cached activations are shared), :class:`FullPasses` with frozen gates.
 
     Raises:
         ValueError: ``approx_threshold`` is not in (0, 1] (the message names it).
@@ -75,9 +117,20 @@ class ApproximateEngine:
 
     name = "approximate"
 
-    def __init__(self, exact: IncrementalEngine, approx_threshold: float) -> None:
-        self.exact = exact
+    def __init__(
+        self,
+        engine: IncrementalEngine,
+        approx_threshold: float,
+        exact: IncrementalEngine | FullPasses | None = None,
+    ) -> None:
+        self.engine = engine
+        self.exact = engine if exact is None else exact
         self.approx_threshold = check_threshold(approx_threshold)
+
+    @property
+    def frozen_gates(self) -> bool:
+        """Whether squeeze-excitation gates are read from the unoccluded pass."""
+        return any(st.frozen for st in self.engine.traced.steps)
 
     @classmethod
     def build_or_reason(
@@ -87,11 +140,16 @@ class ApproximateEngine:
         device: torch.device | str,
         approx_threshold: float,
     ) -> tuple[ApproximateEngine | None, str]:
-        """An approximate engine for ``model`` on ``(C, H, W)`` images, or None and why the
-        model does not allow incremental inference."""
+        """An approximate engine for ``model`` on ``(C, H, W)`` images (with frozen gates where
+        the exact engine refuses only those), or None and why the model does not allow it."""
         check_threshold(approx_threshold)
         exact, reason = IncrementalEngine.build_or_reason(model, image_shape, device)
-        return (None, reason) if exact is None else (cls(exact, approx_threshold), "")
+        if exact is not None:
+            return cls(exact, approx_threshold), ""
+        frozen, _ = IncrementalEngine.build_or_reason(model, image_shape, device, True)
+        if frozen is None:
+            return None, reason
+        return cls(frozen, approx_threshold, FullPasses(model)), ""
 
     @torch.inference_mode()
     def forward_occluded(
@@ -105,7 +163,7 @@ class ApproximateEngine:
     ) -> torch.Tensor:
         """Approximate raw outputs ``(B, ...)`` of occluded copies (arguments as
         :meth:`IncrementalEngine.forward_occluded`)."""
-        return self.exact.forward_occluded(x, fill, grid, img, draw, win, self.approx_threshold)
+        return self.engine.forward_occluded(x, fill, grid, img, draw, win, self.approx_threshold)
 
     def cost(self, grid: WindowGrid, approx_threshold: float | None = None) -> Cost:
         """Work per occluded copy on ``grid`` at ``approx_threshold`` (default: this engine's).
@@ -114,8 +172,8 @@ class ApproximateEngine:
         every copy (the exact engine's is ``approx_threshold=1``).
         """
         cap = self.approx_threshold if approx_threshold is None else approx_threshold
-        plan = self.exact.plan(grid, torch.device("cpu"), check_threshold(cap))
-        t = self.exact.traced
+        plan = self.engine.plan(grid, torch.device("cpu"), check_threshold(cap))
+        t = self.engine.traced
         by_name = {st.name: st for st in t.steps}
         elements = conv_macs = full_elements = full_macs = 0
         for st in t.steps[1:]:
@@ -133,4 +191,5 @@ class ApproximateEngine:
 
     def clear(self) -> None:
         """Release the cached activations."""
+        self.engine.clear()
         self.exact.clear()

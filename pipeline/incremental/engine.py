@@ -41,7 +41,12 @@ from pipeline.kernel.geometry import WindowGrid
 
 __all__ = ["IncrementalEngine", "auto_engine"]
 
-_CACHE_CHUNK = 8  # images per unoccluded pass when filling the cache (bounds its peak memory)
+# Images per unoccluded pass when filling the cache. One: a batched pass may round differently
+# at another batch size, and every occluded score is built on these activations, so a cache
+# filled per image keeps each map bitwise independent of the other images of the call. The
+# pass is one full forward pass per image against K * P occluded copies, so batching it saves
+# little; one image also bounds its peak memory.
+_CACHE_CHUNK = 1
 _CHUNK_BYTES = 64 << 20  # bytes of the largest region or crop of one trunk chunk
 
 
@@ -53,6 +58,7 @@ class _Cache:
     images: torch.Tensor  # held so that the key's id and data_ptr stay unique
     act: dict[tuple[str, float], Padded]  # (node, pad value) -> padded channels-last activation
     base: dict[str, torch.Tensor]  # entry node -> (N, ...) unoccluded value
+    frozen: dict[str, torch.Tensor]  # frozen gate -> (N, C, 1, 1) unoccluded value
 
 
 def _tensor_key(x: torch.Tensor) -> tuple[Any, ...]:
@@ -79,6 +85,7 @@ class IncrementalEngine:
         self.image_shape = image_shape
         self._steps = {st.name: st for st in traced.steps}
         self._input = traced.steps[0].name
+        self._frozen = {g for st in traced.steps for g in st.frozen}
         self._runner = Runner.create(traced)
         self._pads = self._padding()
         self._plans: dict[tuple[WindowGrid, torch.device, float], Plan] = {}
@@ -87,17 +94,26 @@ class IncrementalEngine:
 
     @classmethod
     def build_or_reason(
-        cls, model: Any, image_shape: Sequence[int], device: torch.device | str
+        cls,
+        model: Any,
+        image_shape: Sequence[int],
+        device: torch.device | str,
+        freeze_gates: bool = False,
     ) -> tuple[IncrementalEngine | None, str]:
         """An engine for ``model`` on ``(C, H, W)`` images, or None and why not.
 
+        Args:
+            freeze_gates: read squeeze-excitation-like gates from the unoccluded pass instead of
+                refusing them (approximate: for :class:`~pipeline.incremental.approximate.
+                ApproximateEngine`, which measures the error).
+
         Returns:
-            ``(engine, "")`` or ``(None, reason)``, e.g. ``"unsupported op: function softmax
-            (node 'softmax') reads the spatial tensor 'conv1'"``.
+            ``(engine, "")`` or ``(None, reason)``, e.g. ``"incremental engine: cannot follow
+            module Softmax at 1: it reads the activation of module Conv2d at 0 ..."``.
         """
         shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
         with torch.no_grad():
-            traced = trace_model(model, shape, torch.device(device))
+            traced = trace_model(model, shape, torch.device(device), freeze_gates)
         if isinstance(traced, str):
             return None, traced
         return cls(traced, shape), ""
@@ -161,6 +177,7 @@ class IncrementalEngine:
         t = self.traced
         parts: dict[tuple[str, float], list[torch.Tensor]] = {}
         bases: dict[str, list[torch.Tensor]] = {}
+        gates: dict[str, list[torch.Tensor]] = {g: [] for g in self._frozen}
         for i in range(0, x.shape[0], _CACHE_CHUNK):
             env: dict[str, Any] = dict(t.consts)
             env[self._input] = x[i : i + _CACHE_CHUNK]
@@ -170,12 +187,15 @@ class IncrementalEngine:
                     continue
                 env[node.name] = run_node(node, env, t.modules, t.gm)
                 self._store(node.name, env, parts, bases)
+                if node.name in gates:
+                    gates[node.name].append(env[node.name])
         act = {}
         for (name, value), chunks in parts.items():
             top, _, left, _ = self._pads[name][value]
             _, h, w = self._steps[name].shape
             act[(name, value)] = Padded(torch.cat(chunks), top, left, (h, w))
-        self._cache = _Cache(key, x, act, {k: torch.cat(v) for k, v in bases.items()})
+        base = {k: torch.cat(v) for k, v in bases.items()}
+        self._cache = _Cache(key, x, act, base, {k: torch.cat(v) for k, v in gates.items()})
         return self._cache
 
     def _store(
@@ -186,8 +206,12 @@ class IncrementalEngine:
         bases: dict[str, list[torch.Tensor]],
     ) -> None:
         """Keep node ``name``'s value: padded channels-last for crops, as is for entries."""
-        for value, (top, bottom, left, right) in self._pads.get(name, {}).items():
-            padded = F.pad(env[name], (left, right, top, bottom), value=value)
+        pads = self._pads.get(name, {})
+        full = env[name]
+        if pads and self._steps[name].channels_last:  # cached (N, C, H, W) like every region
+            full = full.permute(0, 3, 1, 2)
+        for value, (top, bottom, left, right) in pads.items():
+            padded = F.pad(full, (left, right, top, bottom), value=value)
             parts.setdefault((name, value), []).append(padded.permute(0, 2, 3, 1).contiguous())
         if name in self.traced.entries:
             bases.setdefault(name, []).append(env[name])
@@ -238,7 +262,9 @@ class IncrementalEngine:
         # on a busy CPU. The head's tile matmul then runs once on the whole batch.
         step = self._chunk(plan)
         parts = [
-            self._runner.trunk(cache.act, plan, fills, *(t[i : i + step] for t in (img, draw, win)))
+            self._runner.trunk(
+                cache.act, plan, fills, *(t[i : i + step] for t in (img, draw, win)), cache.frozen
+            )
             for i in range(0, img.shape[0], step)
         ]
         regions = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

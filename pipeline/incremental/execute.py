@@ -52,6 +52,7 @@ class Runner:
     splices: set[str]
     last: dict[str, int]
     inplace: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+    channels_last: frozenset[str] = frozenset()
 
     @classmethod
     def create(cls, traced: Traced) -> Runner:
@@ -89,7 +90,8 @@ class Runner:
                 inplace[st.name] = twin  # type: ignore[assignment]
             elif st.kind == "pointwise" and _plain_relu(st.node):
                 inplace[st.name] = torch.relu_
-        return cls(traced, head, splices, last, inplace)
+        channels_last = frozenset(st.name for st in traced.steps if st.channels_last)
+        return cls(traced, head, splices, last, inplace, channels_last)
 
     @property
     def head_reads(self) -> set[str]:
@@ -104,6 +106,7 @@ class Runner:
         img: torch.Tensor,
         draw: torch.Tensor,
         win: torch.Tensor,
+        frozen: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Regions ``(B, C, h, w)`` of the trunk nodes the head reads.
 
@@ -112,7 +115,9 @@ class Runner:
             plan: regions of the current window grid.
             fill: ``(N, K, C)`` or ``(N, K, H, W, C)`` baseline fills.
             img, draw, win: ``(B,)`` image, draw and window of each copy.
+            frozen: ``(N, C, 1, 1)`` unoccluded values of the frozen gates (:attr:`Step.frozen`).
         """
+        frozen = {} if frozen is None else frozen
         t = self.traced
         regions: dict[str, torch.Tensor] = {}
         owned: set[str] = set()  # regions no other tensor aliases: safe to overwrite
@@ -126,7 +131,7 @@ class Runner:
             elif st.kind == "window":
                 value = self._window(st, act, plan, regions, origin, img)
             else:
-                value = self._pointwise(st, i, act, plan, regions, owned, origin, img)
+                value = self._pointwise(st, i, act, plan, regions, owned, origin, img, frozen)
             aliased = [u for u in st.inputs if value.data_ptr() == regions[u].data_ptr()]
             if all(u in owned and self.last.get(u) == i for u in aliased):
                 owned.add(st.name)  # a fresh buffer, or one taken over from a finished input
@@ -169,16 +174,20 @@ class Runner:
         owned: set[str],
         origin: dict[str, torch.Tensor],
         img: torch.Tensor,
+        frozen: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """An element-wise op on its region; inputs with another region are cropped to it."""
+        """An element-wise op on its region; inputs with another region are cropped to it;
+        frozen gates come from the unoccluded pass of each copy's image."""
         t = self.traced
         size = plan.regions[st.name].size
         u = st.inputs[0]
-        twin = self.inplace.get(st.name)
+        twin = None if st.frozen else self.inplace.get(st.name)
         alone = len(st.inputs) == 1 and (st.name, u) not in plan.merges
         if twin is not None and alone and u in owned and self.last.get(u) == i:
             return twin(regions[u])
         env: dict[str, Any] = dict(t.consts)
+        for g in st.frozen:  # (N, C, 1, 1) of the unoccluded pass -> (B, C, 1, 1)
+            env[g] = frozen[g][img]
         for u in st.inputs:
             if (st.name, u) in plan.merges:
                 inside = (st.name, u) in plan.contained
@@ -186,7 +195,10 @@ class Runner:
                 env[u] = merge(src, regions[u], origin[u], img, origin[st.name], size, inside)
             else:
                 env[u] = regions[u]
-        return run_node(st.node, env, t.modules, t.gm)
+            if u in self.channels_last:  # the op sees the layout it was written for
+                env[u] = env[u].permute(0, 2, 3, 1)
+        out = run_node(st.node, env, t.modules, t.gm)
+        return out.permute(0, 3, 1, 2) if st.name in self.channels_last else out
 
     def finish(
         self,
@@ -221,6 +233,8 @@ class Runner:
         for name in self.splices:
             org = plan.regions[name].origin[win]
             env[name] = splice(act[(name, 0.0)], regions[name], org, img)
+            if name in self.channels_last:
+                env[name] = env[name].permute(0, 2, 3, 1)
         for node in self.head:
             env[node.name] = run_node(node, env, t.modules, t.gm)
         output = next(n for n in reversed(t.gm.graph.nodes) if n.op == "output")

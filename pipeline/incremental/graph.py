@@ -12,7 +12,6 @@ CNN Explanations", SIGMOD 2019).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,43 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from pipeline.incremental.explain import ROOT, aten_hint, describe, scripted, trace_failure
 from pipeline.incremental.ops import run_node
-from pipeline.incremental.rules import (
-    Axis,
-    describe,
-    entry_kind,
-    is_meta,
-    pointwise_problem,
-    window_op,
-)
+from pipeline.incremental.rules import entry_kind, is_meta
+from pipeline.incremental.steps import Step, chw, is_spatial, local_step
+from pipeline.incremental.tracer import ImageShapeTracer
 
 __all__ = ["Entry", "Step", "Traced", "trace_model"]
-
-
-@dataclass
-class Step:
-    """One trunk node, computed on the changed region of each occluded copy.
-
-    Attributes:
-        name: fx node name.
-        kind: ``"input"``, ``"pointwise"`` (element-wise, any number of spatial inputs) or
-            ``"window"`` (conv/pool: reads a crop with a halo).
-        node: the fx node.
-        shape: ``(C, H, W)`` of the activation.
-        inputs: names of the spatial nodes it reads.
-        axes: ``(rows, cols)`` window geometry (window steps only).
-        pad_value: value of the padding a window step sees beyond its input (0 or -inf).
-        op: window steps: maps an unpadded crop ``(B, C, h_in, w_in)`` to ``(B, C', h, w)``.
-    """
-
-    name: str
-    kind: str
-    node: fx.Node
-    shape: tuple[int, int, int]
-    inputs: tuple[str, ...]
-    axes: tuple[Axis, Axis] | None = None
-    pad_value: float = 0.0
-    op: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -123,12 +92,23 @@ def _example_values(
     return env
 
 
-def _is_spatial(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] == 2
+class _ImageOnly(nn.Module):
+    """The model called with the image alone, so that fx binds every other parameter of its
+    forward to its default (a timm ViT's ``attn_mask=None``) instead of making it an input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        setattr(self, ROOT, model)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return getattr(self, ROOT)(x)  # (N, C, H, W) -> the model's output
 
 
 def trace_model(
-    model: nn.Module, image_shape: tuple[int, int, int], device: torch.device
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    device: torch.device,
+    freeze_gates: bool = False,
 ) -> Traced | str:
     """Trace ``model`` and sort its nodes, or say why it cannot run incrementally.
 
@@ -136,29 +116,46 @@ def trace_model(
         model: a module mapping ``(N, C, H, W)`` images to outputs.
         image_shape: ``(C, H, W)`` of the images, in pixels.
         device: where the example pass runs.
+        freeze_gates: an element-wise op of an activation and a per-channel value of the whole
+            image (a squeeze-excitation gate) becomes a step that reads that value from the
+            unoccluded pass (:attr:`Step.frozen`): approximate, for the approximate engine only.
 
     Returns:
-        A :class:`Traced`, or a human-readable reason string.
+        A :class:`Traced`, or a human-readable reason string starting ``"incremental engine: "``
+        and naming the op and module that stopped it (:mod:`pipeline.incremental.explain`).
     """
+    traced = _trace(model, image_shape, device, freeze_gates)
+    return f"incremental engine: {traced}" if isinstance(traced, str) else traced
+
+
+def _trace(
+    model: nn.Module, image_shape: tuple[int, int, int], device: torch.device, freeze: bool
+) -> Traced | str:
     if not isinstance(model, nn.Module):
         return f"the model is a {type(model).__name__}, not a torch.nn.Module that fx can trace"
+    why = scripted(model)
+    if why is not None:
+        return why
+    root = _ImageOnly(model)
     try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:  # fx raises many types on data-dependent control flow
-        return f"torch.fx could not trace the model ({type(e).__name__}: {e})"
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        return f"the model takes {len(placeholders)} inputs; only one image tensor is supported"
+        gm = fx.symbolic_trace(root)
+    except Exception:  # fx raises many types on data-dependent control flow
+        # again, with the input's shape known: Hugging Face models check it in Python
+        try:
+            tracer = ImageShapeTracer(image_shape)
+            gm = fx.GraphModule(root, tracer.trace(root), type(model).__name__)
+        except Exception as e:
+            return trace_failure(root, e)
     modules = _modules(gm)
     try:
         values = _example_values(gm, modules, image_shape, device)
     except Exception as e:
         return f"the model failed on a {tuple(image_shape)} example ({type(e).__name__}: {e})"
-    return _sort_nodes(gm, modules, values)
+    return _sort_nodes(gm, modules, values, freeze)
 
 
 def _sort_nodes(
-    gm: fx.GraphModule, modules: dict[str, nn.Module], values: dict[str, Any]
+    gm: fx.GraphModule, modules: dict[str, nn.Module], values: dict[str, Any], freeze: bool
 ) -> Traced | str:
     """Classify every node as constant, trunk step, entry or head (see the module docstring)."""
     out = Traced(gm=gm, steps=[], entries={}, consts={}, modules=modules)
@@ -168,9 +165,9 @@ def _sort_nodes(
     for node in gm.graph.nodes:
         deps = [a for a in node.all_input_nodes if a.name in spatial or a.name in head]
         if node.op == "placeholder":
-            if not _is_spatial(values[node.name]):
+            if not is_spatial(values[node.name]):
                 return "the input is not an (N, C, H, W) image batch"
-            spatial[node.name] = Step(node.name, "input", node, _chw(values[node.name]), ())
+            spatial[node.name] = Step(node.name, "input", node, chw(values[node.name]), ())
             continue
         if node.op == "output":
             break
@@ -181,7 +178,7 @@ def _sort_nodes(
         if not sp or node.name in skipped:
             head.add(node.name)
             continue
-        step = _local_step(node, sp, deps, modules, values, out.consts)
+        step = local_step(node, sp, deps, modules, values, out.consts, spatial, freeze)
         if isinstance(step, Step):
             spatial[node.name] = step
             continue
@@ -190,10 +187,22 @@ def _sort_nodes(
         if is_meta(node):
             head.add(node.name)
             continue
+        last = [s for s in sp if spatial[s].channels_last]
+        if last:
+            return (
+                f"cannot follow {describe(node, modules)}: it reads the (N, H, W, C) activation "
+                f"of {describe(spatial[last[0]].node, modules)}; only per-position ops and a "
+                "permute(0, 3, 1, 2) back to (N, C, H, W) may follow a permute(0, 2, 3, 1)"
+            )
         kind = entry_kind(node, modules, values)
         if kind is None:
-            where = ", ".join(repr(s) for s in sp)
-            return f"unsupported op: {describe(node, modules)} reads the spatial tensor {where}"
+            src = spatial[sp[0]]
+            read = "the input image" if src.kind == "input" else describe(src.node, modules)
+            return (
+                f"cannot follow {describe(node, modules)}: it reads the activation of {read} "
+                "and is neither local (conv, pool, element-wise) nor a head the engine updates "
+                f"(flatten into a Linear, global pooling){aten_hint(node)}"
+            )
         head.add(node.name)
         if kind == "gap":
             out.entries[node.name] = Entry(node.name, sp[0], "gap")
@@ -209,49 +218,23 @@ def _sort_nodes(
                 )
     out.steps = list(spatial.values())
     out.head = [n for n in gm.graph.nodes if n.name in head]
+    _drop_unused_entries(out)
     return out
 
 
-def _chw(value: torch.Tensor) -> tuple[int, int, int]:
-    return (int(value.shape[1]), int(value.shape[2]), int(value.shape[3]))
-
-
-def _local_step(
-    node: fx.Node,
-    sp: list[str],
-    deps: list[fx.Node],
-    modules: dict[str, nn.Module],
-    values: dict[str, Any],
-    consts: dict[str, Any],
-) -> Step | str | None:
-    """A trunk step for ``node``, a reason why a local-looking op is unsupported, or None when
-    ``node`` is not a local op at all."""
-    val = values[node.name]
-    win = window_op(node, modules, values)
-    if isinstance(win, str):
-        return win
-    if win is not None:
-        if not _is_spatial(val) or len(deps) != 1:
-            return f"{describe(node, modules)} does not map an image batch to an image batch"
-        axes, pad_value, op = win
-        return Step(node.name, "window", node, _chw(val), (sp[0],), axes, pad_value, op)
-    problem = pointwise_problem(node, modules, values, consts)
-    if problem is None and len(deps) != len(sp):
-        return (
-            f"{describe(node, modules)} combines a spatial tensor with a value computed from the "
-            "whole image (e.g. squeeze-excitation gating), which is not local"
-        )
-    if problem is None:
-        shapes = {tuple(values[s].shape[2:]) for s in sp}
-        if not _is_spatial(val) or shapes != {tuple(val.shape[2:])}:
-            return (
-                f"{describe(node, modules)} changes or broadcasts the spatial size "
-                f"({[tuple(values[s].shape) for s in sp]} -> {tuple(val.shape)})"
-            )
-        return Step(node.name, "pointwise", node, _chw(val), tuple(dict.fromkeys(sp)))
-    if problem is not None and problem != "not pointwise":
-        return problem
-    return None
+def _drop_unused_entries(out: Traced) -> None:
+    """Drop entries the output does not read: a frozen gate's pool is read from the unoccluded
+    pass, and updating it per copy would only cost time and keep its source region alive."""
+    steps = {st.name for st in out.steps}
+    output = next(n for n in out.gm.graph.nodes if n.op == "output")
+    need: set[str] = set()
+    todo = list(output.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n.name not in need and n.name not in steps:
+            need.add(n.name)
+            todo.extend(n.all_input_nodes)
+    out.entries = {k: e for k, e in out.entries.items() if k in need}
 
 
 _PASS_THROUGH = (nn.Dropout, nn.Identity)

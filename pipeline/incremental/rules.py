@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _pair
 
+from pipeline.incremental.channels import constant_fits
+from pipeline.incremental.explain import describe
 from pipeline.incremental.ops import slice_max_pool
 
-__all__ = ["Axis", "describe", "entry_kind", "is_meta", "pointwise_problem", "window_op"]
+__all__ = ["Axis", "entry_kind", "is_meta", "pointwise_problem", "window_op"]
 
 _POINTWISE_MODULES = {
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -86,16 +88,6 @@ class Axis:
         return start * self.stride - self.pad, self.reads(n)
 
 
-def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """A short human-readable name of the op of ``node``."""
-    if node.op == "call_module":
-        return f"module '{node.target}' ({type(modules[str(node.target)]).__name__})"
-    if node.op == "call_method":
-        return f"method .{node.target}() (node '{node.name}')"
-    name = getattr(node.target, "__name__", str(node.target))
-    return f"function {name} (node '{node.name}')"
-
-
 def is_meta(node: fx.Node) -> bool:
     """True for nodes that read only the shape/dtype of a tensor (``x.size(0)``, ``x.shape``)."""
     if node.op == "call_method":
@@ -107,13 +99,13 @@ def is_meta(node: fx.Node) -> bool:
     )
 
 
-def _spatially_constant(value: Any) -> bool:
-    """A constant operand that broadcasts without varying over the batch or the pixels."""
-    if not isinstance(value, torch.Tensor) or value.numel() == 1:
-        return True
-    if value.dim() < 2 or value.dim() > 4 or value.shape[-1] != 1 or value.shape[-2] != 1:
-        return False
-    return value.dim() < 4 or value.shape[0] == 1
+def _stochastic_depth(node: fx.Node) -> bool:
+    """torchvision's ``stochastic_depth(input, p, mode, training)`` (a leaf of fx tracing,
+    recognised by name): the identity at eval, random in training."""
+    target = node.target
+    return getattr(target, "__name__", None) == "stochastic_depth" and str(
+        getattr(target, "__module__", "")
+    ).startswith("torchvision.ops")
 
 
 def _inplace(node: fx.Node, modules: dict[str, nn.Module], gm_module: nn.Module | None) -> bool:
@@ -125,10 +117,15 @@ def _inplace(node: fx.Node, modules: dict[str, nn.Module], gm_module: nn.Module 
 
 
 def pointwise_problem(
-    node: fx.Node, modules: dict[str, nn.Module], values: dict[str, Any], consts: dict[str, Any]
+    node: fx.Node,
+    modules: dict[str, nn.Module],
+    values: dict[str, Any],
+    consts: dict[str, Any],
+    channels_last: bool = False,
 ) -> str | None:
-    """None when ``node`` is an element-wise op the engine runs on regions; ``"not pointwise"``
-    when it is some other op; else why this element-wise op cannot run on regions."""
+    """None when ``node`` is an element-wise op the engine runs on regions of an activation
+    of this layout (``channels_last``: ``(N, H, W, C)``); ``"not pointwise"`` when it is some
+    other op; else why this element-wise op cannot run on regions."""
     what = describe(node, modules)
     module = modules.get(str(node.target)) if node.op == "call_module" else None
     if node.op == "call_module":
@@ -139,12 +136,20 @@ def pointwise_problem(
         if isinstance(module, nn.Dropout | nn.Dropout2d) and module.training and module.p > 0:
             return f"{what} is random in training mode; call model.eval() first"
     elif node.op == "call_function":
-        if node.target not in _POINTWISE_FUNCTIONS:
+        if _stochastic_depth(node):
+            training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+            if training:
+                return f"{what} is random (training=True); call model.eval() first"
+        elif node.target not in _POINTWISE_FUNCTIONS:
             return "not pointwise"
         if node.target is torch.cat:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim not in (1, -3):
-                return f"{what} concatenates along dim {dim}; only channels (dim 1) are local"
+            channels = (3, -1) if channels_last else (1, -3)
+            if dim not in channels:
+                return (
+                    f"{what} concatenates along dim {dim}; only the channels (dim "
+                    f"{channels[0]}) are local"
+                )
         if node.target is F.dropout:
             training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
             if training:
@@ -152,7 +157,7 @@ def pointwise_problem(
     elif node.op != "call_method" or node.target not in _POINTWISE_METHODS:
         return "not pointwise"
     for arg in node.all_input_nodes:
-        if arg.name in consts and not _spatially_constant(consts[arg.name]):
+        if arg.name in consts and not constant_fits(consts[arg.name], channels_last):
             shape = tuple(consts[arg.name].shape)
             return f"{what} uses a constant of shape {shape} that varies over the image"
     if node.op == "call_module":

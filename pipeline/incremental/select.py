@@ -78,17 +78,27 @@ def select_engine(
         return None, "generic engine requested"
     if not isinstance(choice, Engine):
         return choice, f"engine object {type(choice).__name__}"
-    tau = check_threshold(threshold) if choice is Engine.APPROXIMATE else threshold
+    if choice is Engine.APPROXIMATE:
+        tau = check_threshold(threshold)
+        approx, reason = ApproximateEngine.build_or_reason(model, image_shape, device, tau)
+        if approx is None:
+            raise ValueError(
+                f"engine 'approximate' was asked for but the model does not allow incremental "
+                f"inference: {reason}"
+            )
+        note = f"approximate: projective fields capped at tau={tau:g}"
+        if approx.frozen_gates:
+            note += (
+                "; squeeze-excitation gates frozen at the unoccluded image's values (check "
+                "windows scored by full forward passes)"
+            )
+        return approx, note
     engine, reason = auto_engine(model, tuple(image_shape), device)
-    if engine is None and choice in (Engine.INCREMENTAL, Engine.APPROXIMATE):
+    if engine is None and choice is Engine.INCREMENTAL:
         raise ValueError(
             f"engine '{choice}' was asked for but the model does not allow incremental "
             f"inference: {reason}"
         )
-    if choice is Engine.APPROXIMATE:
-        assert engine is not None
-        note = f"approximate: projective fields capped at tau={tau:g}"
-        return ApproximateEngine(engine, tau), note
     return engine, reason or "incremental: the model's trunk is local"
 
 

@@ -1,11 +1,12 @@
 """The occlusion kernel: Captum-exact occlusion saliency in plain torch.
 
 Owns: :func:`occlude` and :func:`expand_map` (``occlusion``), forward passes over plain and
-occluded batches (``forward``) and their ``torch.compile`` option (``compiled``), how to compute
-(``options``: :class:`ComputeOptions`), the one home of every occlusion default and option enum
-(``defaults``), baselines (``baselines``), window geometry (``geometry``), token-drop occlusion
-through a :class:`~pipeline.kernel.tokens.TokenModel` (``tokens``), targets and scores
-(``targets``) and the per-image foreground metrics (``metrics``).
+occluded batches (``forward``), their sizes (``passes``) and their ``torch.compile`` option
+(``compiled``), how to compute (``options``: :class:`ComputeOptions`), the one home of every
+occlusion default and option enum (``defaults``), baselines (``baselines``), window geometry
+(``geometry``), token-drop occlusion through a :class:`~pipeline.kernel.tokens.TokenModel`
+(``tokens``), targets and scores (``targets``) and the per-image foreground metrics
+(``metrics``).
 
 May import: torch and numpy, nothing else of ``pipeline``. It computes with generic full passes
 or an engine object it is given, and drops tokens through the token model it is given; choosing

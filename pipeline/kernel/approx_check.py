@@ -33,6 +33,7 @@ import torch
 from pipeline.kernel.baselines import draw_generator
 from pipeline.kernel.forward import Forward
 from pipeline.kernel.geometry import WindowGrid
+from pipeline.kernel.passes import pass_rows, pass_spans
 
 __all__ = [
     "CONFIDENCE",
@@ -146,21 +147,20 @@ def approx_error(
     """
     n, k, t = deltas.shape[:3]
     s = wins.shape[1]
-    # The N * K * S check copies go image-major through passes of one size (padded to it under
-    # fixed_batch), like the map's copies: each pass costs a fixed overhead per op, so one pass
-    # per image made 29 check windows of a 225-window map cost +66% on a small ResNet on a busy
-    # CPU. Passes are no larger than the copies there are, so a few checks are not padded to
-    # max_batch rows.
+    # The N * K * S check copies go image-major through the map's kind of passes
+    # (pipeline.kernel.passes), with K * S copies per image: each pass costs a fixed overhead
+    # per op, so one pass per image made 29 check windows of a 225-window map cost +66% on a
+    # small ResNet on a busy CPU. Under fixed_batch the pass size follows K * S, not the number
+    # of images, so an image's approx_error is bitwise the same in any call.
     total = n * k * s
-    rows = max(1, min(max_batch, total))
-    if exact.fixed_batch is not None:
-        exact.fixed_batch = rows
+    fixed = exact.fixed_batch is not None
+    rows = pass_rows(k * s, max_batch) if fixed else None  # wins: s >= 1 per image
     got = torch.empty((total, t), dtype=torch.float32, device=x.device)
-    for q0 in range(0, total, rows):
-        q = torch.arange(q0, min(q0 + rows, total), device=x.device)  # (B,)
+    for q0, q1 in pass_spans(n, k * s, max_batch, fixed):
+        q = torch.arange(q0, q1, device=x.device)  # (B,)
         img, draw, j = q // (k * s), (q // s) % k, q % s
-        out = exact.occluded(x, base, grid, None, img, draw, wins[img, j])  # (B, O)
-        got[q0 : q0 + q.numel()] = score0[img] - out.gather(1, tgt[img])
+        out = exact.occluded(x, base, grid, None, img, draw, wins[img, j], rows)  # (B, O)
+        got[q0:q1] = score0[img] - out.gather(1, tgt[img])
     ref = got.view(n, k, s, t).permute(0, 1, 3, 2)  # (N, K, T, S)
     approx = deltas.gather(3, wins[:, None, None, :].expand(n, k, t, s))
     diff = torch.nan_to_num((approx - ref).abs(), nan=0.0, posinf=0.0, neginf=0.0)

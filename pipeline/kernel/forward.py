@@ -112,7 +112,8 @@ class Forward:
         self.model, self.device, self.task, self.score = model, device, task, score
         self.precision = precision
         self.channels_last = channels_last
-        self.fixed_batch = fixed_batch  # rows of every occluded pass, when fixed
+        # max_batch when every pass has a fixed size (occluded passes: pipeline.kernel.passes)
+        self.fixed_batch = fixed_batch
         self.plain_batch = None if fixed_batch is None else min(fixed_batch, PLAIN_BATCH)
         self.engine: Any = None  # an engine with forward_occluded(), or None for full passes
 
@@ -144,17 +145,19 @@ class Forward:
         img: torch.Tensor,
         draw: torch.Tensor,
         win: torch.Tensor,
+        rows: int | None = None,
     ) -> torch.Tensor:
         """Scores ``(B, O)`` of copies ``(img, draw, win)``: image ``img`` with window ``win``
         filled from ``fill[img, draw]``; ``batch`` builds the full copies (None with an
-        engine, which never materialises them)."""
+        engine, which never materialises them). ``rows``: the pass is padded to that many
+        copies (:func:`pipeline.kernel.passes.pass_rows`), or None for no padding."""
         if self.engine is None:
             assert batch is not None
-            return self._scores(*batch.build(x, fill, img, draw, win, self.fixed_batch))
+            return self._scores(*batch.build(x, fill, img, draw, win, rows))
         b = img.shape[0]
-        if self.fixed_batch is not None and b < self.fixed_batch:
+        if rows is not None and b < rows:
             # the same batch size for every call, as in __call__ (bitwise reproducibility)
-            pad = self.fixed_batch - b
+            pad = rows - b
             img, draw, win = (torch.cat([t, t[:1].expand(pad)]) for t in (img, draw, win))
         with precision_context(self.device, self.precision):
             out = self.engine.forward_occluded(x, fill, grid, img, draw, win)

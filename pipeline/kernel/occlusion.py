@@ -4,8 +4,9 @@ For each window position ``p`` and baseline draw ``k``, ``delta = f_t(x) - f_t(x
 replaced by the baseline)`` (``mode="fill"``; ``mode="token-drop"`` removes the window's patch
 tokens from a ViT instead, :mod:`pipeline.kernel.tokens`). Occluded copies of many images are
 built on the device by broadcasting a window mask against the images and their baselines, and go
-through the model ``max_batch`` at a time, so memory is bounded by ``max_batch`` whatever the
-number of windows. The kernel is plain torch: no Ray, pandas or plotting here.
+through the model at most ``max_batch`` at a time (:mod:`pipeline.kernel.passes`), so memory is
+bounded by ``max_batch`` whatever the number of windows. The kernel is plain torch: no Ray,
+pandas or plotting here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.kernel.defaults import Baseline, Engine, Mode, default_draws
 from pipeline.kernel.forward import Forward, OccludedBatch, resolve_options
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import ComputeOptions
+from pipeline.kernel.passes import pass_rows, pass_spans
 from pipeline.kernel.targets import Score, TargetSpec, Task, resolve_targets
 from pipeline.kernel.tokens import check_token_grid, check_token_mode, token_deltas
 
@@ -241,25 +243,29 @@ def _occluded_deltas(
 ) -> torch.Tensor:
     """Score drops of every (image, draw, window) copy.
 
-    Copies are enumerated image-major as ``q = (n * K + k) * P + p`` and processed in chunks of
-    ``max_batch``, so a batch mixes windows and draws of several images.
+    Copies are enumerated image-major as ``q = (n * K + k) * P + p`` and go through the model
+    in the passes of :func:`~pipeline.kernel.passes.pass_spans`: ``max_batch`` at a time, or,
+    under ``fwd.fixed_batch``, passes of ``pass_rows(K * P, max_batch)`` rows (the last padded
+    by repeating a real copy), a size the same for every image of a run.
 
     Returns:
         ``(N, K, T, P)`` float32 deltas.
     """
     n, k = base.shape[:2]
     p_count = grid.n_windows
+    fixed = fwd.fixed_batch is not None
+    spans = pass_spans(n, k * p_count, max_batch, fixed)
+    rows = pass_rows(k * p_count, max_batch) if fixed else None  # padded rows of every pass
     batch = None
     if fwd.engine is None:  # an engine never materialises full copies: no buffer for them
-        rows = min(max_batch, n * k * p_count) if fwd.fixed_batch is None else fwd.fixed_batch
-        batch = OccludedBatch(x, grid, rows, fwd.channels_last)
+        most = max((b - a for a, b in spans), default=1) if rows is None else rows
+        batch = OccludedBatch(x, grid, most, fwd.channels_last)
     out = torch.empty((n * k * p_count, tgt.shape[1]), dtype=torch.float32, device=x.device)
-    total = out.shape[0]
-    for q0 in range(0, total, max_batch):
-        q = torch.arange(q0, min(q0 + max_batch, total), device=x.device)  # (B,)
+    for q0, q1 in spans:
+        q = torch.arange(q0, q1, device=x.device)  # (B,)
         img, draw, win = q // (k * p_count), (q // p_count) % k, q % p_count
-        s = fwd.occluded(x, base, grid, batch, img, draw, win).gather(1, tgt[img])  # (B, T)
-        out[q0 : q0 + q.numel()] = score0[img] - s
+        s = fwd.occluded(x, base, grid, batch, img, draw, win, rows).gather(1, tgt[img])  # (B, T)
+        out[q0:q1] = score0[img] - s
     return out.view(n, k, p_count, -1).permute(0, 1, 3, 2)  # (N, K, T, P)
 
 

@@ -63,8 +63,10 @@ class ComputeOptions:
     # full forward passes through torch.compile(model) (pipeline.kernel.compiled); an engine's
     # own layer-by-layer passes stay eager
     compile: bool = defaults.COMPILE
-    # Pad every occluded pass to max_batch copies (and unoccluded ones to min(max_batch, 16)
-    # images) so that maps are bitwise identical however images are grouped into calls.
+    # Give every pass a size that depends only on run-wide constants, padding the short ones:
+    # occluded passes fit the copies per image (pipeline.kernel.passes.pass_rows), unoccluded
+    # ones hold min(max_batch, 16) images; maps are then bitwise identical however images are
+    # grouped into calls.
     fixed_batch: bool = False
     on_nonfinite: str = "raise"  # "raise" on a NaN/Inf score, or "nan": NaN maps, finite=False
     # engine="approximate": largest side of each layer's recomputed region, as a fraction of

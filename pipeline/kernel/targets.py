@@ -47,7 +47,8 @@ def score_tensor(out: Any) -> torch.Tensor:
         items, what = list(out), f"a {type(out).__name__} of {len(out)}"
     else:
         items, what = [], f"a {type(out).__name__}"
-    found = next((v for v in items if isinstance(v, torch.Tensor)), None)
+    # a torch.fx proxy stands for a tensor while the incremental engine traces the model
+    found = next((v for v in items if isinstance(v, torch.Tensor | torch.fx.Proxy)), None)
     if found is None:
         raise TypeError(
             f"the model returned {what} without a tensor; return the scores as a tensor, or set "

@@ -23,6 +23,7 @@ from pipeline.kernel.defaults import Engine
 from pipeline.kernel.forward import Forward
 from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import precision_context
+from pipeline.kernel.passes import pass_rows, pass_spans
 from pipeline.kernel.targets import output_scores
 
 __all__ = ["TokenModel", "check_token_grid", "check_token_mode", "kept_tokens", "token_deltas"]
@@ -126,8 +127,10 @@ def token_deltas(
 
     Windows are grouped by the number of tokens they keep, shortest first; within a group,
     copies are enumerated image-major and go through ``model.forward_kept`` ``max_batch`` at a
-    time (padded to ``fwd.fixed_batch`` rows when set, as full passes are), so every pass holds
-    sequences of one length and a copy's pass has the same shape however images are grouped.
+    time, or under ``fwd.fixed_batch`` in passes of ``pass_rows(P_L, max_batch)`` rows (as full
+    passes are, :mod:`pipeline.kernel.passes`, with the group's ``P_L`` windows as the copies per
+    image), so every pass holds sequences of one length and a copy's pass has the same shape
+    however images are grouped.
 
     Args:
         fwd: the kernel's :class:`~pipeline.kernel.forward.Forward` (precision, memory format,
@@ -147,7 +150,13 @@ def token_deltas(
     groups: dict[int, list[int]] = {}
     for p, keep in enumerate(keeps):
         groups.setdefault(keep.numel(), []).append(p)
-    rows = fwd.fixed_batch or min(max_batch, n * p_count)  # the largest pass
+    fixed = fwd.fixed_batch is not None
+    # the largest pass; under fixed_batch each group's passes have pass_rows(P_L, max_batch)
+    # rows, the same for every image of a run since every image has the same windows
+    if fixed:
+        rows = max(pass_rows(len(g), max_batch) for g in groups.values())
+    else:
+        rows = min(max_batch, n * p_count)
     fmt = torch.channels_last if fwd.channels_last else torch.contiguous_format
     # one reused input buffer: no fresh pages per pass (as pipeline.kernel.forward.OccludedBatch)
     buf = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -156,11 +165,11 @@ def token_deltas(
     for length in sorted(groups):
         wins = torch.tensor(groups[length], device=x.device)  # (P_L,)
         keep = torch.stack([keeps[p] for p in groups[length]]).to(x.device)  # (P_L, L)
-        total = n * wins.numel()
-        for q0 in range(0, total, max_batch):
-            q = torch.arange(q0, min(q0 + max_batch, total), device=x.device)  # (B,)
+        pad = pass_rows(wins.numel(), max_batch) if fixed else None
+        for q0, q1 in pass_spans(n, wins.numel(), max_batch, fixed):
+            q = torch.arange(q0, q1, device=x.device)  # (B,)
             img, j = q // wins.numel(), q % wins.numel()
-            s = _kept_scores(fwd, model, x, buf, img, keep[j]).gather(1, tgt[img])  # (B, T)
+            s = _kept_scores(fwd, model, x, buf, img, keep[j], pad).gather(1, tgt[img])  # (B, T)
             out[img, :, wins[j]] = score0[img] - s
     return out[:, None]
 
@@ -172,12 +181,14 @@ def _kept_scores(
     buf: torch.Tensor,
     img: torch.Tensor,
     keep: torch.Tensor,
+    rows: int | None,
 ) -> torch.Tensor:
-    """Scores ``(B, O)`` of images ``x[img]`` keeping the tokens ``keep`` ``(B, L)``."""
+    """Scores ``(B, O)`` of images ``x[img]`` keeping the tokens ``keep`` ``(B, L)``, the pass
+    padded to ``rows`` copies when given."""
     b = img.shape[0]
-    if fwd.fixed_batch is not None and b < fwd.fixed_batch:
-        # every pass the same size, repeating a real copy (bitwise reproducibility)
-        pad = fwd.fixed_batch - b
+    if rows is not None and b < rows:
+        # every pass of a group the same size, repeating a real copy (bitwise reproducibility)
+        pad = rows - b
         img = torch.cat([img, img[:1].expand(pad)])
         keep = torch.cat([keep, keep[:1].expand(pad, -1)])
     images = buf[: img.shape[0]]

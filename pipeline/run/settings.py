@@ -15,7 +15,9 @@ from pipeline.incremental.select import Compute, resolve_compute
 from pipeline.kernel.compiled import warm_up
 from pipeline.kernel.defaults import Engine
 from pipeline.kernel.forward import PLAIN_BATCH
+from pipeline.kernel.geometry import WindowGrid
 from pipeline.kernel.options import ComputeOptions
+from pipeline.kernel.passes import pass_rows
 from pipeline.models import load_model
 
 __all__ = [
@@ -60,8 +62,9 @@ def worker_compute(
     """Resolve the engine once and build the options every shard of a worker uses.
 
     The engine, ``max_batch`` and ``channels_last`` are resolved as :func:`pipeline.attribute`
-    resolves them (:func:`pipeline.incremental.select.resolve_compute`). On top, workers pad
-    every pass to a fixed batch (``fixed_batch``), so a map is bitwise the same whichever shard,
+    resolves them (:func:`pipeline.incremental.select.resolve_compute`). On top, workers give
+    every pass a fixed size (``fixed_batch``: occluded passes fit the copies per image,
+    :func:`pipeline.kernel.passes.pass_rows`), so a map is bitwise the same whichever shard,
     batch or actor computed it, and keep going past a NaN score (the image gets an error row).
 
     Args:
@@ -99,10 +102,18 @@ def worker_compute(
         # the unoccluded passes' size, and the occluded passes' when they are full passes
         max_batch = int(options.max_batch or 1)
         full = options.engine is Engine.GENERIC and resolved.engine_name != "token-drop"
-        sizes = [min(max_batch, PLAIN_BATCH)] + ([max_batch] if full else [])
+        sizes = [min(max_batch, PLAIN_BATCH)]
+        sizes += [_occluded_rows(occ, image_shape, max_batch)] if full else []
         channels_last = bool(options.channels_last)
         warm_up(resolved.model, image_shape, sizes, device, occ.precision, channels_last)
     return resolved
+
+
+def _occluded_rows(occ: OcclusionConfig, image_shape: tuple[int, int, int], max_batch: int) -> int:
+    """Rows of a worker's occluded passes: :func:`~pipeline.kernel.passes.pass_rows` of the
+    ``K * P`` copies of every image (``(C, H, W)`` pixels ``image_shape``)."""
+    grid = WindowGrid.create(image_shape, occ.window, occ.stride)
+    return pass_rows(int(occ.n_baselines or 1) * grid.n_windows, max_batch)
 
 
 def worker_setup(cfg: AuditConfig, device: torch.device) -> tuple[Any, WorkerCompute]:
