@@ -214,12 +214,14 @@ def cli(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
+def run_cli(cfg_path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``python -m pipeline run CFG --no-report --quiet`` in its own process group (so that a
-    test can SIGKILL the driver and the Ray it started together), output in ``stdout``."""
+    test can SIGKILL the driver and the Ray it started together), output in ``stdout``; ``env``:
+    the driver's environment (default this process's)."""
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", str(cfg_path), "--no-report", "--quiet", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=env,
     )

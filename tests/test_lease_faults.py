@@ -37,6 +37,8 @@ from tests._shared_ray import job_env_vars
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_env")]
 
 N = 12
+AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3",
+       "AWS_EC2_METADATA_DISABLED")  # fmt: skip
 SLOW = {"window": [4, 4], "stride": [2, 2], "n_baselines": 3, "max_batch": 16,
         "engine": "generic"}  # fmt: skip
 
@@ -49,18 +51,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def s3():
     """moto on loopback with bucket ``audits``, and a fault switch in front of it; the
-    environment points this process, every process it starts and their Ray workers at the
-    switch."""
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED")  # fmt: skip
-    job = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-    old = {k: os.environ.get(k) for k in (*keys, "AWS_PROFILE", "AWS_ENDPOINT_URL", job)}
+    environment points this process and every process it starts at the switch (the workers of
+    a driver on the session's Ray head through :func:`_on_head`)."""
+    old = {k: os.environ.get(k) for k in (*AWS, "AWS_PROFILE", "AWS_ENDPOINT_URL")}
     with moto_server() as endpoint:
         proxy = S3Proxy(endpoint)
         os.environ.pop("AWS_PROFILE", None)
         os.environ.pop("AWS_ENDPOINT_URL", None)
-        os.environ.update(dict(zip(keys, ("t", "t", "us-east-1", proxy.url, "true"), strict=True)))
-        os.environ.update(job_env_vars(*keys))
+        os.environ.update(dict(zip(AWS, ("t", "t", "us-east-1", proxy.url, "true"), strict=True)))
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="audits")
         try:
@@ -102,6 +100,13 @@ def _config(
     return path
 
 
+def _on_head() -> dict[str, str]:
+    """The environment of a driver that joins the session's Ray head: the head's workers get the
+    store's variables through the job's runtime env. Only the drivers get it: a runtime env in
+    this process would follow its own later Rays."""
+    return {**os.environ, **job_env_vars(*AWS)}
+
+
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     out = proc.stdout.read().decode() if proc.stdout else ""
     return proc.wait(timeout=timeout), out
@@ -110,7 +115,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 def test_a_paused_driver_whose_lock_was_taken_over_writes_nothing_more(s3, data, tmp_path):
     client, _ = s3
     # the reference: the second audit's settings, uninterrupted, in its own folder
-    ref = run_cli(_config(tmp_path, data, "s3://audits/lease/ref", "ref", 30, stride=[4, 4]))
+    ref = run_cli(
+        _config(tmp_path, data, "s3://audits/lease/ref", "ref", 30, stride=[4, 4]), env=_on_head()
+    )
     code, out = _finish(ref)
     assert code == 0, out
 
@@ -127,7 +134,7 @@ def test_a_paused_driver_whose_lock_was_taken_over_writes_nothing_more(s3, data,
         for key in _objects(client, "lease/run/"):
             client.delete_object(Bucket="audits", Key=key)
         second = run_cli(_config(tmp_path, data, "s3://audits/lease/run", "second", 30,
-                                 stride=[4, 4]))  # fmt: skip
+                                 stride=[4, 4]), env=_on_head())  # fmt: skip
         code, out = _finish(second)
         assert code == 0, out
         after_second = _objects(client, "lease/run/")
@@ -180,7 +187,7 @@ def test_a_failed_release_of_the_lock_keeps_the_run_outcome(s3, data, tmp_path):
     proxy.fail("HEAD", "/release/run/.lock", 500, times=10, after=done)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True,
-        timeout=300,
+        timeout=300, env=_on_head(),
     )  # fmt: skip
     assert ("HEAD", "/audits/release/run/.lock", 500) in proxy.seen
     assert proc.returncode == 0, proc.stderr
@@ -193,7 +200,7 @@ def test_a_failed_release_of_the_lock_keeps_the_run_outcome(s3, data, tmp_path):
 def test_an_unreachable_store_mid_run_is_exit_4_and_a_store_fault_is_one_line(s3, data, tmp_path):
     client, proxy = s3
     cfg = _config(tmp_path, data, "s3://audits/down/run", "run", 3)
-    proc = run_cli(cfg)
+    proc = run_cli(cfg, env=_on_head())
     assert wait_until(lambda: len(_objects(client, "down/run/maps/")) >= 1, 300)
     proxy.stop()
     try:
@@ -210,6 +217,6 @@ def test_an_unreachable_store_mid_run_is_exit_4_and_a_store_fault_is_one_line(s3
         proxy.start()
     # the store is back: once the lease has run out, --resume finishes the audit
     time.sleep(3.5)
-    code, out = _finish(run_cli(cfg, "--resume"))
+    code, out = _finish(run_cli(cfg, "--resume", env=_on_head()))
     assert code == 0, out
     assert read_maps("s3://audits/down/run", ["image_id"])["image_id"].nunique() == N

@@ -34,20 +34,19 @@ N = 12
 SHARD = 2
 AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3",
        "AWS_EC2_METADATA_DISABLED")  # fmt: skip
-JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server with bucket ``audits``; the environment points pyarrow, boto3, every
-    Ray process started afterwards and the workers of every CLI driver at it."""
-    old = {k: os.environ.get(k) for k in (*AWS, "AWS_PROFILE", "AWS_ENDPOINT_URL", JOB)}
+    """A moto S3 server with bucket ``audits``; the environment points pyarrow, boto3 and every
+    Ray process started afterwards at it (and a CLI driver's workers on the session's Ray head,
+    with :func:`job_env_vars`)."""
+    old = {k: os.environ.get(k) for k in (*AWS, "AWS_PROFILE", "AWS_ENDPOINT_URL")}
     with moto_server() as endpoint:
         os.environ.pop("AWS_PROFILE", None)
         os.environ.pop("AWS_ENDPOINT_URL", None)
         values = ("testing", "testing", "us-east-1", endpoint, "true")
         os.environ.update(dict(zip(AWS, values, strict=True)))
-        os.environ.update(job_env_vars(*AWS))
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="audits")
         try:
@@ -160,10 +159,11 @@ def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(ray_env, s3, data
         )
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
-    ref = run_cli(paths["ref"])
+    drivers = {**os.environ, **job_env_vars(*AWS)}  # the head's workers get the store's variables
+    ref = run_cli(paths["ref"], env=drivers)
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
 
-    proc = run_cli(paths["killed"])
+    proc = run_cli(paths["killed"], env=drivers)
     shards = lambda: [k for k in _keys(s3, "kill/killed/maps/")]  # noqa: E731
     assert wait_until(lambda: len(shards()) >= 2 or proc.poll() is not None, 240)
     assert proc.poll() is None, proc.stdout.read().decode()
@@ -174,14 +174,14 @@ def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(ray_env, s3, data
     assert "kill/killed/.lock" in _keys(s3, "kill/killed/")
 
     # the killed driver's lease still runs: a second run is refused with the holder's name
-    refused = run_cli(paths["killed"], "--resume")
+    refused = run_cli(paths["killed"], "--resume", env=drivers)
     out = refused.stdout.read().decode()
     assert refused.wait(timeout=120) == 2, out
     assert "locked by another run (pid" in out
 
     lock = json.loads(s3.get_object(Bucket="audits", Key="kill/killed/.lock")["Body"].read())
     time.sleep(max(0.0, lock["lease_until"] - time.time()) + 0.5)  # expired: it is taken over
-    resumed = run_cli(paths["killed"], "--resume")
+    resumed = run_cli(paths["killed"], "--resume", env=drivers)
     out = resumed.stdout.read().decode()
     assert resumed.wait(timeout=300) == 0, out
     assert "took over the lock of pid" in out and "whose lease expired" in out
