@@ -88,13 +88,7 @@ class FullPasses:
     ) -> Any:
         """The model's outputs of occluded copies (arguments as
         :meth:`IncrementalEngine.forward_occluded`)."""
-        box = grid.boxes().to(x.device)[win]  # (B, 6) [c0, c1, y0, y1, x0, x1]
-        inside = [
-            (torch.arange(n, device=x.device) >= box[:, 2 * a : 2 * a + 1])
-            & (torch.arange(n, device=x.device) < box[:, 2 * a + 1 : 2 * a + 2])
-            for a, n in enumerate(x.shape[1:])
-        ]  # (B, C), (B, H), (B, W)
-        mask = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None]
+        mask = grid.masks(device=x.device)[win]  # (B, 1|C, H, W)
         return self.model(torch.where(mask, fill[img, draw], x[img]))  # (B, C, H, W) copies
 
     def clear(self) -> None:
