@@ -139,15 +139,6 @@ def private_ray_tmpdir() -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def embedded_ray_env() -> dict[str, str]:
-    """The environment for a CLI subprocess that must start its own embedded Ray.
-
-    ``RAY_ADDRESS=local`` keeps ``ray.init()`` from joining a cluster another process on this
-    machine advertised in ``/tmp/ray/ray_current_cluster``.
-    """
-    return {**os.environ, "RAY_ADDRESS": "local"}
-
-
 class Background:
     """Call ``fn()`` in a daemon thread; ``join`` returns its value or re-raises its error.
 

@@ -44,18 +44,13 @@ class SharedRay:
         return {**os.environ, **self.env, **extra}
 
 
-def runtime_env(*keys: str, environ: Mapping[str, str] = os.environ) -> dict[str, dict[str, str]]:
-    """A Ray ``runtime_env`` that hands ``keys`` of ``environ`` to the job's workers: the
-    head's workers do not inherit a driver's environment, as an embedded Ray's do. For a test
-    that points the drivers at a server it started (S3, GCS) or changes the workers' tools."""
-    return {"env_vars": {k: environ[k] for k in keys if k in environ}}
-
-
 def job_env_vars(*keys: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The environment that gives every driver started with it :func:`runtime_env` of
-    ``keys``, as the job's runtime env (what a Ray job submission does with its own)."""
-    env = runtime_env(*keys, environ=environ)
-    return {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": env})}
+    """The environment that hands ``keys`` of ``environ`` to the workers of every driver started
+    with it, through the job's runtime env (what a Ray job submission does with its own): the
+    head's workers do not inherit a driver's environment, as an embedded Ray's do. For a test
+    that points the drivers at a server it started (S3) or changes the workers' tools."""
+    env_vars = {k: environ[k] for k in keys if k in environ}
+    return {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": env_vars}})}
 
 
 def _free_port() -> int:

@@ -35,6 +35,7 @@ from pipeline.data.images import load_image
 from pipeline.models import load_model
 from pipeline.run.settings import kernel_keywords, worker_compute
 from tests._dataset import make_image_set
+from tests._shared_ray import STARTUP  # tests/_torchvision_ops.py in subprocesses
 from tests._zoo import FAMILIES, SIDE, export_pt2, hf_folder, model_section
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,6 @@ RUN_FAMILIES = (
     "export-pt2",  # torch.export archive
     "factory-beside-yaml",  # a factory module found beside the YAML
 )
-STARTUP = str(Path(__file__).parent / "_startup")  # tests/_torchvision_ops.py in subprocesses
 N_IMAGES = 4
 
 
