@@ -191,7 +191,7 @@ def cli(*argv: str) -> subprocess.CompletedProcess[str]:
     what it printed, as a finished subprocess would hold them.
 
     Several seconds cheaper than a subprocess (no Python, torch and Ray imports). A run joins the
-    Ray this process is connected to (the ``ray_driver`` fixture), else starts an embedded one.
+    Ray this process is connected to (the ``local_ray`` fixture), else starts an embedded one.
     An error the CLI does not turn into its one line propagates, failing the test, where a
     subprocess would print a traceback.
     """

@@ -7,6 +7,8 @@ from tests._torchvision_ops import allow_torchvision_without_its_extension
 # before anything imports torchvision (timm and transformers do): see tests/_torchvision_ops.py
 allow_torchvision_without_its_extension()
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -45,14 +47,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="module")
-def ray_env(shared_ray):
-    """The session's Ray head in this process's environment for one test module
-    (``RAY_ADDRESS``): CLI runs it starts with ``cluster.address: auto`` join the head."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in shared_ray.env.items():
-            mp.setenv(key, value)
-        yield shared_ray
+# One authentication mode for every Ray the tests start, embedded, head or subprocess. Unset,
+# the first embedded ray.init() turns token mode on in this process's environment (and writes
+# ~/.ray/auth_token on a fresh machine), while the heads run with it disabled; a process whose
+# mode changes under it starts a GCS its own client cannot talk to. Tests of token
+# authentication (test_submit.py) give their processes the mode explicitly.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+# A Ray head's address or a job's runtime env in this process's environment would follow every
+# later embedded Ray it starts (their workers inherit it): an in-process run then waits out
+# cluster.startup_timeout_s for actors that never come up. Only CLI subprocesses get them.
+_HEAD_ONLY = ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_AUTH_MODE")
+_AT_START = {k: os.environ.get(k) for k in _HEAD_ONLY}
+
+
+@pytest.fixture(autouse=True)
+def _the_head_stays_out_of_this_process():
+    yield
+    leaked = [k for k in _HEAD_ONLY if os.environ.get(k) != _AT_START[k]]
+    assert not leaked, f"this test left {leaked} in the test process's environment"
 
 
 @pytest.fixture(scope="module")

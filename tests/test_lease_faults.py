@@ -34,7 +34,7 @@ from tests._shared_ray import job_env_vars
 
 # The drivers join the session's Ray head (``cluster.address: auto``), as jobs on a cluster do:
 # a paused driver's actors go on, as they would there.
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_env")]
+pytestmark = pytest.mark.slow
 
 N = 12
 AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3",
@@ -52,7 +52,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def s3():
     """moto on loopback with bucket ``audits``, and a fault switch in front of it; the
     environment points this process and every process it starts at the switch (the workers of
-    a driver on the session's Ray head through :func:`_on_head`)."""
+    a driver on the session's Ray head through :func:`on_head`)."""
     old = {k: os.environ.get(k) for k in (*AWS, "AWS_PROFILE", "AWS_ENDPOINT_URL")}
     with moto_server() as endpoint:
         proxy = S3Proxy(endpoint)
@@ -100,11 +100,12 @@ def _config(
     return path
 
 
-def _on_head() -> dict[str, str]:
+@pytest.fixture(scope="module")
+def on_head(shared_ray, s3) -> dict[str, str]:
     """The environment of a driver that joins the session's Ray head: the head's workers get the
-    store's variables through the job's runtime env. Only the drivers get it: a runtime env in
-    this process would follow its own later Rays."""
-    return {**os.environ, **job_env_vars(*AWS)}
+    store's variables through the job's runtime env. Only the drivers get it, never this
+    process: a runtime env or ``RAY_ADDRESS`` here would follow its own later Rays."""
+    return shared_ray.environ(**job_env_vars(*AWS))
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -112,11 +113,11 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.wait(timeout=timeout), out
 
 
-def test_a_paused_driver_whose_lock_was_taken_over_writes_nothing_more(s3, data, tmp_path):
+def test_a_paused_driver_whose_lock_was_taken_over_writes_nothing_more(s3, data, tmp_path, on_head):
     client, _ = s3
     # the reference: the second audit's settings, uninterrupted, in its own folder
     ref = run_cli(
-        _config(tmp_path, data, "s3://audits/lease/ref", "ref", 30, stride=[4, 4]), env=_on_head()
+        _config(tmp_path, data, "s3://audits/lease/ref", "ref", 30, stride=[4, 4]), env=on_head
     )
     code, out = _finish(ref)
     assert code == 0, out
@@ -134,7 +135,7 @@ def test_a_paused_driver_whose_lock_was_taken_over_writes_nothing_more(s3, data,
         for key in _objects(client, "lease/run/"):
             client.delete_object(Bucket="audits", Key=key)
         second = run_cli(_config(tmp_path, data, "s3://audits/lease/run", "second", 30,
-                                 stride=[4, 4]), env=_on_head())  # fmt: skip
+                                 stride=[4, 4]), env=on_head)  # fmt: skip
         code, out = _finish(second)
         assert code == 0, out
         after_second = _objects(client, "lease/run/")
@@ -160,16 +161,18 @@ def test_a_paused_driver_whose_lock_was_taken_over_writes_nothing_more(s3, data,
     )
 
 
-def test_a_paused_driver_keeps_a_local_folder_locked(data, tmp_path):
+def test_a_paused_driver_keeps_a_local_folder_locked(data, tmp_path, on_head):
     """Locally the lock is an flock, held while its process lives, paused or not: the second
     run is refused, and the first finishes its audit when it goes on."""
     out = tmp_path / "run"
-    first = run_cli(_config(tmp_path, data, str(out), "first", 3))
+    first = run_cli(_config(tmp_path, data, str(out), "first", 3), env=on_head)
     assert wait_until(lambda: len(list((out / "maps").glob("part-*"))) >= 1, 300)
     os.kill(first.pid, signal.SIGSTOP)
     try:
         time.sleep(4.0)
-        second = run_cli(_config(tmp_path, data, str(out), "second", 3, stride=[4, 4]), "--resume")
+        second = run_cli(
+            _config(tmp_path, data, str(out), "second", 3, stride=[4, 4]), "--resume", env=on_head
+        )
         code, text = _finish(second)
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -179,7 +182,7 @@ def test_a_paused_driver_keeps_a_local_folder_locked(data, tmp_path):
     assert read_maps(out, ["image_id"])["image_id"].nunique() == N
 
 
-def test_a_failed_release_of_the_lock_keeps_the_run_outcome(s3, data, tmp_path):
+def test_a_failed_release_of_the_lock_keeps_the_run_outcome(s3, data, tmp_path, on_head):
     client, proxy = s3
     cfg = _config(tmp_path, data, "s3://audits/release/run", "run", 30, stride=[4, 4])
     # every try of the release's first request (botocore retries a 500), after the last run.json
@@ -187,7 +190,7 @@ def test_a_failed_release_of_the_lock_keeps_the_run_outcome(s3, data, tmp_path):
     proxy.fail("HEAD", "/release/run/.lock", 500, times=10, after=done)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True,
-        timeout=300, env=_on_head(),
+        timeout=300, env=on_head,
     )  # fmt: skip
     assert ("HEAD", "/audits/release/run/.lock", 500) in proxy.seen
     assert proc.returncode == 0, proc.stderr
@@ -197,10 +200,12 @@ def test_a_failed_release_of_the_lock_keeps_the_run_outcome(s3, data, tmp_path):
     assert "release/run/run.json" in _objects(client, "release/run/")
 
 
-def test_an_unreachable_store_mid_run_is_exit_4_and_a_store_fault_is_one_line(s3, data, tmp_path):
+def test_an_unreachable_store_mid_run_is_exit_4_and_a_store_fault_is_one_line(
+    s3, data, tmp_path, on_head
+):
     client, proxy = s3
     cfg = _config(tmp_path, data, "s3://audits/down/run", "run", 3)
-    proc = run_cli(cfg, env=_on_head())
+    proc = run_cli(cfg, env=on_head)
     assert wait_until(lambda: len(_objects(client, "down/run/maps/")) >= 1, 300)
     proxy.stop()
     try:
@@ -217,6 +222,6 @@ def test_an_unreachable_store_mid_run_is_exit_4_and_a_store_fault_is_one_line(s3
         proxy.start()
     # the store is back: once the lease has run out, --resume finishes the audit
     time.sleep(3.5)
-    code, out = _finish(run_cli(cfg, "--resume", env=_on_head()))
+    code, out = _finish(run_cli(cfg, "--resume", env=on_head))
     assert code == 0, out
     assert read_maps("s3://audits/down/run", ["image_id"])["image_id"].nunique() == N

@@ -174,7 +174,7 @@ def _busy_worker_pid() -> int | None:
 
 
 @pytest.mark.slow
-def test_driver_killed_then_resume_is_byte_identical(ray_env, image_set, tmp_path):
+def test_driver_killed_then_resume_is_byte_identical(shared_ray, image_set, tmp_path):
     """The drivers join the session's Ray head, as a job on a cluster does: the killed one's
     actors die with it, and the resumed run's actors take the head's CPUs."""
     slow = {
@@ -184,6 +184,7 @@ def test_driver_killed_then_resume_is_byte_identical(ray_env, image_set, tmp_pat
         "max_batch": 16,
         "engine": "generic",  # slow enough (about 1 s a shard) to be killed between shards
     }
+    head = shared_ray.environ()  # only the drivers join the head: never this process
     paths = {}
     for name in ("ref", "killed"):
         cfg = audit_config(
@@ -191,10 +192,10 @@ def test_driver_killed_then_resume_is_byte_identical(ray_env, image_set, tmp_pat
         )
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
-    ref = run_cli(paths["ref"])
+    ref = run_cli(paths["ref"], env=head)
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
 
-    proc = run_cli(paths["killed"])
+    proc = run_cli(paths["killed"], env=head)
     maps = tmp_path / "killed" / "maps"
     deadline = time.time() + 240
     while time.time() < deadline and len(list(maps.glob("part-*.parquet"))) < 2:
@@ -212,7 +213,7 @@ def test_driver_killed_then_resume_is_byte_identical(ray_env, image_set, tmp_pat
     other["model"]["weights"] = str(save_gap_model(tmp_path / "other.pt", seed=1))
     paths["other"] = tmp_path / "other.yaml"
     paths["other"].write_text(yaml.safe_dump(other))
-    refused = run_cli(paths["other"], "--resume")
+    refused = run_cli(paths["other"], "--resume", env=head)
     err = refused.stdout.read().decode()
     assert refused.wait(timeout=120) == 2, err
     assert "cannot resume" in err and "model_sha256" in err
@@ -221,7 +222,7 @@ def test_driver_killed_then_resume_is_byte_identical(ray_env, image_set, tmp_pat
     assert kept.items() <= after.items()
     assert (tmp_path / "killed" / "run.json").read_bytes() == record
 
-    resumed = run_cli(paths["killed"], "--resume")
+    resumed = run_cli(paths["killed"], "--resume", env=head)
     out = resumed.stdout.read().decode()
     assert resumed.wait(timeout=300) == 0, out
     facts = json.loads((tmp_path / "killed" / "run.json").read_text())

@@ -144,7 +144,7 @@ def test_a_three_node_cluster_writes_its_run_to_a_bucket(s3, data, tmp_path) -> 
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(ray_env, s3, data, tmp_path):
+def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(shared_ray, s3, data, tmp_path):
     """The drivers join the session's Ray head, as jobs on a cluster do."""
     slow = {"window": [4, 4], "stride": [2, 2], "n_baselines": 3, "max_batch": 16,
             "engine": "generic"}  # fmt: skip
@@ -159,7 +159,8 @@ def test_a_killed_driver_resumes_in_the_bucket_after_its_lease(ray_env, s3, data
         )
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
-    drivers = {**os.environ, **job_env_vars(*AWS)}  # the head's workers get the store's variables
+    # the drivers join the head (never this process); its workers get the store's variables
+    drivers = shared_ray.environ(**job_env_vars(*AWS))
     ref = run_cli(paths["ref"], env=drivers)
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
 
