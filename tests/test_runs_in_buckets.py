@@ -222,6 +222,38 @@ def test_the_lock_object_refuses_a_second_holder_renews_and_is_taken_over(s3) ->
         assert not Store("s3://audits/locks/c").replace_if_match(".lock", b"x", mine.version)
 
 
+def test_a_lock_read_during_its_renewals_is_one_whole_version(s3) -> None:
+    """A renewal rewrites the lock object while a shard's fence check reads it: the read is the
+    body and ETag of one version, never a part of one (pyarrow's stream asks for the size, then
+    for that many bytes of what may by then be a longer object)."""
+    import hashlib
+    import threading
+
+    folder = RunFolder("s3://audits/renewals/run")
+    stop = threading.Event()
+
+    def renew() -> None:  # bodies of changing length, the same holder and token
+        i = 0
+        while not stop.is_set():
+            i += 1
+            body = {"holder": "pid 1 on here", "token": "t", "lease_until": 1e9 + i, "pad": "x" * i}
+            s3.put_object(Bucket="audits", Key="renewals/run/.lock", Body=json.dumps(body).encode())
+
+    s3.put_object(Bucket="audits", Key="renewals/run/.lock", Body=b'{"token": "t"}')
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        for _ in range(150):
+            data, version = folder.store.read_versioned(".lock")
+            assert json.loads(data)["token"] == "t"
+            assert version.strip('"') == hashlib.md5(data).hexdigest()  # one PUT's ETag
+            folder.check_fence("t")  # LeaseLostError if it read a mix
+    finally:
+        stop.set()
+        renewer.join()
+    assert folder.store.read_versioned("gone") is None
+
+
 def test_shards_are_whole_objects_and_resume_reads_their_footers(s3, data) -> None:
     folder = RunFolder("s3://audits/footers/run")
     import pyarrow as pa

@@ -173,10 +173,9 @@ class RunFolder:
         """
         if not self.remote:
             return
+        got = self.store.read_versioned(self.LOCK)  # never a mix of two renewals
         try:
-            held = json.loads(self.store.read_bytes(self.LOCK))
-        except FileNotFoundError:
-            held = {}
+            held = json.loads(got[0]) if got is not None else {}
         except ValueError:
             held = {"holder": "an unreadable lock object"}
         if not isinstance(held, dict) or held.get("token") != token:

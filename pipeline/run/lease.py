@@ -87,12 +87,13 @@ class ObjectLock:
         return None
 
     def _current(self) -> tuple[dict[str, Any] | None, str | None]:
-        version = self.store.version(self.name)
-        if version is None:
+        got = self.store.read_versioned(self.name)  # the content of the version it names
+        if got is None:
             return None, None
+        data, version = got
         try:
-            return json.loads(self.store.read_bytes(self.name)), version
-        except (FileNotFoundError, ValueError):
+            return json.loads(data), version
+        except ValueError:
             return {}, version  # unreadable: treated as expired
 
     def __enter__(self) -> ObjectLock:

@@ -37,6 +37,7 @@ from pipeline.storage.read import locate, scheme_of
 __all__ = ["Store", "StoreError", "StoreVersion"]
 
 StoreVersion = str  # an etag (S3), a generation (GCS) or an mtime (local): what changes on write
+_STABLE_READS = 5  # reads of an object rewritten meanwhile before giving up (read_versioned)
 
 
 class StoreError(OSError):
@@ -135,6 +136,37 @@ class Store:
             if not self.exists(name):
                 raise FileNotFoundError(f"{self.uri(name)}: no such file") from e
             raise
+
+    @_translated
+    def read_versioned(self, name: str) -> tuple[bytes, StoreVersion] | None:
+        """The whole of ``name`` and the version it was read at, from one state of the object;
+        None when it does not exist. For objects that another process rewrites (the run lock).
+
+        :meth:`read_bytes` on S3 asks for the size, then for that many bytes: a rewrite in
+        between yields part of one version or a mix. On S3 this is one GET (body and ETag);
+        elsewhere the version is read before and after, and the read repeated until they agree.
+        """
+        if self.scheme == "s3":
+            from botocore.exceptions import ClientError
+
+            try:
+                got = _s3_client().get_object(**_s3_key(self._path(name)))
+                return bytes(got["Body"].read()), str(got["ETag"])
+            except ClientError as e:
+                if _missing(e):
+                    return None
+                raise
+        for _ in range(_STABLE_READS):
+            before = self.version(name)
+            if before is None:
+                return None
+            try:
+                data = self.read_bytes(name)
+            except FileNotFoundError:
+                continue  # deleted between the two requests: ask again
+            if self.version(name) == before:
+                return data, before
+        raise StoreError(f"{self.uri(name)} changed during each of {_STABLE_READS} reads")
 
     @_translated
     def open(self, name: str) -> Any:
