@@ -1,16 +1,15 @@
 """Every model family a user brings, through the whole pipeline as a user runs it: ``python -m
 pipeline run CFG``, then ``aggregate`` and ``report`` (the CLI's ``main``).
 
-Tiny random models at 32 px, each loaded from a YAML file, one per model source and engine
-path: timm ResNet and ViT, a Hugging Face ViT (a folder written by ``save_pretrained``), a
-torchvision ResNet, a ``.pt2`` archive with a dynamic batch, and a factory module beside the
-YAML (every other family is loaded and resolved in-process by ``tests/test_model_zoo.py``).
-``run.json`` records the source and the engine the workers
+Tiny random models at 32 px, each loaded from a YAML file: every family of ``tests/_zoo.py``
+(timm ResNet, ConvNeXt, EfficientNet, RegNet, ViT and DeiT; Hugging Face ViT, ConvNeXt and ResNet
+from ``save_pretrained`` folders; a torchvision ResNet; a ``.pt2`` archive with a dynamic batch;
+a factory module beside the YAML). ``run.json`` records the source and the engine the workers
 picked (``occlusion.engine: auto``), which must be the one expected for the family
-(``tests/test_model_zoo.py`` checks that ``auto`` resolves to it). The drivers join one Ray
-of the session (``RAY_ADDRESS``), two at a time, so the matrix does not pay for Ray's start and one
-driver's start-up overlaps another's workers. Archives and outputs that cannot work are refused
-before Ray starts. A timm ViT also runs with ``occlusion.mode: token-drop``.
+(``tests/test_model_zoo.py`` checks in-process that ``auto`` resolves to it). The drivers join
+the session's Ray head (``RAY_ADDRESS``), two at a time, so the matrix does not pay for Ray's
+start and one driver's start-up overlaps another's workers. Archives and outputs that cannot
+work are refused before Ray starts. A timm ViT also runs with ``occlusion.mode: token-drop``.
 """
 
 from __future__ import annotations
@@ -40,18 +39,11 @@ from tests._zoo import FAMILIES, SIDE, export_pt2, hf_folder, model_section
 
 pytestmark = pytest.mark.slow
 
-# One family per model source and engine path through the whole CLI: each costs a driver, a
-# worker and the library's import (about 25 s here). Every family of tests/_zoo.py is loaded,
-# checked and resolved to its engine in-process by tests/test_model_zoo.py.
-RUN_FAMILIES = (
-    "timm-resnet",  # timm, incremental
-    "timm-vit",  # timm, generic (a ViT)
-    "hf-vit",  # transformers save_pretrained folder, generic
-    "hf-convnext",  # transformers, incremental (traced with the input's shape known)
-    "torchvision-resnet18",  # torchvision, incremental
-    "export-pt2",  # torch.export archive
-    "factory-beside-yaml",  # a factory module found beside the YAML
-)
+# Every family of tests/_zoo.py through the whole CLI: timm ResNet, ConvNeXt, EfficientNet,
+# RegNet, ViT and DeiT; Hugging Face ViT, ConvNeXt and ResNet; a torchvision ResNet; a .pt2
+# archive; a factory module beside the YAML. Each costs a driver, a worker and the library's
+# import (about 25 s here), two at a time.
+RUN_FAMILIES = tuple(FAMILIES)
 N_IMAGES = 4
 
 
