@@ -49,7 +49,7 @@ RUN_FAMILIES = (
     "hf-vit",  # transformers save_pretrained folder, generic
     "hf-convnext",  # transformers, incremental (traced with the input's shape known)
     "torchvision-resnet18",  # torchvision, incremental
-    "export-pt2",  # torch.export archive
+    "export-pt2",  # torch.export archive, incremental (aten ops lowered to torch ones)
     "factory-beside-yaml",  # a factory module found beside the YAML
 )
 N_IMAGES = 4
