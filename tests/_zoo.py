@@ -90,12 +90,20 @@ def gap_net(seed: int = 0) -> nn.Module:
     return SeedCNNWithGAP(num_classes=CLASSES).eval()
 
 
-def export_pt2(path: Path, dynamic: bool = True, side: int = SIDE, batch: int = 2) -> Path:
-    """``torch.export`` of :func:`gap_net` at ``batch`` images of ``side`` px; ``dynamic``
-    gives the batch dimension a ``Dim`` (else the archive accepts only ``batch`` images)."""
+def export_pt2(
+    path: Path,
+    dynamic: bool = True,
+    side: int = SIDE,
+    batch: int = 2,
+    model: nn.Module | None = None,
+) -> Path:
+    """``torch.export`` of ``model`` (default :func:`gap_net`) at ``batch`` images of ``side``
+    px; ``dynamic`` gives the batch dimension a ``Dim`` (else the archive accepts only
+    ``batch`` images)."""
     x = torch.rand(batch, 3, side, side)
     shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
-    torch.export.save(torch.export.export(gap_net(), (x,), dynamic_shapes=shapes), path)
+    net = gap_net() if model is None else model
+    torch.export.save(torch.export.export(net, (x,), dynamic_shapes=shapes), path)
     return path
 
 
@@ -140,7 +148,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "hf-convnext": ("transformers", "incremental"),
     "hf-resnet": ("transformers", "incremental"),
     "torchvision-resnet18": ("torchvision", "incremental"),
-    "export-pt2": ("export", "generic"),
+    "export-pt2": ("export", "incremental"),
     "factory-beside-yaml": ("factory", "incremental"),
 }
 

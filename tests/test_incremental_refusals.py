@@ -1,5 +1,5 @@
 """A model the incremental engine refuses gets one line naming the op and its module path, on
-real models: a squeeze-excitation net, TorchScript, a timm ViT, a ``torch.export`` archive."""
+real models: a squeeze-excitation net, TorchScript, a timm ViT, ``torch.export`` archives."""
 
 from __future__ import annotations
 
@@ -96,15 +96,47 @@ def test_a_trace_failure_names_the_module_and_line():
     ), reason
 
 
-def test_a_torch_export_archive_says_what_to_load_instead(tmp_path):
+class _Rolled(nn.Module):
+    """A conv, then a roll of its activation along the width: no local op, and no torch-level
+    equivalent the engine follows in a torch.export graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.shift = _Roll()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shift(self.conv(x)).mean(dim=(2, 3))
+
+
+class _Roll(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, 1, dims=3)
+
+
+def _archive(tmp_path, model: nn.Module | None = None):
     from pipeline.config import ModelConfig
     from pipeline.models import load_model
     from tests._zoo import export_pt2
 
-    model = load_model(ModelConfig(export=str(export_pt2(tmp_path / "m.pt2"))))
-    reason = _reason(model)
-    assert "cannot follow aten op 'conv2d.default" in reason, reason
-    assert "torch.export graph" in reason and "model.factory" in reason, reason
+    path = export_pt2(tmp_path / "m.pt2", model=model)
+    return load_model(ModelConfig(export=str(path)))
+
+
+def test_a_torch_export_archive_of_a_local_net_runs_incrementally(tmp_path):
+    engine, reason = auto_engine(_archive(tmp_path), (3, SIDE, SIDE), "cpu")
+    assert engine is not None, reason
+
+
+def test_a_torch_export_archive_names_the_op_and_module_path_that_stop_it(tmp_path):
+    reason = _reason(_archive(tmp_path, _Rolled().eval()))
+    assert "cannot follow aten op 'roll.default(" in reason and "at shift:" in reason, reason
+    assert "reads the activation of module Conv2d at conv" in reason, reason
+    assert "runs on the generic kernel" in reason and "model.factory" in reason, reason
+    # ops lowered to torch ones keep the exported model's module paths in refusals too
+    reason = _reason(_archive(tmp_path, SENet().eval()))
+    assert "cannot follow function 'adaptive_avg_pool2d((1, 1))' at blocks.2.pool" in reason, reason
+    assert "squeeze-excitation" in reason, reason
 
 
 def test_a_hugging_face_vit_names_the_check_where_tracing_stops():

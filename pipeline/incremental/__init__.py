@@ -2,7 +2,8 @@
 what a model becomes for the kernel (engine choice, token models).
 
 Owns: tracing a model into steps (``graph``; with the input's shape known where a model checks
-it: ``tracer``), which nodes are local (``steps``, ``rules``; per-position ops over the channels
+it: ``tracer``; ``torch.export`` graphs of aten ops lowered to the torch ops the rules know:
+``aten``), which nodes are local (``steps``, ``rules``; per-position ops over the channels
 and channels-last sections: ``channels``), refusals naming the op and its module (``explain``),
 the receptive-field plan of which region each window changes (``plan``), the region ops
 (``ops``), the head updates (``head``), executing a batch of occluded copies (``execute``), the

@@ -4,8 +4,9 @@ A refusal is only useful when a user can find what stopped the engine in their o
 message names the op as it was written (``function 'mean((2, 3))'``, ``method
 '.permute(0, 3, 1, 2)'``, ``Softmax``) and the module it sits in (``layer1.0.se``), taken from
 the module stack ``torch.fx`` records on each node. Failures of tracing itself name the module and
-the source line where tracing stopped. Models that are TorchScript or ``torch.export`` graphs say
-that they run on the generic kernel and which model sources give the incremental engine instead.
+the source line where tracing stopped. TorchScript models, and ``torch.export`` graphs with an
+aten op that has no torch-level equivalent, say that they run on the generic kernel and which model
+sources give the incremental engine instead.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ def _strip_root(path: str) -> str:
 
 
 def module_path(node: fx.Node) -> str:
-    """Qualified name of the module whose forward holds ``node`` (``"layer1.0.se"``)."""
-    if node.op == "call_module":
-        return _strip_root(str(node.target))
+    """Qualified name of the module whose forward holds ``node`` (``"layer1.0.se"``), or of the
+    module a ``call_module`` node calls. Read from the module stack fx records (for a module
+    call its innermost entry is the module itself): a module lowered from a ``torch.export``
+    graph sits elsewhere, its stack names the exported model's module."""
     stack = node.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()))[0] if stack else ""
-    return _strip_root(str(path))
+    if stack:
+        return _strip_root(str(next(reversed(stack.values()))[0]))
+    return _strip_root(str(node.target) if node.op == "call_module" else "")
 
 
 def _arg(a: Any) -> str:
@@ -69,7 +72,7 @@ def _call(name: str, node: fx.Node) -> str:
 
 def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """The op of ``node`` and where it is: ``"function 'mean((2, 3))' at layer1.0.se"``,
-    ``"module Softmax at 1"``, ``"aten op 'conv2d.default(...)' at the model's forward"``."""
+    ``"module Softmax at 1"``, ``"aten op 'roll.default((1,), (3,))' at shift"``."""
     where = module_path(node)
     if node.op == "call_module":
         return f"module {type(modules[str(node.target)]).__name__} at {where}"
@@ -82,11 +85,14 @@ def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 def aten_hint(node: fx.Node) -> str:
-    """A hint for graphs of aten ops (``torch.export`` archives), else ``""``."""
+    """A hint for an aten op left in a ``torch.export`` graph after lowering
+    (:mod:`pipeline.incremental.aten`), else ``""``."""
     if isinstance(node.target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
         return (
-            "; this is a torch.export graph of aten ops, which the incremental engine does not "
-            f"follow: it runs on the generic kernel; for the incremental engine {_EAGER_SOURCES}"
+            "; this aten op of a torch.export graph has no torch equivalent the incremental "
+            "engine follows (it follows convolutions, linear layers, batch norm at eval, pools, "
+            "element-wise ops, views and permutes): the model runs on the generic kernel; for "
+            f"the incremental engine {_EAGER_SOURCES}"
         )
     return ""
 

@@ -1,5 +1,8 @@
 """Which models incremental inference can run: trace with ``torch.fx`` and sort the nodes.
 
+``torch.export`` graphs (aten ops) are traced and lowered to the torch ops of an eager trace
+first (:mod:`pipeline.incremental.aten`), so the same rules sort them.
+
 A model qualifies when every node that reads a spatial activation ``(N, C, H, W)`` is *local*
 (its output pixel depends on a bounded input neighbourhood: convolutions, pools, element-wise
 ops) or a recognised *head entry* (flatten, global pooling, the output). Trunk nodes become
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from pipeline.incremental.aten import AtenTracer, lower_aten
 from pipeline.incremental.explain import ROOT, aten_hint, describe, scripted, trace_failure
 from pipeline.incremental.ops import run_node
 from pipeline.incremental.rules import entry_kind, is_meta
@@ -137,15 +141,16 @@ def _trace(
     if why is not None:
         return why
     root = _ImageOnly(model)
+    name = type(model).__name__
     try:
-        gm = fx.symbolic_trace(root)
+        gm = fx.GraphModule(root, AtenTracer().trace(root), name)
     except Exception:  # fx raises many types on data-dependent control flow
         # again, with the input's shape known: Hugging Face models check it in Python
         try:
-            tracer = ImageShapeTracer(image_shape)
-            gm = fx.GraphModule(root, tracer.trace(root), type(model).__name__)
+            gm = fx.GraphModule(root, ImageShapeTracer(image_shape).trace(root), name)
         except Exception as e:
             return trace_failure(root, e)
+    gm = lower_aten(gm)  # a torch.export graph as the torch ops the rules know
     modules = _modules(gm)
     try:
         values = _example_values(gm, modules, image_shape, device)

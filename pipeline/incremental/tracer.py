@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from pipeline.incremental.aten import AtenTracer
+
 __all__ = ["ImageShapeTracer"]
 
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv}
@@ -36,9 +38,9 @@ class _ImageProxy(fx.Proxy):
         return (batch, *tracer.image_shape)
 
 
-class ImageShapeTracer(fx.Tracer):
+class ImageShapeTracer(AtenTracer):
     """A ``torch.fx`` tracer whose input answers ``.shape`` with ``(N, C, H, W)`` (module
-    docstring).
+    docstring); ``torch.export`` graphs inside are followed as :class:`AtenTracer` does.
 
     Args:
         image_shape: ``(C, H, W)`` of the images the engine is built for.
