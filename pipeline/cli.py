@@ -235,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
         default="seed-cnn",
         help="seed-cnn | seed-cnn-gap | small-resnet | resnet50 | vgg-small, or your architecture "
         "with random weights: timm:NAME | torchvision:NAME | transformers:PATH (a folder with "
-        "config.json)",
+        "config.json); or a torch.export archive with its weights: export:FILE.pt2",
     )
     b.add_argument(
         "--model-kwargs",

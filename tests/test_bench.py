@@ -185,12 +185,16 @@ def test_bench_end_to_end_times_a_real_run_the_kernel_and_a_captum_script(tmp_pa
     assert "run/captum-script" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("model", ["timm:resnet10t", "torchvision:resnet18", "transformers"])
+@pytest.mark.parametrize(
+    "model", ["timm:resnet10t", "torchvision:resnet18", "transformers", "export"]
+)
 def test_bench_times_a_library_architecture_with_random_weights(model, tmp_path, capsys):
-    from tests._zoo import hf_folder
+    from tests._zoo import export_pt2, hf_folder
 
     if model == "transformers":  # a folder with the architecture's config.json
         model = f"transformers:{hf_folder('convnext', tmp_path / 'hf')}"
+    if model == "export":  # an archive as it is: its own weights, its aten ops lowered
+        model = f"export:{export_pt2(tmp_path / 'm.pt2', side=32)}"
     out = tmp_path / "bench.json"
     argv = ["bench", "--model", model, "--image-size", "32", "--window", "16", "--stride", "16"]
     argv += [
@@ -207,13 +211,13 @@ def test_bench_times_a_library_architecture_with_random_weights(model, tmp_path,
     assert main(argv) == 0
     facts = json.loads(out.read_text())
     # the engine a run would pick: ResNet and ConvNeXt trunks are local (a transformers ConvNeXt
-    # traces with the input's shape known)
+    # traces with the input's shape known, an archive's aten ops are lowered to torch ops)
     assert facts["ours"] == "incremental" and facts["ok"]
     assert f"bench {model} 32px" in capsys.readouterr().out
 
 
 def test_bench_model_names_and_kwargs_are_checked():
-    with pytest.raises(ValueError, match=r"timm:NAME, torchvision:NAME, transformers:PATH"):
+    with pytest.raises(ValueError, match=r"torchvision:NAME, transformers:PATH, export:FILE"):
         build_bench_model("resnet18", 32)
     with pytest.raises(ValueError, match=r"applies to LIBRARY:NAME models"):
         build_bench_model("seed-cnn", 32, kwargs={"img_size": 32})

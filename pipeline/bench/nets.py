@@ -1,7 +1,8 @@
 """Networks for ``occlusion-audit bench``: the shipped seed CNNs, ``small-resnet``
 (:class:`~pipeline.models.nets.SmallResNet`, four residual blocks), two standard-sized ones, and
 any timm, torchvision or Hugging Face ``transformers`` architecture (``timm:NAME``,
-``torchvision:NAME``, ``transformers:PATH``) with random weights, so that users time their own.
+``torchvision:NAME``, ``transformers:PATH``) with random weights, so that users time their own,
+and a ``torch.export`` archive as it is (``export:FILE.pt2``, its own weights).
 
 ``resnet50`` is a ResNet-50 (He et al. 2016, https://arxiv.org/abs/1512.03385): bottleneck blocks
 ``[3, 4, 6, 3]`` with BatchNorm, 23.5M parameters plus ``2048 * num_classes`` in the head (25.6M
@@ -28,7 +29,7 @@ from pipeline.models.zoo import random_transformers
 __all__ = ["BENCH_MODELS", "ZOO", "ResNet50", "VGGSmall", "build_bench_model"]
 
 #: libraries whose architectures ``--model LIBRARY:NAME`` builds with random weights
-ZOO = ("timm", "torchvision", "transformers")
+ZOO = ("timm", "torchvision", "transformers", "export")
 
 
 class _Bottleneck(nn.Module):
@@ -151,8 +152,14 @@ class _Scores(nn.Module):
 
 
 def _zoo_model(name: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
-    """``timm:NAME``, ``torchvision:NAME`` or ``transformers:PATH`` with random weights."""
+    """``timm:NAME``, ``torchvision:NAME`` or ``transformers:PATH`` with random weights;
+    ``export:FILE`` with the weights the archive holds (it has no BatchNorm module to
+    calibrate)."""
     kind, _, ref = name.partition(":")
+    if kind == "export":
+        if kwargs:
+            raise ValueError("--model-kwargs does not apply to an export: archive")
+        return load_model(ModelConfig(export=ref))
     try:
         if kind == "transformers":  # PATH: a folder or a cached repo id holding config.json
             return _Scores(random_transformers(ref, {"num_labels": num_classes, **kwargs}))
@@ -172,8 +179,9 @@ def build_bench_model(
     """A seeded benchmark network in eval mode, BatchNorm statistics calibrated.
 
     Args:
-        name: a key of :data:`BENCH_MODELS`, or ``timm:NAME``, ``torchvision:NAME`` or
-            ``transformers:PATH`` (a folder or Hub repo id with a ``config.json``).
+        name: a key of :data:`BENCH_MODELS`, or ``timm:NAME``, ``torchvision:NAME``,
+            ``transformers:PATH`` (a folder or Hub repo id with a ``config.json``) or
+            ``export:FILE`` (a ``torch.export`` archive with a dynamic batch).
         image_size: square input side in pixels.
         num_classes: outputs of the head.
         seed: seeds the weights and the calibration batch.
@@ -187,7 +195,7 @@ def build_bench_model(
     if not zoo and name not in BENCH_MODELS:
         raise ValueError(
             f"unknown bench model {name!r}; choose one of {sorted(BENCH_MODELS)} or "
-            "timm:NAME, torchvision:NAME, transformers:PATH"
+            "timm:NAME, torchvision:NAME, transformers:PATH, export:FILE"
         )
     if kwargs and not zoo:
         raise ValueError(f"--model-kwargs applies to LIBRARY:NAME models, not {name!r}")
