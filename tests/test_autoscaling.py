@@ -27,7 +27,10 @@ from tests._faults import shard_files, wait_until
 
 pytestmark = pytest.mark.slow
 
-N_IMAGES, SHARD = 64, 1
+# 128 images: the preempted run must outlast the lost node's replacement (the node declared
+# dead after about 5 s, a new one started, the actor restarted there: 20-25 s on 2 cores); with
+# 64, a quiet machine finished the run 24 s after the loss, before the actor came back
+N_IMAGES, SHARD = 128, 1
 N_SHARDS = N_IMAGES // SHARD
 GPU_NODES = 4
 OCCLUSION = {  # full forward passes over 13 x 13 windows: long enough for nodes to join, and

@@ -185,14 +185,15 @@ def test_a_paused_driver_keeps_a_local_folder_locked(data, tmp_path, on_head):
 def test_a_failed_release_of_the_lock_keeps_the_run_outcome(s3, data, tmp_path, on_head):
     client, proxy = s3
     cfg = _config(tmp_path, data, "s3://audits/release/run", "run", 30, stride=[4, 4])
-    # every try of the release's first request (botocore retries a 500), after the last run.json
+    # every try of the release's first request, the GET of the lock (botocore retries a 500),
+    # after the last run.json
     done = ("/release/run/run.json", b'"status": "finished"')
-    proxy.fail("HEAD", "/release/run/.lock", 500, times=10, after=done)
+    proxy.fail("GET", "/release/run/.lock", 500, times=10, after=done)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True,
         timeout=300, env=on_head,
     )  # fmt: skip
-    assert ("HEAD", "/audits/release/run/.lock", 500) in proxy.seen
+    assert ("GET", "/audits/release/run/.lock", 500) in proxy.seen
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "could not release the run lock" in proc.stderr
