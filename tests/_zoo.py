@@ -96,14 +96,16 @@ def export_pt2(
     side: int = SIDE,
     batch: int = 2,
     model: nn.Module | None = None,
+    decompose: bool = False,
 ) -> Path:
     """``torch.export`` of ``model`` (default :func:`gap_net`) at ``batch`` images of ``side``
     px; ``dynamic`` gives the batch dimension a ``Dim`` (else the archive accepts only
-    ``batch`` images)."""
+    ``batch`` images); ``decompose`` saves it after the core aten decompositions."""
     x = torch.rand(batch, 3, side, side)
     shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
     net = gap_net() if model is None else model
-    torch.export.save(torch.export.export(net, (x,), dynamic_shapes=shapes), path)
+    program = torch.export.export(net, (x,), dynamic_shapes=shapes)
+    torch.export.save(program.run_decompositions() if decompose else program, path)
     return path
 
 

@@ -6,8 +6,6 @@ the generic kernel's: each net is exported with a dynamic batch, saved, and load
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -17,10 +15,9 @@ from pipeline.incremental.engine import IncrementalEngine
 from pipeline.incremental.explain import module_path
 from pipeline.incremental.select import select_engine
 from pipeline.models import SeedCNN, load_model
-from tests.test_incremental import _eval, _maps
-from tests.test_incremental_families import SETTINGS
-
-SIDE = 32
+from tests._zoo import SIDE, export_pt2
+from tests.test_incremental import _eval
+from tests.test_incremental_families import assert_maps_equal_the_generic_kernels
 
 
 def _resnet() -> nn.Module:
@@ -66,43 +63,23 @@ ARCHIVES = {
 }
 
 
-def export(model: nn.Module, path: Path, decompose: bool = False) -> Path:
-    """``model`` saved as a ``torch.export`` archive with a dynamic batch dimension."""
-    x = torch.rand(2, 3, SIDE, SIDE)
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program.run_decompositions() if decompose else program, path)
-    return path
-
-
-def _check_maps(model: nn.Module) -> None:
-    x = torch.rand(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
-    engine, note = select_engine("auto", model, x.shape[1:], "cpu")
-    assert isinstance(engine, IncrementalEngine), note
-    for window, stride, baseline, k in SETTINGS:
-        ref = _maps(model, x, None, window, stride, baseline, k)
-        inc = _maps(model, x, engine, window, stride, baseline, k)
-        scale = float(ref.delta.abs().max())
-        assert scale > 1e-3  # the maps are not trivially zero
-        tol = 1e-4 * max(1.0, scale)
-        torch.testing.assert_close(inc.delta, ref.delta, atol=tol, rtol=1e-4)
-        torch.testing.assert_close(inc.delta_std, ref.delta_std, atol=tol, rtol=1e-4)
-
-
 @pytest.mark.parametrize("name", sorted(ARCHIVES))
 def test_maps_equal_the_generic_kernel(name, tmp_path):
     build, decompose = ARCHIVES[name]
-    path = export(build(), tmp_path / "m.pt2", decompose)
-    _check_maps(load_model(ModelConfig(export=str(path))))
+    path = export_pt2(tmp_path / "m.pt2", side=SIDE, model=build(), decompose=decompose)
+    assert_maps_equal_the_generic_kernels(load_model(ModelConfig(export=str(path))), SIDE)
 
 
 def test_a_normalized_archive_runs_incrementally(tmp_path):
-    path = export(_resnet(), tmp_path / "m.pt2")
+    path = export_pt2(tmp_path / "m.pt2", side=SIDE, model=_resnet())
     norm = NormalizeConfig(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
-    _check_maps(load_model(ModelConfig(export=str(path)), normalize=norm))
+    assert_maps_equal_the_generic_kernels(
+        load_model(ModelConfig(export=str(path)), normalize=norm), SIDE
+    )
 
 
 def test_lowered_modules_share_the_archives_weights(tmp_path):
-    model = load_model(ModelConfig(export=str(export(_resnet(), tmp_path / "m.pt2"))))
+    model = load_model(ModelConfig(export=str(export_pt2(tmp_path / "m.pt2", model=_resnet()))))
     engine, _ = select_engine("auto", model, (3, SIDE, SIDE), "cpu")
     assert isinstance(engine, IncrementalEngine)
     convs = [m for m in engine.traced.modules.values() if isinstance(m, nn.Conv2d)]

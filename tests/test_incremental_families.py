@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.incremental.engine import auto_engine
+from pipeline.incremental.engine import IncrementalEngine, auto_engine
 from pipeline.incremental.select import select_engine
 from pipeline.kernel.targets import score_tensor
 from pipeline.models.loading import Normalized
@@ -89,12 +89,12 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_maps_equal_the_generic_kernel(family):
-    model = FAMILIES[family]()
-    x = torch.rand(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+def assert_maps_equal_the_generic_kernels(model: nn.Module, side: int = SIDE) -> None:
+    """``auto`` picks the incremental engine for ``model`` at ``side`` px, and its maps of two
+    seeded images equal the generic kernel's under every one of :data:`SETTINGS`."""
+    x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
     engine, note = select_engine("auto", model, x.shape[1:], "cpu")
-    assert engine is not None, note
+    assert isinstance(engine, IncrementalEngine), note
     for window, stride, baseline, k in SETTINGS:
         ref = _maps(model, x, None, window, stride, baseline, k)
         inc = _maps(model, x, engine, window, stride, baseline, k)
@@ -103,6 +103,11 @@ def test_maps_equal_the_generic_kernel(family):
         tol = 1e-4 * max(1.0, scale)
         torch.testing.assert_close(inc.delta, ref.delta, atol=tol, rtol=1e-4)
         torch.testing.assert_close(inc.delta_std, ref.delta_std, atol=tol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_maps_equal_the_generic_kernel(family):
+    assert_maps_equal_the_generic_kernels(FAMILIES[family]())
 
 
 class _Net(nn.Module):
